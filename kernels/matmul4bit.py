@@ -1,0 +1,333 @@
+"""Triton kernels: fused 4-bit dequant-matmul (forward GEMM, decode GEMV, grad_x GEMM).
+
+W is [N, K] in the bitsandbytes layout (see lowbit.quant4bit) with K % blocksize == 0, so row n
+of W is bytes [n * K/2, (n+1) * K/2) and its scales are absmax[n * K/bs + k // bs]. Tiles of W
+are dequantized in registers (code table gather, scale multiply, double-quantized scales decoded
+on the fly) and fed to tl.dot with fp32 accumulation; W never exists in memory at full width.
+
+  forward  y[M, N]  = x[M, K] @ W^T    tile of W: rows n (output), cols k (reduction)
+  grad_x   gx[M, K] = gy[M, N] @ W     tile of W: rows n (reduction), cols k (output)
+
+SPLIT_K > 1 writes fp32 partial sums [SPLIT_K, M, out] that the launcher reduces (deterministic,
+unlike atomics); the launcher also adds the bias and casts in that case.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .quant4bit import _block_scale
+
+
+@triton.jit
+def _dequant_tile(
+    codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+    rows, row_mask, col_start, K,
+    COLS: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, DOT_DTYPE: tl.constexpr,
+):
+    """W[rows, col_start : col_start + COLS] dequantized, as [len(rows), COLS] in DOT_DTYPE."""
+    R: tl.constexpr = rows.shape[0]
+    boffs = rows[:, None] * (K // 2) + (col_start // 2 + tl.arange(0, COLS // 2))[None, :]
+    byte = tl.load(codes_ptr + boffs, mask=row_mask[:, None], other=0).to(tl.int32)
+    q = tl.reshape(tl.join(byte >> 4, byte & 0xF), (R, COLS))
+    v = tl.load(code_ptr + q)
+    if COLS <= BLOCKSIZE:
+        # The whole tile row sits in one quantization block: one scale per row.
+        blk = rows * (K // BLOCKSIZE) + col_start // BLOCKSIZE
+        s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, row_mask,
+                         DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        w = v * s[:, None]
+    else:
+        cols = col_start + tl.arange(0, COLS)
+        blk = rows[:, None] * (K // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :]
+        s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, row_mask[:, None],
+                         DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        w = v * s
+    return w.to(DOT_DTYPE)
+
+
+@triton.jit
+def matmul_4bit_kernel(
+    x_ptr, codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M row-tiles share each W column-tile while it is hot in L2.
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_len = K // SPLIT_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_len, BLOCK_K):
+        k0 = pid_k * k_len + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+        w = _dequant_tile(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                          offs_n, n_mask, k0, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, DOT_DTYPE)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def gemv_4bit_kernel(
+    x_ptr, codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Decode path (M <= BLOCK_M <= 4): no tensor cores, a broadcast multiply and a row reduction.
+
+    Bandwidth-bound by design: each program streams BLOCK_N rows of W once for all M rows of x.
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_len = K // SPLIT_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_len, BLOCK_K):
+        k0 = pid_k * k_len + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None], other=0.0).to(tl.float32)
+        w = _dequant_tile(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                          offs_n, n_mask, k0, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def matmul_4bit_grad_x_kernel(
+    g_ptr, codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, gx_ptr,
+    M, N, K,
+    stride_gm, stride_gn, stride_s, stride_om, stride_ok,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = K // BLOCK_K
+    group = GROUP_M * num_k
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_k = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_len = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for nn in range(0, n_len, BLOCK_N):
+        offs_n = pid_s * n_len + nn + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+        w = _dequant_tile(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
+                          offs_n, n_mask, k0, K, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT, DOT_DTYPE)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    out = gx_ptr + pid_s * stride_s + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and configs
+# ----------------------------------------------------------------------------------------------
+
+import os  # noqa: E402
+
+import torch  # noqa: E402
+
+_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), by M bucket. The first entry
+# of each bucket is the default; with autotuning on (LOWBIT_AUTOTUNE, default 1 on CUDA) every
+# candidate of the bucket is timed once per (M bucket, N, K, dtype) and the fastest kept.
+FORWARD_CONFIGS = {
+    1: [("gemv", 1, 64, 256, 4, 4, 3), ("gemv", 1, 32, 256, 2, 4, 3), ("gemv", 1, 128, 128, 4, 4, 3),
+        ("gemv", 1, 64, 128, 8, 4, 3), ("dot", 16, 64, 128, 4, 4, 3)],
+    16: [("dot", 16, 64, 128, 4, 4, 3), ("dot", 16, 128, 128, 2, 4, 3), ("dot", 16, 64, 256, 4, 4, 3),
+         ("dot", 16, 32, 128, 8, 4, 3)],
+    64: [("dot", 64, 64, 64, 1, 4, 3), ("dot", 64, 128, 64, 1, 4, 4), ("dot", 64, 64, 128, 2, 4, 3)],
+    256: [("dot", 128, 128, 64, 1, 8, 3), ("dot", 64, 128, 64, 1, 4, 4), ("dot", 128, 64, 64, 1, 4, 4)],
+    1 << 30: [("dot", 128, 256, 64, 1, 8, 3), ("dot", 128, 128, 64, 1, 8, 3), ("dot", 128, 128, 64, 1, 4, 4),
+              ("dot", 64, 256, 64, 1, 8, 3)],
+}
+# (BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages)
+GRAD_X_CONFIGS = {
+    16: [(16, 64, 128, 4, 4, 3), (16, 128, 128, 4, 4, 3)],
+    256: [(64, 64, 64, 1, 4, 3), (64, 128, 64, 1, 4, 3), (128, 64, 64, 1, 4, 3)],
+    1 << 30: [(128, 128, 64, 1, 8, 3), (128, 64, 64, 1, 4, 4), (64, 128, 64, 1, 4, 3)],
+}
+INTERPRETER_FORWARD = [("gemv", 1, 32, 64, 2, 4, 1), ("dot", 16, 32, 32, 2, 4, 1), ("dot", 32, 32, 64, 1, 4, 1)]
+INTERPRETER_GRAD_X = [(16, 32, 32, 2, 4, 1), (32, 64, 32, 1, 4, 1)]
+
+_tuned: dict[tuple, tuple] = {}
+
+
+def _bucket(table: dict, m: int) -> int:
+    return next(b for b in sorted(table) if m <= b)
+
+
+def _fits_forward(cfg: tuple, m: int, k: int) -> bool:
+    kind, bm, _, bk, split, _, _ = cfg
+    return (kind != "gemv" or m <= bm) and k % (bk * split) == 0
+
+
+def _fits_grad_x(cfg: tuple, k: int) -> bool:
+    return k % cfg[1] == 0
+
+
+def _autotune_enabled() -> bool:
+    return os.environ.get("LOWBIT_AUTOTUNE", "1") == "1"
+
+
+def _pick(key: tuple, candidates: list, run) -> tuple:
+    if key in _tuned:
+        return _tuned[key]
+    if len(candidates) == 1 or not _autotune_enabled():
+        _tuned[key] = candidates[0]
+        return candidates[0]
+    from triton.testing import do_bench
+
+    best, best_t = candidates[0], float("inf")
+    for cfg in candidates:
+        t = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        if t < best_t:
+            best, best_t = cfg, t
+    _tuned[key] = best
+    return best
+
+
+def _precision(dot_dtype) -> str:
+    # fp32 activations run their dots in tf32 on the GPU (the 10x-slower ieee path is never taken
+    # silently); the interpreter computes exactly.
+    return "ieee" if (dot_dtype != tl.float32 or _interp()) else "tf32"
+
+
+def _interp() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_dtype(dtype: torch.dtype, device: torch.device):
+    # The interpreter has no bf16 arithmetic: the launcher upcasts bf16 to fp32 there.
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return tl.float32
+    return _TL_DTYPE[dtype]
+
+
+def _scale_args(absmax, nested_absmax, nested_code, offset):
+    dq = nested_absmax is not None
+    return (absmax, nested_absmax if dq else absmax, nested_code if dq else absmax, offset if dq else absmax), dq
+
+
+def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize,
+                bias, config=None):
+    """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D, fp16/bf16/fp32, K % blocksize == 0."""
+    m, k = x.shape
+    out_dtype = x.dtype
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        x = x.float()
+    dot_dtype = _dot_dtype(x.dtype, x.device)
+    scales, dq = _scale_args(absmax, nested_absmax, nested_code, offset)
+
+    def run(cfg):
+        kind, bm, bn, bk, split, warps, stages = cfg
+        store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
+        y = torch.empty((split, m, n), dtype=store_dtype, device=x.device)
+        kern = gemv_4bit_kernel if kind == "gemv" else matmul_4bit_kernel
+        grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        kern[grid](
+            x, codes, *scales, code, bias if bias is not None else x, y,
+            m, n, k, x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(2),
+            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
+            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+        )
+        if split == 1 and y.dtype == out_dtype:
+            return y[0]
+        out = y.sum(0) if split > 1 else y[0]
+        if bias is not None and split > 1:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+    if config is None:
+        if x.device.type == "cpu":
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c[0] == "dot")]
+            config = cands[0] if cands else ("dot", 16, 32, 32, 1, 4, 1)
+        else:
+            cands = [c for c in FORWARD_CONFIGS[_bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
+            if not cands:
+                cands = [("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
+            key = ("fwd", _bucket(FORWARD_CONFIGS, m), n, k, x.dtype, dq, blocksize)
+            config = _pick(key, cands, run)
+    return run(config)
+
+
+def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
+                       nested_blocksize, config=None):
+    """gx[M, k] = g[M, N] @ W. g: 2-D, fp16/bf16/fp32."""
+    m, n = g.shape
+    out_dtype = g.dtype
+    if g.device.type == "cpu" and g.dtype == torch.bfloat16:
+        g = g.float()
+    dot_dtype = _dot_dtype(g.dtype, g.device)
+    scales, dq = _scale_args(absmax, nested_absmax, nested_code, offset)
+
+    def run(cfg):
+        bm, bk, bn, split, warps, stages = cfg
+        store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
+        gx = torch.empty((split, m, k), dtype=store_dtype, device=g.device)
+        grid = (triton.cdiv(m, bm) * (k // bk), split)
+        matmul_4bit_grad_x_kernel[grid](
+            g, codes, *scales, code, gx,
+            m, n, k, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1), gx.stride(2),
+            BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq,
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
+            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+        )
+        out = gx.sum(0) if split > 1 else gx[0]
+        return out.to(out_dtype)
+
+    if config is None:
+        if g.device.type == "cpu":
+            config = next((c for c in INTERPRETER_GRAD_X if _fits_grad_x(c, k)), (16, 32, 32, 1, 4, 1))
+        else:
+            cands = [c for c in GRAD_X_CONFIGS[_bucket(GRAD_X_CONFIGS, m)] if _fits_grad_x(c, k)]
+            if not cands:
+                cands = [(64, 32, 64, 1, 4, 3)]
+            key = ("gx", _bucket(GRAD_X_CONFIGS, m), n, k, g.dtype, dq, blocksize)
+            config = _pick(key, cands, run)
+    return run(config)

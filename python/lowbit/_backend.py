@@ -1,0 +1,46 @@
+"""Which implementation runs an op: the Triton kernels or the pure-torch reference.
+
+CUDA tensors go to Triton (when it imports); everything else goes to the reference. Tests may
+route CPU tensors through the Triton kernels under `TRITON_INTERPRET=1` with
+`LOWBIT_CPU_BACKEND=triton`. Nothing here runs at import time: Triton is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+
+@functools.lru_cache(maxsize=1)
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install raising anything else
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    if not triton_available():
+        return False
+    if t.device.type == "cuda":
+        return True
+    return (
+        t.device.type == "cpu"
+        and interpreter_enabled()
+        and os.environ.get("LOWBIT_CPU_BACKEND", "reference") == "triton"
+    )
+
+
+def kernels() -> ModuleType:
+    """The lowbit.kernels package (imports Triton)."""
+    import lowbit.kernels as k
+
+    return k

@@ -1,0 +1,59 @@
+"""Argument checks shared by every public entry point.
+
+Each helper raises ValueError/TypeError whose message names the argument and what is allowed,
+so that bad input never reaches a kernel (where it would surface as an index or compile error).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_choice(name: str, value: Any, allowed: Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_tensor(name: str, t: Any) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def check_float_tensor(name: str, t: Any, *, allow_empty: bool = False) -> torch.Tensor:
+    check_tensor(name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32, float16 or bfloat16, got {t.dtype}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"{name} must not be empty (shape {tuple(t.shape)})")
+    return t
+
+
+def check_finite(name: str, t: torch.Tensor) -> None:
+    # One reduction and one host sync: acceptable at quantize time, never called in a forward.
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(
+            f"{name} contains NaN or Inf; lowbit refuses to quantize non-finite weights "
+            "(their block scale would poison every value in the block). Clean the tensor first."
+        )
+
+
+def check_power_of_two(name: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or value > hi or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    devices = {name: t.device for name, t in tensors.items() if t is not None}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on one device, got {desc}")
