@@ -331,3 +331,54 @@ def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nest
             key = ("gx", _bucket(GRAD_X_CONFIGS, m), n, k, g.dtype, dq, blocksize)
             config = _pick(key, cands, run)
     return run(config)
+
+
+_SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _w_sig(dq: bool) -> dict:
+    return {"codes_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
+            "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
+
+
+def aot_specs() -> list[dict]:
+    """Every config of the tables, in bf16 with double quant; fp16, fp32 and plain scales once each."""
+    specs = []
+    variants = [(torch.bfloat16, True)]
+    fwd = [c for b in sorted(FORWARD_CONFIGS) for c in FORWARD_CONFIGS[b]]
+    for i, cfg in enumerate(dict.fromkeys(fwd)):
+        vs = variants + ([(torch.float16, True), (torch.float32, True), (torch.bfloat16, False)] if i == 0 else [])
+        for dt, dq in vs:
+            kind, bm, bn, bk, split, warps, stages = cfg
+            t = _SIG_DT[dt]
+            out_t = "fp32" if (split > 1 or dt == torch.float32) else t
+            specs.append({
+                "name": f"{kind}_4bit[{t},dq={dq},{bm}x{bn}x{bk},split={split},w={warps},s={stages}]",
+                "fn": gemv_4bit_kernel if kind == "gemv" else matmul_4bit_kernel,
+                "signature": {"x_ptr": f"*{t}", **_w_sig(dq), "bias_ptr": f"*{t}", "y_ptr": f"*{out_t}",
+                              "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                              "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
+                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "HAS_BIAS": True,
+                               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
+                               "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+                "num_warps": warps, "num_stages": stages,
+            })
+    gx = [c for b in sorted(GRAD_X_CONFIGS) for c in GRAD_X_CONFIGS[b]]
+    for i, cfg in enumerate(dict.fromkeys(gx)):
+        vs = variants + ([(torch.float16, True), (torch.float32, False)] if i == 0 else [])
+        for dt, dq in vs:
+            bm, bk, bn, split, warps, stages = cfg
+            t = _SIG_DT[dt]
+            out_t = "fp32" if (split > 1 or dt == torch.float32) else t
+            specs.append({
+                "name": f"grad_x_4bit[{t},dq={dq},{bm}x{bk}x{bn},split={split},w={warps},s={stages}]",
+                "fn": matmul_4bit_grad_x_kernel,
+                "signature": {"g_ptr": f"*{t}", **_w_sig(dq), "gx_ptr": f"*{out_t}", "M": "i32", "N": "i32",
+                              "K": "i32", "stride_gm": "i32", "stride_gn": "i32", "stride_s": "i32",
+                              "stride_om": "i32", "stride_ok": "i32"},
+                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK_M": bm,
+                               "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split, "GROUP_M": 8,
+                               "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+                "num_warps": warps, "num_stages": stages,
+            })
+    return specs

@@ -133,3 +133,27 @@ def dequantize_4bit(
         num_warps=4, enable_fp_fusion=False,
     )
     return out.to(dtype)
+
+
+def aot_specs() -> list[dict]:
+    """Kernel variants for the ahead-of-time compile tier (lowbit._aot)."""
+    specs = []
+    for xt in ("fp32", "fp16", "bf16"):
+        for bs in (64, 4096):
+            specs.append({
+                "name": f"quantize_4bit[{xt},bs={bs}]", "fn": quantize_4bit_kernel,
+                "signature": {"x_ptr": f"*{xt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bounds_ptr": "*fp32",
+                              "order_ptr": "*i32", "n": "i32"},
+                "constexprs": {"BLOCKSIZE": bs, "BLOCKS_PER_PROG": max(1, 2048 // bs)},
+            })
+    for ot in ("fp32", "fp16", "bf16"):
+        for dq in (False, True):
+            specs.append({
+                "name": f"dequantize_4bit[{ot},dq={dq}]", "fn": dequantize_4bit_kernel,
+                "signature": {"packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "code_ptr": "*fp32",
+                              "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
+                              "out_ptr": f"*{ot}", "n": "i32"},
+                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK": 1024},
+                "options": {"enable_fp_fusion": False},
+            })
+    return specs
