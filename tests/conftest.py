@@ -10,6 +10,7 @@ import zlib
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+os.environ.setdefault("LOWBIT_POISON", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -14,7 +14,7 @@ TOL_TF32 = 1e-3
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     """Relative Frobenius error; NaN/Inf anywhere gives inf so that it never passes."""
-    out64, ref64 = out.double(), ref.double()
+    out64, ref64 = out.detach().double(), ref.detach().double()
     if not torch.isfinite(out64).all():
         return float("inf")
     return float((out64 - ref64).norm() / ref64.norm().clamp(min=1e-300))

@@ -1,0 +1,29 @@
+# lowbit: `make test` (the CI command) and `make demo`. Both create .venv on a fresh machine.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.lowbit-installed
+
+.PHONY: test demo bench install clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned: a looser pin pulls a multi-GB CUDA build on a machine without torch
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/lowbit demo
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks -q --benchmark-only
+
+clean:
+	rm -rf $(VENV) build *.egg-info lowbit-demo
