@@ -163,6 +163,10 @@ def main() -> int:
     checks = [] if a.skip_correctness else check_correctness(log)
     log(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f}s")
     res = bench(log, a.quick)
+    import lowbit.kernels.matmul4bit as K
+
+    for key, cfg in K._tuned.items():
+        log(f"tuned {key[0]} M-bucket={key[1]} N={key[2]} K={key[3]} {key[4]}: {cfg}")
     with open(os.path.join(a.out, "gpu_matmul.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                    "checks": checks, "bench": res}, f, indent=1)
