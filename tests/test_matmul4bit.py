@@ -292,3 +292,16 @@ def test_minilm_nf4_matches_bitsandbytes_nf4():
     print(f"\nMiniLM NF4: cosine to bnb-NF4 min {cos_pair.min():.6f}; to fp32 mean {cos_fp32.mean():.4f}")
     assert float(cos_pair.min()) >= 0.9999
     assert 0.9 < float(cos_fp32.mean()) < 0.9999
+
+
+def test_replace_linear_int_formats_and_lora_on_top():
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    x = torch.randn(3, 64)
+    dense = model(x).detach()
+    lowbit.replace_linear(model, "int4", skip=(), group_size=32, method="mse")
+    assert all(isinstance(model[i], lowbit.IntLinear) for i in (0, 2))
+    assert rel_err(model(x), dense) < 0.2  # 4-bit rows: close, not equal
+    lora = lowbit.LoRALinear(model[0], r=4)
+    assert {n for n, p in lora.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+    with pytest.raises(ValueError, match="unknown options"):
+        lowbit.replace_linear(nn.Sequential(nn.Linear(64, 4)), "int3", blocksize=64)

@@ -215,14 +215,36 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
+INT_TYPES = ("int2", "int3", "int4")
+SZ_TYPES = ("sz",)
+ALL_TYPES = QUANT_TYPES + INT_TYPES + SZ_TYPES
+
+
+def _check_opts(quant_type: str, opts: dict, allowed: set) -> None:
+    bad = set(opts) - allowed
+    if bad:
+        raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(allowed)}")
+
+
 def _layer_factory(quant_type: str, opts: dict):
+    """quant_type -> a function nn.Linear -> lowbit layer (one place to add a format)."""
     if quant_type in QUANT_TYPES:
-        allowed = {"blocksize", "double_quant", "compute_dtype"}
-        bad = set(opts) - allowed
-        if bad:
-            raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(allowed)}")
+        _check_opts(quant_type, opts, {"blocksize", "double_quant", "compute_dtype"})
         return lambda lin: Linear4bit.from_linear(lin, quant_type=quant_type, **opts)
-    raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    if quant_type in INT_TYPES:
+        from .nn_int import IntLinear
+
+        _check_opts(quant_type, opts, {"group_size", "method"})
+        bits = int(quant_type[3:])
+        return lambda lin: IntLinear.from_linear(lin, bits=bits, **opts)
+    if quant_type in SZ_TYPES:
+        from .sz import SZLinear
+
+        _check_opts(quant_type, opts, {"error_bound", "mode"})
+        if "error_bound" not in opts:
+            raise ValueError("quant_type='sz' needs error_bound=... (abs, or relative to the value range with mode='rel')")
+        return lambda lin: SZLinear.from_linear(lin, **opts)
+    raise ValueError(f"quant_type must be one of {ALL_TYPES}, got {quant_type!r}")
 
 
 def replace_linear(
@@ -260,4 +282,18 @@ def replace_linear(
     return model
 
 
-__all__ = ["Linear4bit", "LoRALinear", "replace_linear"]
+
+def __getattr__(name: str):
+    # lowbit.nn.IntLinear / lowbit.nn.SZLinear without importing every format at import time
+    if name == "IntLinear":
+        from .nn_int import IntLinear
+
+        return IntLinear
+    if name == "SZLinear":
+        from .sz import SZLinear
+
+        return SZLinear
+    raise AttributeError(f"module 'lowbit.nn' has no attribute {name!r}")
+
+
+__all__ = ["IntLinear", "Linear4bit", "LoRALinear", "SZLinear", "replace_linear"]

@@ -1,0 +1,463 @@
+"""Triton kernels for 2/3/4-bit integer weights with per-row or per-group scale and zero point.
+
+W [N, K] is stored as in lowbit.quantint: int32 bit planes codes[n, c, j] (bit i of the word is
+bit j of Q[n, 32c + i]), scale [N, G] (any float dtype, read as fp32) and zeros uint8 [N, G],
+W = s * (Q - z). Tiles of W are unpacked and scaled in registers and fed to tl.dot with fp32
+accumulation:
+
+  forward     y[M, N]  = x[M, K] @ W^T            (GEMM with tl.dot, or GEMV for small M)
+  grad_x      gx[M, K] = gy[M, N] @ W
+  grad_scale  gs[N, G] = sum_{k in g} (Q - z)[n, k] * (gy^T x)[n, k]   (gy^T x tiles in registers)
+
+Scale modes (constexprs): PER_ROW (G = 1), TILE_IN_GROUP (a K-tile never straddles a group: one
+scale per tile row), otherwise one scale per element of the tile. SPLIT_K/SPLIT_N/SPLIT_M > 1
+write fp32 partial sums that the launcher reduces (deterministic).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS: tl.constexpr, BITS: tl.constexpr):
+    """Q[rows, col_start : col_start + COLS] as int32 [len(rows), COLS // 32, 32] (col_start % 32 == 0)."""
+    R: tl.constexpr = rows.shape[0]
+    NW: tl.constexpr = COLS // 32
+    chunk = col_start // 32 + tl.arange(0, NW)
+    base = rows[:, None] * ((K // 32) * BITS) + chunk[None, :] * BITS
+    lane = tl.arange(0, 32)
+    q = tl.zeros((R, NW, 32), dtype=tl.int32)
+    for j in tl.static_range(BITS):
+        word = tl.load(codes_ptr + base + j, mask=row_mask[:, None], other=0)
+        q += ((word[:, :, None] >> lane[None, None, :]) & 1) << j
+    return q
+
+
+@triton.jit
+def _dequant_tile(codes_ptr, scale_ptr, zero_ptr, rows, row_mask, col_start, K, NG,
+                  COLS: tl.constexpr, BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr,
+                  TILE_IN_GROUP: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """W[rows, col_start : col_start + COLS] = s * (Q - z), as [len(rows), COLS] in DOT_DTYPE."""
+    R: tl.constexpr = rows.shape[0]
+    NW: tl.constexpr = COLS // 32
+    q = _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS, BITS).to(tl.float32)
+    if PER_ROW or TILE_IN_GROUP:
+        if PER_ROW:
+            idx = rows
+        else:
+            idx = rows * NG + col_start // GROUP
+        z = tl.load(zero_ptr + idx, mask=row_mask, other=0).to(tl.float32)
+        s = tl.load(scale_ptr + idx, mask=row_mask, other=0.0).to(tl.float32)
+        w = (q - z[:, None, None]) * s[:, None, None]
+    else:
+        # Groups are whole 32-chunks: one scale and zero per (row, chunk).
+        chunk = col_start // 32 + tl.arange(0, NW)
+        idx = rows[:, None] * NG + (chunk * 32 // GROUP)[None, :]
+        z = tl.load(zero_ptr + idx, mask=row_mask[:, None], other=0).to(tl.float32)
+        s = tl.load(scale_ptr + idx, mask=row_mask[:, None], other=0.0).to(tl.float32)
+        w = (q - z[:, :, None]) * s[:, :, None]
+    return tl.reshape(w.to(DOT_DTYPE), (R, COLS))
+
+
+@triton.jit
+def matmul_int_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+    M, N, K, NG,
+    stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_len = K // SPLIT_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_len, BLOCK_K):
+        k0 = pid_k * k_len + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+        w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
+                          BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, DOT_DTYPE)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def gemv_int_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr,
+    M, N, K, NG,
+    stride_xm, stride_xk, stride_ys, stride_ym, stride_yn,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Small-M path (M <= BLOCK_M): a broadcast multiply and a row reduction, no tensor cores."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_len = K // SPLIT_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_len, BLOCK_K):
+        k0 = pid_k * k_len + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=m_mask[:, None], other=0.0).to(tl.float32)
+        w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
+                          BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, tl.float32)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    if HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def matmul_int_grad_x_kernel(
+    g_ptr, codes_ptr, scale_ptr, zero_ptr, gx_ptr,
+    M, N, K, NG,
+    stride_gm, stride_gn, stride_s, stride_om, stride_ok,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, TILE_IN_GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_N: tl.constexpr,
+    GROUP_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_k = K // BLOCK_K
+    group = GROUP_M * num_k
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_k = (pid % group) // size_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    n_len = tl.cdiv(tl.cdiv(N, SPLIT_N), BLOCK_N) * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for nn in range(0, n_len, BLOCK_N):
+        offs_n = pid_s * n_len + nn + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+                    mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
+        w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
+                          BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, DOT_DTYPE)
+        acc = tl.dot(g, w, acc, input_precision=PRECISION)
+    out = gx_ptr + pid_s * stride_s + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
+
+
+@triton.jit
+def matmul_int_grad_scale_kernel(
+    g_ptr, x_ptr, codes_ptr, zero_ptr, gs_ptr,
+    M, N, K, NG,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_s,
+    BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """gs[pid_s, n, g] = sum over this split's rows m of gy[m, n] * x[m, k in g] @ (Q - z)[n, k].
+
+    Grid (cdiv(N, BLOCK_N), NG, SPLIT_M). Each (BLOCK_N, BLOCK_K) tile of gy^T x lives only in
+    registers; it is multiplied by (Q - z) and reduced over k at once.
+    """
+    pid_n = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    glen = K // NG
+    m_len = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
+    m_start = pid_s * m_len
+    z = tl.load(zero_ptr + offs_n * NG + pid_g, mask=n_mask, other=0).to(tl.float32)
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kk in range(0, glen, BLOCK_K):
+        k0 = pid_g * glen + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for mm in range(0, m_len, BLOCK_M):
+            offs_m = m_start + mm + tl.arange(0, BLOCK_M)
+            m_mask = offs_m < M
+            gt = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm,
+                         mask=n_mask[:, None] & m_mask[None, :], other=0.0).to(DOT_DTYPE)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
+            acc = tl.dot(gt, x, acc, input_precision=PRECISION)
+        q = tl.reshape(_unpack_tile(codes_ptr, offs_n, n_mask, k0, K, BLOCK_K, BITS), (BLOCK_N, BLOCK_K))
+        q = q.to(tl.float32)
+        total += tl.sum((q - z[:, None]) * acc, axis=1)
+    tl.store(gs_ptr + pid_s * stride_s + offs_n * NG + pid_g, total, mask=n_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers and configs
+# ----------------------------------------------------------------------------------------------
+
+import torch  # noqa: E402
+
+from .matmul4bit import _TL_DTYPE, _bucket, _dot_dtype, _pick, _precision  # noqa: E402
+
+# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), by M bucket; first = default.
+FORWARD_CONFIGS = {
+    1: [("gemv", 1, 32, 128, 4, 4, 3), ("gemv", 1, 16, 256, 4, 4, 3), ("gemv", 1, 64, 64, 4, 4, 3)],
+    4: [("gemv", 4, 32, 64, 4, 4, 3), ("dot", 16, 64, 64, 4, 4, 3)],
+    16: [("dot", 16, 64, 128, 4, 4, 3), ("dot", 16, 32, 128, 8, 4, 3), ("dot", 16, 64, 64, 4, 4, 3)],
+    64: [("dot", 64, 64, 64, 1, 4, 3), ("dot", 64, 128, 32, 1, 4, 4)],
+    256: [("dot", 128, 128, 32, 1, 8, 3), ("dot", 64, 128, 32, 1, 4, 4), ("dot", 128, 64, 64, 1, 8, 3)],
+    1 << 30: [("dot", 128, 128, 64, 1, 8, 3), ("dot", 128, 128, 32, 1, 8, 4), ("dot", 64, 128, 32, 1, 4, 4)],
+}
+# (BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages)
+GRAD_X_CONFIGS = {
+    16: [(16, 64, 128, 4, 4, 3), (16, 64, 64, 4, 4, 3)],
+    256: [(64, 64, 64, 1, 4, 3), (64, 128, 32, 1, 4, 3)],
+    1 << 30: [(128, 128, 32, 1, 8, 3), (128, 64, 32, 1, 4, 3)],
+}
+# (BLOCK_N, BLOCK_K, BLOCK_M, num_warps, num_stages); SPLIT_M is chosen from the grid size.
+GRAD_SCALE_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]
+GRAD_SCALE_CONFIGS_FP32 = [(64, 32, 32, 4, 3), (32, 64, 32, 4, 3)]  # fp32 tiles take twice the registers
+INTERPRETER_FORWARD = [("gemv", 1, 32, 64, 2, 4, 1), ("dot", 16, 32, 64, 1, 4, 1), ("dot", 16, 32, 32, 2, 4, 1)]
+INTERPRETER_GRAD_X = [(16, 64, 32, 2, 4, 1), (16, 32, 32, 1, 4, 1)]
+INTERPRETER_GRAD_SCALE = (32, 32, 16, 4, 1)
+
+
+def _cpu_scale(scale):
+    # The interpreter has no bf16 arithmetic: read bf16 scales as fp32 there.
+    return scale.float() if (scale.device.type == "cpu" and scale.dtype == torch.bfloat16) else scale
+
+
+def _fits_forward(cfg: tuple, m: int, k: int) -> bool:
+    kind, bm, _, bk, split, _, _ = cfg
+    return (kind != "gemv" or m <= bm) and k % (bk * split) == 0
+
+
+def _scale_mode(k: int, group_len: int, block_k: int) -> dict:
+    per_row = group_len == k
+    return {"GROUP": group_len if not per_row else 32, "PER_ROW": per_row,
+            "TILE_IN_GROUP": per_row or group_len % block_k == 0}
+
+
+def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config=None):
+    """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D contiguous, fp16/bf16/fp32; K % 32 == 0."""
+    m, k = x.shape
+    out_dtype = x.dtype
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        x = x.float()
+    dot_dtype = _dot_dtype(x.dtype, x.device)
+    ng = k // group_len
+    scale = _cpu_scale(scale)
+
+    def run(cfg):
+        kind, bm, bn, bk, split, warps, stages = cfg
+        store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
+        y = torch.empty((split, m, n), dtype=store_dtype, device=x.device)
+        kern = gemv_int_kernel if kind == "gemv" else matmul_int_kernel
+        grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
+        kern[grid](
+            x, codes, scale, zeros, bias if bias is not None else x, y,
+            m, n, k, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(2),
+            BITS=bits, **_scale_mode(k, group_len, bk), HAS_BIAS=bias is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
+            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+        )
+        if split == 1 and y.dtype == out_dtype:
+            return y[0]
+        out = y.sum(0) if split > 1 else y[0]
+        if bias is not None and split > 1:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+    if config is None:
+        if x.device.type == "cpu":
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c[0] == "dot")]
+            config = cands[0] if cands else ("dot", 16, 32, 32, 1, 4, 1)
+        else:
+            b = _bucket(FORWARD_CONFIGS, m)
+            cands = [c for c in FORWARD_CONFIGS[b] if _fits_forward(c, m, k)]
+            if not cands:
+                cands = [("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
+            config = _pick(("int_fwd", b, n, k, x.dtype, bits, group_len), cands, run)
+    return run(config)
+
+
+def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config=None):
+    """gx[M, k] = g[M, N] @ W. g: 2-D contiguous, fp16/bf16/fp32."""
+    m, n = g.shape
+    out_dtype = g.dtype
+    if g.device.type == "cpu" and g.dtype == torch.bfloat16:
+        g = g.float()
+    dot_dtype = _dot_dtype(g.dtype, g.device)
+    ng = k // group_len
+    scale = _cpu_scale(scale)
+
+    def run(cfg):
+        bm, bk, bn, split, warps, stages = cfg
+        store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
+        gx = torch.empty((split, m, k), dtype=store_dtype, device=g.device)
+        grid = (triton.cdiv(m, bm) * (k // bk), split)
+        matmul_int_grad_x_kernel[grid](
+            g, codes, scale, zeros, gx,
+            m, n, k, ng, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1), gx.stride(2),
+            BITS=bits, **_scale_mode(k, group_len, bk),
+            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
+            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+        )
+        out = gx.sum(0) if split > 1 else gx[0]
+        return out.to(out_dtype)
+
+    if config is None:
+        if g.device.type == "cpu":
+            config = next((c for c in INTERPRETER_GRAD_X if k % c[1] == 0), (16, 32, 32, 1, 4, 1))
+        else:
+            b = _bucket(GRAD_X_CONFIGS, m)
+            cands = [c for c in GRAD_X_CONFIGS[b] if k % c[1] == 0] or [(64, 32, 64, 1, 4, 3)]
+            config = _pick(("int_gx", b, n, k, g.dtype, bits, group_len), cands, run)
+    return run(config)
+
+
+def _split_m(m: int, n: int, ng: int, bn: int, bm: int, device) -> int:
+    if device.type == "cpu":
+        return 2 if m > bm else 1
+    tiles = triton.cdiv(n, bn) * ng
+    want = max(1, 264 // tiles)  # about two waves on 132 SMs
+    return max(1, min(want, triton.cdiv(m, bm), 64))
+
+
+def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
+    """gs[N, K/group_len] fp32 = dL/ds for y = x @ W^T with g = dL/dy [M, N], x [M, K]."""
+    m, n = g.shape
+    k = x.shape[1]
+    if g.device.type == "cpu" and g.dtype == torch.bfloat16:
+        g, x = g.float(), x.float()
+    if x.dtype != g.dtype:
+        x = x.to(g.dtype)
+    dot_dtype = _dot_dtype(g.dtype, g.device)
+    ng = k // group_len
+
+    def run(cfg):
+        bn, bk, bm, warps, stages = cfg
+        bk = bk if group_len % bk == 0 else 32
+        split = _split_m(m, n, ng, bn, bm, g.device)
+        gs = torch.empty((split, n, ng), dtype=torch.float32, device=g.device)
+        grid = (triton.cdiv(n, bn), ng, split)
+        matmul_int_grad_scale_kernel[grid](
+            g, x, codes, zeros, gs,
+            m, n, k, ng, g.stride(0), g.stride(1), x.stride(0), x.stride(1), gs.stride(0),
+            BITS=bits, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, SPLIT_M=split, DOT_DTYPE=dot_dtype,
+            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+        )
+        return gs.sum(0) if split > 1 else gs[0]
+
+    if config is None:
+        if g.device.type == "cpu":
+            config = INTERPRETER_GRAD_SCALE
+        else:
+            cands = GRAD_SCALE_CONFIGS_FP32 if g.dtype == torch.float32 else GRAD_SCALE_CONFIGS
+            config = _pick(("int_gs", _bucket(GRAD_X_CONFIGS, m), n, k, g.dtype, bits, group_len), cands, run)
+    return run(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# AOT compile specs (lowbit._aot)
+# ----------------------------------------------------------------------------------------------
+
+_SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_W_SIG = {"codes_ptr": "*i32", "scale_ptr": "*fp32", "zero_ptr": "*u8"}
+
+
+def _mode_variants(bk: int) -> list[tuple[str, dict]]:
+    # rows; groups of 128 (tile inside a group when bk divides 128); groups of 32 (per element when bk > 32)
+    out = [("rows", {"GROUP": 32, "PER_ROW": True, "TILE_IN_GROUP": True}),
+           ("g128", {"GROUP": 128, "PER_ROW": False, "TILE_IN_GROUP": 128 % bk == 0})]
+    if bk > 32:
+        out.append(("g32", {"GROUP": 32, "PER_ROW": False, "TILE_IN_GROUP": False}))
+    return out
+
+
+def aot_specs() -> list[dict]:
+    """Every forward/grad_x config in bf16 for each bit width (rows and groups); fp16/fp32 once."""
+    specs = []
+    fwd = list(dict.fromkeys(c for b in sorted(FORWARD_CONFIGS) for c in FORWARD_CONFIGS[b]))
+    for i, cfg in enumerate(fwd):
+        kind, bm, bn, bk, split, warps, stages = cfg
+        for bits in (2, 3, 4):
+            dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
+            modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
+            for dt in dts:
+                for mname, mode in modes:
+                    t = _SIG_DT[dt]
+                    out_t = "fp32" if (split > 1 or dt == torch.float32) else t
+                    specs.append({
+                        "name": f"{kind}_int{bits}[{t},{mname},{bm}x{bn}x{bk},split={split},w={warps},s={stages}]",
+                        "fn": gemv_int_kernel if kind == "gemv" else matmul_int_kernel,
+                        "signature": {"x_ptr": f"*{t}", **_W_SIG, "bias_ptr": f"*{t}", "y_ptr": f"*{out_t}",
+                                      "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "stride_xm": "i32",
+                                      "stride_xk": "i32", "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
+                        "constexprs": {"BITS": bits, **mode, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn,
+                                       "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8, "DOT_DTYPE": _TL_DTYPE[dt],
+                                       "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+                        "num_warps": warps, "num_stages": stages,
+                    })
+    gx = list(dict.fromkeys(c for b in sorted(GRAD_X_CONFIGS) for c in GRAD_X_CONFIGS[b]))
+    for i, cfg in enumerate(gx):
+        bm, bk, bn, split, warps, stages = cfg
+        for bits in (2, 3, 4):
+            dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
+            modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
+            for dt in dts:
+                for mname, mode in modes:
+                    t = _SIG_DT[dt]
+                    out_t = "fp32" if (split > 1 or dt == torch.float32) else t
+                    specs.append({
+                        "name": f"grad_x_int{bits}[{t},{mname},{bm}x{bk}x{bn},split={split},w={warps},s={stages}]",
+                        "fn": matmul_int_grad_x_kernel,
+                        "signature": {"g_ptr": f"*{t}", **_W_SIG, "gx_ptr": f"*{out_t}", "M": "i32", "N": "i32",
+                                      "K": "i32", "NG": "i32", "stride_gm": "i32", "stride_gn": "i32",
+                                      "stride_s": "i32", "stride_om": "i32", "stride_ok": "i32"},
+                        "constexprs": {"BITS": bits, **mode, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
+                                       "SPLIT_N": split, "GROUP_M": 8, "DOT_DTYPE": _TL_DTYPE[dt],
+                                       "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+                        "num_warps": warps, "num_stages": stages,
+                    })
+    gs_variants = [(cfg, bits, dt) for i, cfg in enumerate(GRAD_SCALE_CONFIGS) for bits in (2, 3, 4)
+                   for dt in [torch.bfloat16] + ([torch.float16] if i == 0 and bits == 3 else [])]
+    gs_variants += [(cfg, 3, torch.float32) for cfg in GRAD_SCALE_CONFIGS_FP32]
+    for cfg, bits, dt in gs_variants:
+        bn, bk, bm, warps, stages = cfg
+        t = _SIG_DT[dt]
+        specs.append({
+            "name": f"grad_scale_int{bits}[{t},{bn}x{bk}x{bm},w={warps},s={stages}]",
+            "fn": matmul_int_grad_scale_kernel,
+            "signature": {"g_ptr": f"*{t}", "x_ptr": f"*{t}", "codes_ptr": "*i32", "zero_ptr": "*u8",
+                          "gs_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32",
+                          "stride_gm": "i32", "stride_gn": "i32", "stride_xm": "i32", "stride_xk": "i32",
+                          "stride_s": "i32"},
+            "constexprs": {"BITS": bits, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_M": 4,
+                           "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+            "num_warps": warps, "num_stages": stages,
+        })
+    return specs

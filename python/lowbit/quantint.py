@@ -1,0 +1,392 @@
+"""Sub-4-bit integer weights with trainable scales (PEQA-style): format, ops and autograd.
+
+Format
+------
+A weight W [N, K] (N = out_features, K = in_features, K % 32 == 0) is split into groups of
+L consecutive elements of a row: L = K (one group per row, ``group_size=None``) or
+L = group_size (a multiple of 32 dividing K); G = K / L groups per row. Each group has an fp32
+scale s and an integer zero point z in [0, 2^bits - 1]; every element has an unsigned code
+Q in [0, 2^bits - 1] and
+
+    W[n, k] ~= s[n, g] * (Q[n, k] - z[n, g]),    g = k // L.
+
+Byte layout (all little-endian, row-major, contiguous)
+------------------------------------------------------
+codes  int32 [N, K/32, bits]  bit planes. Word ``codes[n, c, j]`` holds bit j of the 32 codes
+       Q[n, 32c : 32c + 32]: bit i of the word (value 1 << i, i = 0..31) is bit j of
+       Q[n, 32c + i]. So a chunk of 32 codes takes exactly ``bits`` 32-bit words: 2, 3 or 4
+       bits per parameter, exactly (int3 is three planes, 12 bytes per 32 codes, no padding).
+       The words are stored as int32 (torch has no full uint32 support); read them as uint32.
+scale  fp32  [N] (rows) or [N, G] (groups): the trainable step sizes.
+zeros  uint8 [N] (rows) or [N, G] (groups): the frozen zero points z.
+
+``nbytes`` = 4 * N * K * bits / 32 + 5 * N * G and ``bits_per_param`` = bits + 40 / L exactly.
+
+Training (PEQA): only the scales are trained; Q and z are frozen. With y0_g = x_g (Q_g - z_g)^T
+(the group's integer matmul), y = sum_g s_g * y0_g + bias, so dL/ds[n, g] = sum_m dL/dy[m, n]
+* y0_g[m, n] = sum_{k in g} (Q - z)[n, k] * (dL/dy^T x)[n, k]. The backward recomputes this
+from the codes (a fused Triton kernel on CUDA; the reference in row chunks elsewhere); it never
+divides y by s and never builds W.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import kernels, use_triton
+from ._validate import check_choice, check_finite, check_float_tensor, check_same_device
+
+BITS = (2, 3, 4)
+METHODS = ("rtn", "mse")
+# Clipping shrink factors tried by method="mse" (1.0 first: plain rtn, so mse is never worse).
+MSE_SHRINKS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6, 0.55, 0.5)
+
+
+# ----------------------------------------------------------------------------------------------
+# The format
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QuantInt:
+    """A 2-D weight quantized to `bits`-bit integers with per-row or per-group scale and zero."""
+
+    codes: Tensor  # int32 [N, K/32, bits]
+    scale: Tensor  # fp32 [N] or [N, G]
+    zeros: Tensor  # uint8 [N] or [N, G]
+    shape: torch.Size
+    dtype: torch.dtype
+    bits: int
+    group_size: Optional[int]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def group_len(self) -> int:
+        return self.in_features if self.group_size is None else self.group_size
+
+    @property
+    def n_groups(self) -> int:
+        return self.in_features // self.group_len
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Exact storage: codes, scales and zero points."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zeros))
+
+    @property
+    def bits_per_param(self) -> float:
+        return 8.0 * self.nbytes / self.numel
+
+    def to(self, device) -> "QuantInt":
+        return QuantInt(self.codes.to(device), self.scale.to(device), self.zeros.to(device), self.shape,
+                        self.dtype, self.bits, self.group_size)
+
+
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int, got {type(bits).__name__}")
+    check_choice("bits", bits, BITS)
+    return bits
+
+
+def _check_group_size(group_size, in_features: int) -> Optional[int]:
+    if group_size is None:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be None or an int, got {type(group_size).__name__}")
+    if group_size <= 0 or group_size % 32 or in_features % group_size:
+        raise ValueError(
+            f"group_size must be None or a positive multiple of 32 dividing in_features={in_features}, "
+            f"got {group_size}"
+        )
+    return group_size
+
+
+def _check_in_features(k: int) -> None:
+    if k % 32:
+        raise ValueError(f"in_features must be a multiple of 32 for integer quantization, got {k}")
+
+
+def pack_codes(q: Tensor, bits: int) -> Tensor:
+    """Integer codes [N, K] (values < 2^bits) -> int32 bit planes [N, K/32, bits]."""
+    n, k = q.shape
+    q = q.to(torch.int64).view(n, k // 32, 32)
+    weights = torch.ones(32, dtype=torch.int64, device=q.device) << torch.arange(32, device=q.device)
+    planes = [(((q >> j) & 1) * weights).sum(-1) for j in range(bits)]
+    words = torch.stack(planes, dim=-1)  # [N, K/32, bits], values in [0, 2^32)
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32).contiguous()
+
+
+def unpack_codes(codes: Tensor, bits: int) -> Tensor:
+    """int32 bit planes [N, K/32, bits] -> int64 codes [N, K]."""
+    n, c, b = codes.shape
+    words = codes.to(torch.int64) & 0xFFFFFFFF
+    lane = torch.arange(32, device=codes.device)
+    q = torch.zeros((n, c, 32), dtype=torch.int64, device=codes.device)
+    for j in range(b):
+        q |= ((words[:, :, j, None] >> lane) & 1) << j
+    return q.view(n, c * 32)
+
+
+def _quantize_groups(wg: Tensor, mn: Tensor, mx: Tensor, qmax: int):
+    """Asymmetric rtn of wg [N, G, L] for the range [mn, mx] [N, G]: (Q int64, s fp32, z int64)."""
+    mn = torch.minimum(mn, torch.zeros_like(mn))
+    mx = torch.maximum(mx, torch.zeros_like(mx))
+    # mn <= 0 <= mx: zero is representable exactly and a constant group is exact.
+    rng = mx - mn
+    s = torch.where(rng > 0, rng / qmax, torch.ones_like(rng)).float()
+    z = torch.clamp(torch.round(-mn / s), 0, qmax)
+    q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, qmax)
+    return q.to(torch.int64), s, z.to(torch.int64)
+
+
+def _group_sq_err(wg: Tensor, q: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    # Exactly the dequantization of `dequantize_int` (fp32 product), errors summed in float64.
+    deq = (q - z[..., None]).float() * s[..., None]
+    return ((wg.double() - deq.double()) ** 2).sum(-1)
+
+
+def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, method: str = "rtn") -> QuantInt:
+    """Quantize a 2-D float weight [out, in] to `bits`-bit integers with scale and zero point.
+
+    group_size: None (one scale/zero per row) or a multiple of 32 dividing in_features.
+    method: "rtn" (min-max range, round to nearest) or "mse" (per group, the best of a few
+    clipping shrink factors of the range by squared error; shrink 1.0 is rtn, so never worse).
+    """
+    check_float_tensor("w", w)
+    if w.dim() != 2:
+        raise ValueError(f"w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
+    bits = _check_bits(bits)
+    n, k = w.shape
+    _check_in_features(k)
+    group_size = _check_group_size(group_size, k)
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str, got {type(method).__name__}")
+    check_choice("method", method, METHODS)
+    check_finite("w", w)
+
+    qmax = 2**bits - 1
+    length = k if group_size is None else group_size
+    wg = w.detach().float().reshape(n, k // length, length)
+    mn, mx = wg.amin(-1), wg.amax(-1)
+    q, s, z = _quantize_groups(wg, mn, mx, qmax)
+    if method == "mse":
+        best = _group_sq_err(wg, q, s, z)
+        for p in MSE_SHRINKS[1:]:
+            q2, s2, z2 = _quantize_groups(wg, mn * p, mx * p, qmax)
+            err = _group_sq_err(wg, q2, s2, z2)
+            better = err < best
+            best = torch.where(better, err, best)
+            q = torch.where(better[..., None], q2, q)
+            s = torch.where(better, s2, s)
+            z = torch.where(better, z2, z)
+    if group_size is None:
+        s, z = s.view(n), z.view(n)
+    return QuantInt(
+        codes=pack_codes(q.view(n, k), bits),
+        scale=s.contiguous(),
+        zeros=z.to(torch.uint8).contiguous(),
+        shape=torch.Size((n, k)),
+        dtype=w.dtype,
+        bits=bits,
+        group_size=group_size,
+    )
+
+
+def _check_quantint(q) -> None:
+    if not isinstance(q, QuantInt):
+        raise TypeError(f"q must be a lowbit.QuantInt, got {type(q).__name__}")
+
+
+def dequantize_int(q: QuantInt, dtype: Optional[torch.dtype] = None, scale: Optional[Tensor] = None) -> Tensor:
+    """W [out, in] = s * (Q - z) computed in fp32, returned in `dtype` (default: the original dtype).
+
+    scale: optional replacement for q.scale (e.g. fine-tuned scales), same shape.
+    """
+    _check_quantint(q)
+    scale = q.scale if scale is None else _check_scale(scale, q)
+    n, k = q.shape
+    return int_dequantize(q.codes, scale.detach(), q.zeros, q.bits, q.group_len, n, k, dtype or q.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference implementations (any device; the spec the kernels are checked against)
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_int_weight(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
+    """(Q - z) as fp32 [N, K] (small integers: exact in fp32)."""
+    q = unpack_codes(codes.view(n, k // 32, bits), bits)
+    z = zeros.reshape(n, k // group_len).to(torch.int64)
+    return (q.view(n, k // group_len, group_len) - z[..., None]).view(n, k).float()
+
+
+def _ref_weight(codes, scale, zeros, bits, group_len, n, k) -> Tensor:
+    qz = _ref_int_weight(codes, zeros, bits, group_len, n, k).view(n, k // group_len, group_len)
+    return (qz * scale.float().reshape(n, k // group_len, 1)).view(n, k)
+
+
+def ref_grad_scale(g: Tensor, x: Tensor, codes, zeros, bits, group_len, n, k, chunk: int = 1024) -> Tensor:
+    """dL/ds [N, G] fp32 = sum_{k in g} (Q - z)[n, k] * (g^T x)[n, k], in row chunks of `chunk`."""
+    out = torch.empty((n, k // group_len), dtype=torch.float32, device=g.device)
+    gf, xf = g.float(), x.float()
+    words_per_row = codes.view(n, -1)
+    zr = zeros.reshape(n, -1)
+    for r0 in range(0, n, chunk):
+        r1 = min(n, r0 + chunk)
+        qz = _ref_int_weight(words_per_row[r0:r1], zr[r0:r1], bits, group_len, r1 - r0, k)
+        d = gf[:, r0:r1].t() @ xf  # [rows, K]
+        out[r0:r1] = (qz * d).view(r1 - r0, k // group_len, group_len).sum(-1)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (plain tensors and ints; scale may be any float dtype, loaded as fp32)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lowbit::int_dequantize", mutates_args=())
+def int_dequantize(codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int,
+                   dtype: torch.dtype) -> Tensor:
+    return _ref_weight(codes, scale, zeros, bits, group_len, n, k).to(dtype)
+
+
+@int_dequantize.register_fake
+def _(codes, scale, zeros, bits, group_len, n, k, dtype):
+    return codes.new_empty((n, k), dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::int_matmul", mutates_args=())
+def int_matmul_2d(x: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int,
+                  bias: Optional[Tensor]) -> Tensor:
+    """y = x @ W^T + bias for x [M, K], W [n, K] stored as bits-bit integers."""
+    m, k = x.shape
+    if use_triton(x) and m > 0:
+        return kernels().matmul_int.matmul_int(x.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, n,
+                                               bias)
+    w = _ref_weight(codes, scale, zeros, bits, group_len, n, k)
+    y = x.float() @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@int_matmul_2d.register_fake
+def _(x, codes, scale, zeros, bits, group_len, n, bias):
+    return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("lowbit::int_matmul_grad_x", mutates_args=())
+def int_matmul_grad_x_2d(g: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int,
+                         k: int) -> Tensor:
+    """gx = g @ W for g [M, n]."""
+    m, n = g.shape
+    if use_triton(g) and m > 0:
+        return kernels().matmul_int.matmul_int_grad_x(g.contiguous(), codes, scale.contiguous(), zeros, bits,
+                                                      group_len, k)
+    w = _ref_weight(codes, scale, zeros, bits, group_len, n, k)
+    return (g.float() @ w).to(g.dtype)
+
+
+@int_matmul_grad_x_2d.register_fake
+def _(g, codes, scale, zeros, bits, group_len, k):
+    return g.new_empty((g.shape[0], k))
+
+
+@torch.library.custom_op("lowbit::int_matmul_grad_scale", mutates_args=())
+def int_matmul_grad_scale_2d(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, bits: int, group_len: int
+                             ) -> Tensor:
+    """dL/ds fp32 [n, K/group_len] for y = x @ W^T, g = dL/dy [M, n], x [M, K]."""
+    m, n = g.shape
+    k = x.shape[1]
+    if m == 0:
+        return torch.zeros((n, k // group_len), dtype=torch.float32, device=g.device)
+    if use_triton(g):
+        return kernels().matmul_int.matmul_int_grad_scale(g.contiguous(), x.contiguous(), codes, zeros, bits,
+                                                          group_len)
+    return ref_grad_scale(g, x, codes, zeros, bits, group_len, n, k)
+
+
+@int_matmul_grad_scale_2d.register_fake
+def _(g, x, codes, zeros, bits, group_len):
+    return g.new_empty((g.shape[1], x.shape[1] // group_len), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autograd
+# ----------------------------------------------------------------------------------------------
+
+
+class _MatmulInt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, scale, bias, codes, zeros, bits, group_len, n):
+        ctx.meta = (bits, group_len, n, x2d.shape[1], scale.shape, scale.dtype)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, scale, codes, zeros)
+        return int_matmul_2d(x2d, codes, scale, zeros, bits, group_len, n, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        bits, group_len, n, k, s_shape, s_dtype = ctx.meta
+        x2d, scale, codes, zeros = ctx.saved_tensors
+        gy = gy.contiguous()
+        gx = gs = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = int_matmul_grad_x_2d(gy, codes, scale, zeros, bits, group_len, k)
+        if ctx.needs_input_grad[1]:
+            gs = int_matmul_grad_scale_2d(gy, x2d, codes, zeros, bits, group_len).reshape(s_shape).to(s_dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.float().sum(0)
+        return gx, gs, gb, None, None, None, None, None
+
+
+def _check_scale(scale, q: QuantInt) -> Tensor:
+    check_float_tensor("scale", scale)
+    if scale.shape != q.scale.shape:
+        raise ValueError(f"scale must have shape {tuple(q.scale.shape)} (like q.scale), got {tuple(scale.shape)}")
+    return scale
+
+
+def matmul_int(x: Tensor, q: QuantInt, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """y = x @ W^T + bias with W = scale * (Q - z) from `q`; any leading batch dims on x.
+
+    scale: the (trainable) scales, shape [out] or [out, in/group_size] like q.scale; default
+    q.scale. Gradients flow to x, scale and bias; the codes and zero points are frozen. On CUDA
+    this runs the fused Triton kernels (fp32 x uses tf32 dots); elsewhere the reference.
+    """
+    check_float_tensor("x", x, allow_empty=True)
+    _check_quantint(q)
+    scale = q.scale if scale is None else _check_scale(scale, q)
+    n, k = q.shape
+    if x.dim() == 0 or x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must equal in_features={k}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+    check_same_device(x=x, codes=q.codes, scale=scale, bias=bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, k)
+    y = _MatmulInt.apply(x2d, scale, bias, q.codes, q.zeros, q.bits, q.group_len, n)
+    return y.reshape(*lead, n)
+
+
+__all__ = ["QuantInt", "dequantize_int", "matmul_int", "quantize_int"]

@@ -1,0 +1,434 @@
+"""Sub-4-bit integer weights with trainable scales (lowbit.quantint, lowbit.nn_int, kernels.matmul_int).
+
+Every numeric check compares against a float64 oracle built here from the documented byte layout
+(independent of lowbit's own unpacking), with the METHOD.md tolerances of helpers.TOL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers import TOL, rel_err, triton_on_cpu
+
+from lowbit.nn import LoRALinear
+from lowbit.nn_int import IntLinear
+from lowbit.quantint import QuantInt, dequantize_int, matmul_int, pack_codes, quantize_int
+
+LAYOUTS = [None, 32, 64]  # rows; groups of 32 (a 64-wide kernel tile spans 2 groups); groups of 64
+
+
+# ----------------------------------------------------------------------------------------------
+# float64 oracle from the documented layout
+# ----------------------------------------------------------------------------------------------
+
+
+def decode_q(codes: torch.Tensor, bits: int) -> np.ndarray:
+    """int32 [N, K/32, bits] bit planes -> int64 codes [N, K]: bit i of word (n, c, j) = bit j of Q[n, 32c+i]."""
+    words = codes.cpu().numpy().view(np.uint32).astype(np.int64)
+    n, c, b = words.shape
+    assert b == bits
+    q = np.zeros((n, c, 32), dtype=np.int64)
+    for j in range(bits):
+        for i in range(32):
+            q[:, :, i] += ((words[:, :, j] >> i) & 1) << j
+    return q.reshape(n, c * 32)
+
+
+def oracle_parts(q: QuantInt):
+    """(Q - z) float64 [N, K] and the group length."""
+    n, k = q.shape
+    length = k if q.group_size is None else q.group_size
+    qq = torch.from_numpy(decode_q(q.codes, q.bits)).double()
+    z = q.zeros.reshape(n, k // length).double()
+    return (qq.view(n, k // length, length) - z[..., None]).view(n, k), length
+
+
+def oracle_weight(q: QuantInt, scale: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = q.shape
+    qz, length = oracle_parts(q)
+    s = (q.scale if scale is None else scale).double().reshape(n, k // length, 1)
+    return (qz.view(n, k // length, length) * s).view(n, k)
+
+
+def heavy_weight(n: int, k: int) -> torch.Tensor:
+    w = torch.randn(n, k)
+    w[torch.rand(n, k) < 0.02] *= 8.0  # outliers: clipping matters
+    return w
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN / 0xAB-filled tensors while the test runs: unwritten outputs show up."""
+    orig = torch.empty
+
+    def empty(*args, **kwargs):
+        t = orig(*args, **kwargs)
+        if t.dtype.is_floating_point:
+            t.fill_(float("nan"))
+        elif t.dtype != torch.bool:
+            t.fill_(0x2B)
+        return t
+
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+
+
+# ----------------------------------------------------------------------------------------------
+# format
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pack_layout_known_words():
+    # Q[i] = i % 4 over 32 values: plane 0 = odd lanes, plane 1 = lanes with i % 4 >= 2.
+    q = (torch.arange(32) % 4).view(1, 32)
+    words = pack_codes(q, 2).view(-1).numpy().view(np.uint32)
+    assert words.tolist() == [0xAAAAAAAA, 0xCCCCCCCC]
+    # 3 bits: value 7 in lane 31 only -> the top bit of every plane (the int32 sign bit).
+    q = torch.zeros(1, 64, dtype=torch.int64)
+    q[0, 31] = 7
+    q[0, 32] = 5  # second chunk, lane 0: planes 0 and 2
+    words = pack_codes(q, 3).view(-1).numpy().view(np.uint32)
+    assert words.tolist() == [0x80000000, 0x80000000, 0x80000000, 1, 0, 1]
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", LAYOUTS)
+def test_quantize_rtn_roundtrip(bits, group_size):
+    n, k = 24, 128
+    w = torch.randn(n, k) * 0.1
+    q = quantize_int(w, bits, group_size)
+    qq = decode_q(q.codes, bits)
+    assert qq.min() >= 0 and qq.max() <= 2**bits - 1
+    assert int(q.zeros.max()) <= 2**bits - 1
+    length = k if group_size is None else group_size
+    wd = oracle_weight(q)
+    # rtn with the min-max range: every element is within half a step of its group's scale.
+    step = q.scale.double().reshape(n, k // length, 1).expand(n, k // length, length).reshape(n, k)
+    assert bool(((w.double() - wd).abs() <= 0.5 * step * (1 + 1e-5) + 1e-7).all())
+    # dequantize_int agrees with the oracle (fp32 product), in the original dtype
+    d = dequantize_int(q)
+    assert d.dtype == torch.float32 and d.shape == (n, k)
+    assert rel_err(d, wd) <= TOL[torch.float32]
+    assert dequantize_int(q, torch.float16).dtype == torch.float16
+
+
+def test_quantize_constant_and_zero_rows_exact():
+    w = torch.zeros(3, 64)
+    w[1] = 0.25
+    w[2] = -1.5
+    q = quantize_int(w, 2)
+    assert torch.equal(dequantize_int(q), w)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_mse_never_worse_than_rtn(bits, group_size):
+    n, k = 32, 256
+    w = heavy_weight(n, k)
+    length = k if group_size is None else group_size
+
+    def group_err(q):
+        e = (w.double() - dequantize_int(q).double()) ** 2
+        return e.view(n, k // length, length).sum(-1)
+
+    e_rtn = group_err(quantize_int(w, bits, group_size, "rtn"))
+    e_mse = group_err(quantize_int(w, bits, group_size, "mse"))
+    assert bool((e_mse <= e_rtn).all())
+    assert float(e_mse.sum()) < float(e_rtn.sum())  # with outliers, clipping must help somewhere
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [None, 32, 128])
+def test_bits_per_param_exact(bits, group_size):
+    n, k = 16, 256
+    q = quantize_int(torch.randn(n, k), bits, group_size)
+    length = k if group_size is None else group_size
+    codes_bytes = n * k * bits // 8
+    assert q.codes.numel() * q.codes.element_size() == codes_bytes
+    assert q.nbytes == codes_bytes + (4 + 1) * n * (k // length)
+    assert q.bits_per_param == bits + 40 / length
+
+
+# ----------------------------------------------------------------------------------------------
+# reference path vs float64
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group_size", LAYOUTS)
+def test_reference_matmul_vs_float64(dtype, group_size):
+    q = quantize_int(torch.randn(48, 128), 3, group_size)
+    x = torch.randn(2, 5, 128).to(dtype)
+    b = torch.randn(48).to(dtype)
+    y = matmul_int(x, q, bias=b)
+    assert y.dtype == dtype and y.shape == (2, 5, 48)
+    ref = x.double() @ oracle_weight(q).t() + b.double()
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+def _grads_vs_float64(x, q, bias, gy_dtype_tol):
+    scale = q.scale.clone().requires_grad_(True)
+    xx = x.clone().requires_grad_(True)
+    bb = bias.clone().requires_grad_(True)
+    y = matmul_int(xx, q, scale, bb)
+    gy = torch.randn(y.shape).to(y.dtype)
+    y.backward(gy)
+
+    s64 = q.scale.double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    b64 = bias.double().requires_grad_(True)
+    y64 = x64 @ oracle_weight(q, s64).t() + b64
+    y64.backward(gy.double())
+    assert rel_err(y.detach(), y64.detach()) <= gy_dtype_tol
+    assert scale.grad.shape == q.scale.shape and scale.grad.dtype == scale.dtype
+    assert rel_err(scale.grad, s64.grad) <= gy_dtype_tol
+    assert rel_err(xx.grad, x64.grad) <= gy_dtype_tol
+    assert rel_err(bb.grad, b64.grad) <= gy_dtype_tol
+
+
+@pytest.mark.parametrize("group_size", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_reference_grads_vs_float64(group_size, dtype):
+    q = quantize_int(torch.randn(40, 128), 3, group_size)
+    _grads_vs_float64(torch.randn(3, 7, 128).to(dtype), q, torch.randn(40).to(dtype), TOL[dtype])
+
+
+def test_grad_scale_never_divides_by_scale():
+    # A zero scale must still get its gradient (dividing y by s would give NaN or 0).
+    q = quantize_int(torch.randn(8, 64), 2, 32)
+    scale = q.scale.clone()
+    scale[0, 0] = 0.0
+    scale.requires_grad_(True)
+    x = torch.randn(4, 64)
+    gy = torch.randn(4, 8)
+    matmul_int(x, q, scale).backward(gy)
+    qz, _ = oracle_parts(q)
+    expect = (gy.double()[:, 0] @ (x.double()[:, :32] @ qz[0, :32]))
+    assert torch.isfinite(scale.grad).all()
+    assert abs(float(scale.grad[0, 0]) - float(expect)) <= 1e-4 * max(1.0, abs(float(expect)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("group_size", LAYOUTS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_triton_forward_fp32(bits, group_size, m, poisoned_empty):
+    n, k = 40, 128  # n not a multiple of the 32-wide tile: masked rows
+    q = quantize_int(torch.randn(n, k), bits, group_size)
+    x, b = torch.randn(m, k), torch.randn(n)
+    with triton_on_cpu():
+        y = matmul_int(x, q, bias=b)
+    ref = x.double() @ oracle_weight(q).t() + b.double()
+    assert rel_err(y, ref) <= TOL[torch.float32]
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("group_size", [None, 32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_forward_half(dtype, group_size, m, poisoned_empty):
+    n, k = 40, 128
+    q = quantize_int(torch.randn(n, k), 3, group_size)
+    x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+    with triton_on_cpu():
+        y = matmul_int(x, q, bias=b)
+    assert y.dtype == dtype
+    ref = x.double() @ oracle_weight(q).t() + b.double()
+    assert rel_err(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [1, 20])
+@pytest.mark.parametrize("group_size", LAYOUTS)
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_triton_grads_fp32(bits, group_size, m, poisoned_empty):
+    q = quantize_int(torch.randn(40, 128), bits, group_size)
+    with triton_on_cpu():
+        _grads_vs_float64(torch.randn(m, 128), q, torch.randn(40), TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_triton_grads_half(dtype, poisoned_empty):
+    q = quantize_int(torch.randn(40, 128), 3, 64)
+    with triton_on_cpu():
+        _grads_vs_float64(torch.randn(20, 128).to(dtype), q, torch.randn(40).to(dtype), TOL[dtype])
+
+
+def test_triton_launcher_configs_split_and_per_element(poisoned_empty):
+    """Explicit configs: SPLIT_K > 1, a K-tile spanning two groups, a K-tile inside a group."""
+    from lowbit.kernels import matmul_int as km
+
+    n, k = 33, 256
+    q = quantize_int(torch.randn(n, k), 3, 32)
+    x = torch.randn(5, k)
+    ref = x.double() @ oracle_weight(q).t()
+    for cfg in [("dot", 16, 32, 64, 2, 4, 1), ("gemv", 8, 32, 64, 2, 4, 1), ("dot", 16, 16, 32, 4, 4, 1)]:
+        y = km.matmul_int(x, q.codes, q.scale, q.zeros, 3, 32, n, None, config=cfg)
+        assert rel_err(y, ref) <= TOL[torch.float32], cfg
+    g = torch.randn(5, n)
+    gx = km.matmul_int_grad_x(g, q.codes, q.scale, q.zeros, 3, 32, k, config=(16, 64, 16, 2, 4, 1))
+    assert rel_err(gx, g.double() @ oracle_weight(q)) <= TOL[torch.float32]
+    gs = km.matmul_int_grad_scale(g, x, q.codes, q.zeros, 3, 32, config=(16, 32, 16, 4, 1))
+    qz, _ = oracle_parts(q)
+    expect = ((g.double().t() @ x.double()) * qz).view(n, k // 32, 32).sum(-1)
+    assert rel_err(gs, expect) <= TOL[torch.float32]
+
+
+# ----------------------------------------------------------------------------------------------
+# IntLinear
+# ----------------------------------------------------------------------------------------------
+
+
+def test_intlinear_params_buffers_and_repr():
+    lin = torch.nn.Linear(128, 24)
+    layer = IntLinear.from_linear(lin, bits=3, group_size=64, method="mse")
+    trainable = [name for name, p in layer.named_parameters() if p.requires_grad]
+    assert trainable == ["scale"]
+    assert layer.scale.shape == (24, 2)
+    sd = layer.state_dict()
+    assert set(sd) == {"codes", "zeros", "scale", "bias"}
+    assert type(sd["codes"]) is torch.Tensor and sd["codes"].dtype == torch.int32
+    assert sd["zeros"].dtype == torch.uint8
+    assert "bits=3" in repr(layer) and f"bits_per_param={3 + 40 / 64:.3f}" in repr(layer)
+    x = torch.randn(4, 128)
+    ref = x.double() @ layer.dequantized_weight().double().t() + lin.bias.double()
+    assert rel_err(layer(x), ref) <= TOL[torch.float32]
+    d = IntLinear(64, 16, bits=2, bias=False)
+    assert d.bias is None and d(torch.randn(3, 64)).shape == (3, 16)
+
+
+def test_intlinear_finetune_save_load_roundtrip(tmp_path):
+    from lowbit.serialization import load_state_dict, save_state_dict
+
+    layer = IntLinear.from_linear(torch.nn.Linear(128, 32), bits=2, group_size=32)
+    opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)
+    x, target = torch.randn(16, 128), torch.randn(16, 32)
+    before = layer.scale.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(layer(x), target).backward()
+        opt.step()
+    assert not torch.equal(before, layer.scale.detach())
+    path = tmp_path / "int.safetensors"
+    save_state_dict(layer, path)
+    fresh = IntLinear(128, 32, bits=2, group_size=32)
+    load_state_dict(fresh, path)
+    assert torch.equal(fresh(x), layer(x))
+    assert torch.equal(fresh.codes, layer.codes) and torch.equal(fresh.scale, layer.scale)
+
+
+def test_intlinear_dtype_moves_keep_codes():
+    layer = IntLinear.from_linear(torch.nn.Linear(64, 16), bits=4)
+    codes = layer.codes.clone()
+    x = torch.randn(3, 64)
+    y32 = layer(x)
+    h = layer.half()
+    assert h.codes.dtype == torch.int32 and torch.equal(h.codes, codes) and h.zeros.dtype == torch.uint8
+    yh = h(x.half())
+    assert yh.dtype == torch.float16
+    assert rel_err(yh, y32) <= 1e-2
+    f = h.to(torch.float32)
+    assert torch.equal(f.codes, codes)
+
+
+def test_intlinear_under_lora():
+    base = IntLinear.from_linear(torch.nn.Linear(64, 16), bits=3)
+    x = torch.randn(5, 64)
+    y0 = base(x)
+    lora = LoRALinear(base, r=4)
+    y = lora(x)
+    assert torch.equal(y, y0)  # B starts at zero
+    y.sum().backward()
+    assert lora.lora_B.grad is not None and base.scale.grad is None
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, word",
+    [
+        ({"bits": 5}, ValueError, "bits"),
+        ({"bits": 1}, ValueError, "bits"),
+        ({"bits": 3.0}, TypeError, "bits"),
+        ({"bits": True}, TypeError, "bits"),
+        ({"group_size": 48}, ValueError, "group_size"),
+        ({"group_size": 16}, ValueError, "group_size"),
+        ({"group_size": 0}, ValueError, "group_size"),
+        ({"group_size": 64.0}, TypeError, "group_size"),
+        ({"method": "gptq"}, ValueError, "method"),
+    ],
+)
+def test_bad_arguments(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        quantize_int(torch.randn(4, 96), **kwargs)
+
+
+def test_bad_tensors():
+    with pytest.raises(TypeError, match="w"):
+        quantize_int(torch.ones(4, 64, dtype=torch.int32))
+    with pytest.raises(TypeError, match="w"):
+        quantize_int([[1.0] * 64])
+    with pytest.raises(ValueError, match="empty"):
+        quantize_int(torch.empty(0, 64))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_int(torch.randn(64))
+    with pytest.raises(ValueError, match="in_features"):
+        quantize_int(torch.randn(4, 40))
+    for bad in (float("nan"), float("inf")):
+        w = torch.randn(4, 64)
+        w[1, 3] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            quantize_int(w)
+    q = quantize_int(torch.randn(8, 64), 3, 32)
+    with pytest.raises(ValueError, match="scale"):
+        matmul_int(torch.randn(2, 64), q, torch.ones(8))
+    with pytest.raises(ValueError, match="in_features"):
+        matmul_int(torch.randn(2, 32), q)
+    with pytest.raises(ValueError, match="bias"):
+        matmul_int(torch.randn(2, 64), q, bias=torch.ones(7))
+    with pytest.raises(TypeError, match="q"):
+        matmul_int(torch.randn(2, 64), "not a weight")
+    with pytest.raises(ValueError, match="in_features"):
+        IntLinear(40, 8)
+    with pytest.raises(TypeError, match="linear"):
+        IntLinear.from_linear(torch.nn.Conv1d(1, 1, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (skipped without CUDA): the compiled kernels at model-like shapes, autotuning on
+# ----------------------------------------------------------------------------------------------
+
+
+GPU_CASES = [(torch.bfloat16, bits, gs, m) for bits in (2, 3, 4) for gs in (None, 128) for m in (1, 200)] + [
+    (dt, 3, 32, m) for dt in (torch.float32, torch.float16) for m in (3, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, bits, group_size, m", GPU_CASES)
+def test_gpu_forward_backward(dtype, bits, group_size, m):
+    from tests.helpers import TOL_TF32
+
+    n, k = 320, 512
+    q = quantize_int(torch.randn(n, k), bits, group_size).to("cuda")
+    x = torch.randn(m, k).to(dtype).cuda()
+    bias = torch.randn(n).to(dtype).cuda()
+    tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
+    scale = q.scale.clone().requires_grad_(True)
+    xx = x.clone().requires_grad_(True)
+    y = matmul_int(xx, q, scale, bias)
+    gy = torch.randn(y.shape, device="cuda").to(dtype)
+    y.backward(gy)
+    qc = QuantInt(q.codes.cpu(), q.scale.cpu(), q.zeros.cpu(), q.shape, q.dtype, q.bits, q.group_size)
+    s64 = qc.scale.double().requires_grad_(True)
+    x64 = x.cpu().double().requires_grad_(True)
+    y64 = x64 @ oracle_weight(qc, s64).t() + bias.cpu().double()
+    y64.backward(gy.cpu().double())
+    assert rel_err(y.detach().cpu(), y64.detach()) <= tol
+    assert rel_err(xx.grad.cpu(), x64.grad) <= tol
+    assert rel_err(scale.grad.cpu(), s64.grad) <= tol
