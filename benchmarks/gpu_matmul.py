@@ -139,6 +139,27 @@ def bench(log, quick: bool) -> list[dict]:
     return results
 
 
+def bench_sz(log) -> dict:
+    """GPU decode throughput of the SZ codec (decoded bytes per second, output dtype bf16)."""
+    from triton.testing import do_bench
+
+    from lowbit.sz import decode_reference, sz_compress, sz_decode_flat
+
+    w = torch.randn(4096, 4096) * 0.02
+    res = {}
+    for chunk in (4096, 1024):
+        c = sz_compress(w, 2e-3, chunk_size=chunk)
+        args = c.decoder_args("cuda")
+        f = lambda: sz_decode_flat(*args, c.numel, c.chunk_size, c.max_len, c.radius, torch.bfloat16)  # noqa: E731
+        ok = torch.equal(f().cpu().view(c.shape), decode_reference(c, torch.bfloat16))
+        ms = do_bench(f, warmup=10, rep=100, return_mode="median")
+        gbps = c.numel * 2 / (ms * 1e-3) / 1e9
+        res[chunk] = {"ms": ms, "decoded_GBps": gbps, "bits_per_param": c.bits_per_param, "bit_identical": ok}
+        log(f"sz decode 4096x4096 chunk={chunk}: {ms * 1e3:.0f} us, {gbps:.1f} GB/s of bf16 output, "
+            f"{c.bits_per_param:.3f} bits/param, bit-identical to the reference: {ok}")
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -163,13 +184,18 @@ def main() -> int:
     checks = [] if a.skip_correctness else check_correctness(log)
     log(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f}s")
     res = bench(log, a.quick)
+    try:
+        sz = bench_sz(log)
+    except Exception as e:  # report, keep the matmul table
+        log(f"sz bench failed: {type(e).__name__}: {e}")
+        sz = None
     import lowbit.kernels.matmul4bit as K
 
     for key, cfg in K._tuned.items():
         log(f"tuned {key[0]} M-bucket={key[1]} N={key[2]} K={key[3]} {key[4]}: {cfg}")
     with open(os.path.join(a.out, "gpu_matmul.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "checks": checks, "bench": res}, f, indent=1)
+                   "checks": checks, "bench": res, "sz": sz}, f, indent=1)
     log("")
     log(f"{'K x N':>13} {'M':>5} {'bf16 ms':>9} {'lowbit ms':>9} {'bnb ms':>9} {'x bf16':>7} {'x bnb':>6} {'GB/s':>6} {'%bw':>5} {'gx/bf16':>7}")
     for r in res:

@@ -1,0 +1,84 @@
+"""GPU tier (marked gpu; skipped without CUDA): the Triton paths at real sizes on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lowbit
+from tests.helpers import TOL, TOL_TF32, rel_err
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_quantize_dequantize_cuda_bit_identical_to_reference(quant_type, dtype):
+    from lowbit import codes, reference
+    import lowbit.kernels as K
+
+    w = torch.randn(1 << 20 | 7, device="cuda", dtype=dtype)
+    code = codes.code_table(quant_type).cuda()
+    b, o = codes.quantize_bounds(code)
+    p1, a1 = reference.quantize_4bit(w, 64, b, o)
+    p2, a2 = K.quant4bit.quantize_4bit(w, 64, b, o)
+    assert torch.equal(p1, p2) and torch.equal(a1, a2)
+    q = lowbit.quantize_4bit(w, 64, quant_type, True)
+    ref = reference.dequantize_4bit(q.codes, q.scales(), q.code, 64, q.numel, dtype)
+    assert torch.equal(lowbit.dequantize_4bit(q), ref)
+
+
+@pytest.mark.parametrize("m", [1, 4, 16, 100, 600])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_matmul_4bit_cuda_against_float64(m, dtype):
+    n, k = 1536, 2048
+    q = lowbit.quantize_4bit(torch.randn(n, k, device="cuda"), 64, "nf4", True)
+    w = lowbit.dequantize_4bit(q, torch.float32).double()
+    x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    y = lowbit.matmul_4bit(x, q, b)
+    gy = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
+    assert rel_err(y, x.double() @ w.t() + b.double()) <= tol
+    assert rel_err(gx, gy.double() @ w) <= tol
+
+
+def test_every_forward_config_on_cuda():
+    import lowbit.kernels.matmul4bit as K
+
+    n, k = 512, 1024
+    q = lowbit.quantize_4bit(torch.randn(n, k, device="cuda"), 64, "nf4", True)
+    w = lowbit.dequantize_4bit(q, torch.float32).double()
+    args, dq = (q.codes, q.absmax, q.code, 64), (q.nested_absmax, q.nested_code, q.offset, 256)
+    for bucket, cfgs in K.FORWARD_CONFIGS.items():
+        for cfg in cfgs:
+            m = min(bucket, 64) if cfg[0] == "dot" else cfg[1]
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
+            assert rel_err(y, x.double() @ w.t()) <= TOL[torch.bfloat16], cfg
+    for cfgs in K.GRAD_X_CONFIGS.values():
+        for cfg in cfgs:
+            g = torch.randn(48, n, device="cuda", dtype=torch.bfloat16)
+            assert rel_err(K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg), g.double() @ w) <= TOL[torch.bfloat16], cfg
+
+
+def test_linear4bit_module_on_cuda():
+    lin = torch.nn.Linear(1024, 512)
+    layer = lowbit.Linear4bit.from_linear(lin).cuda().bfloat16()
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ layer.dequantized_weight(torch.float32).double().t() + lin.bias.double().cuda()
+    assert rel_err(layer(x), ref) <= TOL[torch.bfloat16]
+
+
+def test_sz_decode_cuda_bit_identical():
+    from lowbit.sz import decode_reference, sz_compress, sz_decompress
+
+    w = torch.randn(768, 384) * 0.05
+    c = sz_compress(w, 1e-3)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        ref = decode_reference(c, dt)
+        got = sz_decompress(c, device="cuda", dtype=dt).cpu()
+        assert torch.equal(got, ref)
+        if dt == torch.float32:
+            assert float((got - w).abs().max()) <= 1e-3
