@@ -1,5 +1,5 @@
 """Triton kernels (installed as lowbit.kernels). Importing this package imports Triton."""
 
-from . import matmul4bit, quant4bit
+from . import matmul4bit, matmul_int, quant4bit, sz_decode
 
-__all__ = ["matmul4bit", "quant4bit"]
+__all__ = ["matmul4bit", "matmul_int", "quant4bit", "sz_decode"]

