@@ -314,3 +314,13 @@ def test_dtype_move_keeps_buffers_on_their_device():
     assert {t.device.type for t in layer.buffers()} == {"meta"}
     assert layer.weight_code.dtype == torch.float32 and layer.weight.dtype == torch.uint8
     assert layer.compute_dtype == torch.bfloat16
+
+
+def test_non_contiguous_input_and_bias_dtype():
+    q = lowbit.quantize_4bit(torch.randn(24, 64))
+    xt = torch.randn(64, 5).t()  # a transposed view: not contiguous
+    assert not xt.is_contiguous()
+    assert rel_err(lowbit.matmul_4bit(xt, q), _ref64(xt, q)) <= 1e-6
+    b = torch.randn(24, dtype=torch.float64)
+    with pytest.raises(TypeError, match="bias"):
+        lowbit.matmul_4bit(xt, q, b)
