@@ -139,6 +139,32 @@ def bench(log, quick: bool) -> list[dict]:
     return results
 
 
+def bench_int(log) -> list[dict]:
+    """int4 rows / int3 g128 / int2 g64 on 8192x8192 vs torch bf16 (not yet run on a GPU)."""
+    from triton.testing import do_bench
+
+    import lowbit
+
+    k = n = 8192
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    out = []
+    for bits, gs in ((4, None), (3, 128), (2, 64)):
+        q = lowbit.quantize_int(w, bits=bits, group_size=gs, method="rtn")
+        wd = lowbit.dequantize_int(q, torch.float32).double()
+        for m in (1, 16, 4096):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            y = lowbit.matmul_int(x, q)
+            err = rel_err(y, x.double() @ wd.t())
+            t_bf16 = do_bench(lambda: x @ w.t(), warmup=10, rep=60, return_mode="median")
+            t_lb = do_bench(lambda: lowbit.matmul_int(x, q), warmup=10, rep=60, return_mode="median")
+            r = {"bits": bits, "group": gs, "M": m, "bf16_ms": t_bf16, "lowbit_ms": t_lb, "x_bf16": t_bf16 / t_lb,
+                 "err": err}
+            out.append(r)
+            log(f"int{bits} group={gs} M={m}: {t_lb * 1e3:.1f} us vs bf16 {t_bf16 * 1e3:.1f} us "
+                f"(x{t_bf16 / t_lb:.2f}), rel err {err:.1e}")
+    return out
+
+
 def bench_sz(log) -> dict:
     """GPU decode throughput of the SZ codec (decoded bytes per second, output dtype bf16)."""
     from triton.testing import do_bench
@@ -185,6 +211,11 @@ def main() -> int:
     log(f"correctness: {sum(c['ok'] for c in checks)}/{len(checks)} ok in {time.time() - t0:.0f}s")
     res = bench(log, a.quick)
     try:
+        ints = bench_int(log)
+    except Exception as e:
+        log(f"int bench failed: {type(e).__name__}: {e}")
+        ints = None
+    try:
         sz = bench_sz(log)
     except Exception as e:  # report, keep the matmul table
         log(f"sz bench failed: {type(e).__name__}: {e}")
@@ -195,7 +226,7 @@ def main() -> int:
         log(f"tuned {key[0]} M-bucket={key[1]} N={key[2]} K={key[3]} {key[4]}: {cfg}")
     with open(os.path.join(a.out, "gpu_matmul.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-                   "checks": checks, "bench": res, "sz": sz}, f, indent=1)
+                   "checks": checks, "bench": res, "int": ints, "sz": sz}, f, indent=1)
     log("")
     log(f"{'K x N':>13} {'M':>5} {'bf16 ms':>9} {'lowbit ms':>9} {'bnb ms':>9} {'x bf16':>7} {'x bnb':>6} {'GB/s':>6} {'%bw':>5} {'gx/bf16':>7}")
     for r in res:
