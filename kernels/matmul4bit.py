@@ -17,6 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import alloc_output, grouped_tile
 from .quant4bit import _block_scale
 
 
@@ -139,14 +140,7 @@ def matmul_4bit_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Grouped ordering: GROUP_M row-tiles share each W column-tile while it is hot in L2.
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -221,13 +215,7 @@ def matmul_4bit_grad_x_kernel(
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = K // BLOCK_K
-    group = GROUP_M * num_k
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_k = (pid % group) // size_m
+    pid_m, pid_k = grouped_tile(pid, tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -300,13 +288,6 @@ def _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested
 
     return dequantize_4bit(codes, absmax, code, blocksize, n * k, dtype, nested_absmax, nested_code, offset,
                            nested_blocksize).view(n, k)
-
-
-def _alloc(shape, dtype, device):
-    # LOWBIT_POISON=1 (the tests) fills outputs with NaN first, so an unwritten element shows.
-    if os.environ.get("LOWBIT_POISON") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
 
 
 def _bucket(table: dict, m: int) -> int:
@@ -385,7 +366,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
                                  nested_blocksize, x.dtype)
             return torch.nn.functional.linear(x, w, bias).to(out_dtype)
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
-        y = _alloc((split, m, n), store_dtype, x.device)
+        y = alloc_output((split, m, n), store_dtype, x.device)
         kern = gemv_4bit_kernel if kind == "gemv" else matmul_4bit_kernel
         grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
         kern[grid](
@@ -433,7 +414,7 @@ def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nest
             return (g @ w).to(out_dtype)
         bm, bk, bn, split, warps, stages, decode = cfg
         store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
-        gx = _alloc((split, m, k), store_dtype, g.device)
+        gx = alloc_output((split, m, k), store_dtype, g.device)
         grid = (triton.cdiv(m, bm) * (k // bk), split)
         matmul_4bit_grad_x_kernel[grid](
             g, codes, *scales, code, gx,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._common import alloc_output, grouped_tile
+
 
 @triton.jit
 def _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS: tl.constexpr, BITS: tl.constexpr):
@@ -73,13 +75,7 @@ def matmul_int_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_n
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_n = (pid % group) // size_m
+    pid_m, pid_n = grouped_tile(pid, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -147,13 +143,7 @@ def matmul_int_grad_x_kernel(
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_k = K // BLOCK_K
-    group = GROUP_M * num_k
-    first_m = (pid // group) * GROUP_M
-    size_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % size_m
-    pid_k = (pid % group) // size_m
+    pid_m, pid_k = grouped_tile(pid, tl.cdiv(M, BLOCK_M), K // BLOCK_K, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
@@ -274,7 +264,7 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config=None):
     def run(cfg):
         kind, bm, bn, bk, split, warps, stages = cfg
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
-        y = torch.empty((split, m, n), dtype=store_dtype, device=x.device)
+        y = alloc_output((split, m, n), store_dtype, x.device)
         kern = gemv_int_kernel if kind == "gemv" else matmul_int_kernel
         grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
         kern[grid](
@@ -317,7 +307,7 @@ def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config=None):
     def run(cfg):
         bm, bk, bn, split, warps, stages = cfg
         store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
-        gx = torch.empty((split, m, k), dtype=store_dtype, device=g.device)
+        gx = alloc_output((split, m, k), store_dtype, g.device)
         grid = (triton.cdiv(m, bm) * (k // bk), split)
         matmul_int_grad_x_kernel[grid](
             g, codes, scale, zeros, gx,
@@ -362,7 +352,7 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
         bn, bk, bm, warps, stages = cfg
         bk = bk if group_len % bk == 0 else 32
         split = _split_m(m, n, ng, bn, bm, g.device)
-        gs = torch.empty((split, n, ng), dtype=torch.float32, device=g.device)
+        gs = alloc_output((split, n, ng), torch.float32, g.device)
         grid = (triton.cdiv(n, bn), ng, split)
         matmul_int_grad_scale_kernel[grid](
             g, x, codes, zeros, gs,

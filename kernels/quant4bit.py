@@ -9,11 +9,12 @@ interpreter truncates fp32->bf16 casts).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import alloc_output
 
 
 @triton.jit
@@ -88,15 +89,6 @@ def dequantize_4bit_kernel(
     tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _alloc(shape, dtype, device):
-    # LOWBIT_POISON=1 (the tests) pre-fills outputs (NaN, or 0xAB for bytes) so that an element
-    # the kernel failed to write cannot pass a comparison.
-    if os.environ.get("LOWBIT_POISON") == "1":
-        return torch.full((shape,) if isinstance(shape, int) else shape, 0xAB if dtype == torch.uint8 else float("nan"),
-                          dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
@@ -106,8 +98,8 @@ def quantize_4bit(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     n = flat.numel()
     nblocks = triton.cdiv(n, blocksize)
-    packed = _alloc((n + 1) // 2, torch.uint8, flat.device)
-    absmax = _alloc(nblocks, torch.float32, flat.device)
+    packed = alloc_output((n + 1) // 2, torch.uint8, flat.device)
+    absmax = alloc_output(nblocks, torch.float32, flat.device)
     per_prog = max(1, 2048 // blocksize)
     grid = (triton.cdiv(nblocks, per_prog),)
     quantize_4bit_kernel[grid](
@@ -131,7 +123,7 @@ def dequantize_4bit(
 ) -> torch.Tensor:
     double_quant = nested_absmax is not None
     store_dtype = torch.float32 if (_interpreting(packed) and dtype == torch.bfloat16) else dtype
-    out = _alloc(numel, store_dtype, packed.device)
+    out = alloc_output(numel, store_dtype, packed.device)
     dummy = absmax  # never read when DOUBLE_QUANT is False
     block = 1024
     dequantize_4bit_kernel[(triton.cdiv(numel, block),)](

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import alloc_output
+
 
 @triton.jit
 def sz_decode_kernel(
@@ -72,7 +74,7 @@ def sz_decode(
     table int32 of 2**max_len, step fp32 of 1 element, outliers int64 / any float)."""
     interpreting = payload.device.type == "cpu"
     store_dtype = torch.float32 if (interpreting and dtype == torch.bfloat16) else dtype
-    out = torch.empty(numel, dtype=store_dtype, device=payload.device)
+    out = alloc_output(numel, store_dtype, payload.device)
     n_chunks = offsets.numel() - 1
     lanes = 32
     if payload.numel() == 0:  # the kernel needs a real pointer; every load is masked anyway

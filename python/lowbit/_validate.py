@@ -57,3 +57,18 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
     if len(set(devices.values())) > 1:
         desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
         raise ValueError(f"tensors must be on one device, got {desc}")
+
+
+def check_matmul_args(x: torch.Tensor, out_features: int, in_features: int,
+                      bias: torch.Tensor | None) -> torch.Tensor | None:
+    """Checks of y = x @ W^T + bias for W [out_features, in_features]; returns bias in x's dtype."""
+    check_float_tensor("x", x, allow_empty=True)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"x's last dimension must equal in_features={in_features}, got shape {tuple(x.shape)}")
+    if bias is not None:
+        check_float_tensor("bias", bias)
+        if bias.shape != (out_features,):
+            raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+        if bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+    return bias

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import ops
-from ._validate import check_float_tensor, check_same_device
+from ._validate import check_matmul_args, check_same_device
 from .quant4bit import Quant4bit
 
 
@@ -35,23 +35,15 @@ def matmul_4bit(x: torch.Tensor, q: Quant4bit, bias: torch.Tensor | None = None)
     x: fp16/bf16/fp32 with last dim `in`. On CUDA this runs the fused Triton kernels (fp32 x uses
     tf32 dots); elsewhere the reference. The result has x's dtype.
     """
-    check_float_tensor("x", x, allow_empty=True)
     if not isinstance(q, Quant4bit):
         raise TypeError(f"q must be a lowbit.Quant4bit, got {type(q).__name__}")
     if len(q.shape) != 2:
         raise ValueError(f"q must hold a 2-D weight [out_features, in_features], got shape {tuple(q.shape)}")
     n, k = q.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x's last dimension must equal in_features={k}, got shape {tuple(x.shape)}")
-    if bias is not None:
-        check_float_tensor("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    bias = check_matmul_args(x, n, k, bias)
     check_same_device(x=x, codes=q.codes, bias=bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
     absmax, nabs, ncode, off = q.scale_tensors()
     y = _Matmul4bit.apply(x2d, bias, q.codes, absmax, q.code, q.blocksize, n, nabs, ncode, off, q.nested_blocksize)
     return y.reshape(*lead, n)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ._backend import kernels, use_triton
-from ._validate import check_choice, check_finite, check_float_tensor, check_same_device
+from ._validate import check_choice, check_finite, check_float_tensor, check_matmul_args, check_same_device
 
 BITS = (2, 3, 4)
 METHODS = ("rtn", "mse")
@@ -370,18 +370,10 @@ def matmul_int(x: Tensor, q: QuantInt, scale: Optional[Tensor] = None, bias: Opt
     q.scale. Gradients flow to x, scale and bias; the codes and zero points are frozen. On CUDA
     this runs the fused Triton kernels (fp32 x uses tf32 dots); elsewhere the reference.
     """
-    check_float_tensor("x", x, allow_empty=True)
     _check_quantint(q)
     scale = q.scale if scale is None else _check_scale(scale, q)
     n, k = q.shape
-    if x.dim() == 0 or x.shape[-1] != k:
-        raise ValueError(f"x's last dimension must equal in_features={k}, got shape {tuple(x.shape)}")
-    if bias is not None:
-        check_float_tensor("bias", bias)
-        if bias.shape != (n,):
-            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-        if bias.dtype != x.dtype:
-            bias = bias.to(x.dtype)
+    bias = check_matmul_args(x, n, k, bias)
     check_same_device(x=x, codes=q.codes, scale=scale, bias=bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
