@@ -20,6 +20,8 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
+	# matplotlib for the rate-distortion plot (optional: the demo prints the table without it)
+	$(PY) -m pip install -q -e '.[demo]' || echo "demo extras not installed; continuing without the plot"
 	$(VENV)/bin/lowbit demo
 
 bench: $(STAMP)

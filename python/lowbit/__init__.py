@@ -8,6 +8,7 @@ queries no device and does not import Triton.
 
 from ._version import __version__
 from .autograd import matmul_4bit
+from .checkpoint import load_quantized
 from .nn import Linear4bit, LoRALinear, replace_linear
 from .nn_int import IntLinear
 from .quant4bit import Quant4bit, dequantize_4bit, quantize_4bit
@@ -23,6 +24,7 @@ __all__ = [
     "__version__",
     "dequantize_4bit",
     "dequantize_int",
+    "load_quantized",
     "load_state_dict",
     "matmul_4bit",
     "matmul_int",
