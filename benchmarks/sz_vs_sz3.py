@@ -1,0 +1,299 @@
+"""lowbit SZ vs SZ3 (PyPI pysz) on the 37 nn.Linear weights of all-MiniLM-L6-v2 (fp32), plus a
+predictor study (none / per-row mean / 1-D and 2-D Lorenzo) on the same weights.
+
+    pip install pysz          # SZ3's Python binding (optional: without it only lowbit is measured)
+    python benchmarks/sz_vs_sz3.py [--steps 10] [--no-predictors]
+
+Per matrix: the RMSE of NF4 (blocksize 64, double quant, 4.127 bits/param) is the target. lowbit's
+abs bound is bisected (log scale) to the largest bound whose RMSE is <= that target; lowbit and
+every SZ3 predictor then run at exactly that bound. SZ3 is also bisected on its own to the NF4
+RMSE (its RMSE at a given bound differs slightly). Sizes are whole streams (headers included):
+lowbit `SZTensor.nbytes`, SZ3 the length of `sz.compress`'s output. Times are CPU wall time,
+summed over the 37 matrices, one run each. Output: markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+
+import numpy as np
+import torch
+
+import lowbit
+from lowbit import sz as lsz
+from lowbit.minilm import load_minilm
+
+try:
+    import pysz
+    from pysz import sz as sz3, szAlgorithm, szConfig, szErrorBoundMode
+except ImportError:  # pragma: no cover - optional anchor
+    pysz = None
+
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)
+SZ3_ALGOS = (("interp+lorenzo (default)", "INTERP_LORENZO"), ("interp", "INTERP"),
+             ("lorenzo+regression", "LORENZO_REG"), ("none", "NOPRED"))
+
+
+def rmse(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))))
+
+
+def maxerr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+def cast_ratio(out: np.ndarray, w: np.ndarray, eb: float, dtype: torch.dtype) -> float:
+    """max |d(out) - w| / max(eb, |d(w) - w|) for output dtype d (float64 arithmetic)."""
+    w64 = torch.from_numpy(w).double()
+    err = (torch.from_numpy(out).to(dtype).double() - w64).abs()
+    floor = (torch.from_numpy(w).to(dtype).double() - w64).abs().clamp(min=eb)
+    return float((err / floor).max())
+
+
+# --------------------------------------------------------------------------- compressors
+
+
+def lowbit_run(w: np.ndarray, eb: float):
+    t0 = time.perf_counter()
+    c = lsz.sz_compress(torch.from_numpy(w), eb)
+    t1 = time.perf_counter()
+    out = lsz.sz_decompress(c).numpy()
+    t2 = time.perf_counter()
+    return c.nbytes, out, t1 - t0, t2 - t1, c
+
+
+def sz3_run(w: np.ndarray, eb: float, algo: str):
+    conf = szConfig()
+    conf.errorBoundMode = szErrorBoundMode.ABS
+    conf.absErrorBound = eb
+    conf.cmprAlgo = getattr(szAlgorithm, algo)
+    t0 = time.perf_counter()
+    blob, _ = sz3.compress(w, conf)
+    t1 = time.perf_counter()
+    out, _ = sz3.decompress(blob, np.float32, w.shape)
+    t2 = time.perf_counter()
+    return int(blob.size), out, t1 - t0, t2 - t1, None
+
+
+def bisect_to_rmse(run, w: np.ndarray, target: float, steps: int):
+    """Largest abs bound (log bisection) whose RMSE is <= target; returns (bound, run result).
+
+    The bracket starts at [1.5, 2.0] x target (eb / RMSE is ~sqrt(3) for uniform quantization) and
+    is widened and the bisection redone only when it turns out not to bracket the answer."""
+    lo, hi = 1.5 * target, 2.0 * target
+    while True:
+        a, b, best, hi_failed = lo, hi, None, False
+        for _ in range(steps):
+            mid = math.sqrt(a * b)
+            r = run(w, mid)
+            if rmse(r[1], w) <= target:
+                a, best = mid, r
+            else:
+                b, hi_failed = mid, True
+        if best is None:  # even the lowest mid failed: move the bracket down
+            lo, hi = lo / 1.5, lo
+        elif not hi_failed:  # every mid passed: move it up
+            lo, hi = hi, hi * 1.5
+        else:
+            return a, best
+
+
+# --------------------------------------------------------------------------- predictor study
+
+
+def _huffman_bits(codes: np.ndarray, radius: int = lsz.MAX_RADIUS) -> float:
+    """Bits of a 12-bit-limited Huffman code of `codes` (|code| <= radius; the rest are charged
+    as outliers at 8 bytes each, a pessimistic lowbit-like cost) plus a 4-bit length per symbol."""
+    inside = np.abs(codes) <= radius
+    sym = (codes[inside] + radius).astype(np.int64)
+    hist = np.bincount(sym, minlength=2 * radius + 1)
+    lengths = lsz.huffman_lengths(hist, lsz.MAX_LEN).astype(np.int64)
+    used = np.flatnonzero(hist)
+    table = 4 * (used.max() - used.min() + 1) if len(used) else 0
+    return float((hist * lengths).sum()) + table + 64.0 * int((~inside).sum())
+
+
+def _entropy_bits(codes: np.ndarray) -> float:
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum())
+
+
+def predictor_codes(w: np.ndarray, eb: float) -> dict:
+    """Integer codes (and side-information bits) of each predictor at bound eb, step float32(2 eb).
+
+    Lorenzo predicts from the *reconstructed* neighbour. Starting from 0, every reconstruction is a
+    multiple of the step, so r[i] = r[i-1] + step * round((w[i] - r[i-1]) / step) = step * round(w[i] / step):
+    SZ's sequential 1-D Lorenzo on this grid is exactly the difference of the no-predictor codes
+    (same reconstruction, same error bound), which vectorizes. 2-D Lorenzo likewise."""
+    step = float(np.float32(2 * eb))
+    w64 = w.astype(np.float64)
+    q = np.rint(w64 / step).astype(np.int64)
+    rows, cols = w.shape
+    mu = w64.mean(axis=1, keepdims=True).astype(np.float32).astype(np.float64)
+    q_mean = np.rint((w64 - mu) / step).astype(np.int64)
+    d_row = np.diff(q, axis=1, prepend=0)  # predict from the left neighbour in the row
+    d_col = np.diff(q, axis=0, prepend=0)  # predict from the same column, previous row
+    d_2d = np.diff(d_row, axis=0, prepend=0)  # q[i,j] - q[i,j-1] - q[i-1,j] + q[i-1,j-1]
+    return {
+        "none": (q, 0.0),
+        "per-row mean (fp32 mean per row)": (q_mean, 32.0 * rows),
+        "1-D Lorenzo along rows (w[i, j-1])": (d_row, 0.0),
+        "1-D Lorenzo down columns (w[i-1, j])": (d_col, 0.0),
+        "2-D Lorenzo": (d_2d, 0.0),
+    }
+
+
+def predictor_study(weights, bounds) -> None:
+    tot_n = sum(w.size for _, w in weights)
+    acc: dict = {}
+    corr_r, corr_c = [], []
+    for (name, w), eb in zip(weights, bounds):
+        w64 = w.astype(np.float64)
+        corr_r.append(np.corrcoef(w64[:, 1:].ravel(), w64[:, :-1].ravel())[0, 1])
+        corr_c.append(np.corrcoef(w64[1:, :].ravel(), w64[:-1, :].ravel())[0, 1])
+        for pname, (codes, side) in predictor_codes(w, eb).items():
+            a = acc.setdefault(pname, [0.0, 0.0, 0.0])
+            flat = codes.ravel()
+            a[0] += _entropy_bits(flat) + side
+            a[1] += _huffman_bits(flat) + side
+            a[2] += side
+    print("\n### Predictors (at each matrix's NF4-RMSE bound, all 37 weights, weighted by size)\n")
+    print(f"lag-1 correlation of w: along rows mean {np.mean(corr_r):+.4f} (range {min(corr_r):+.4f}.."
+          f"{max(corr_r):+.4f}), down columns mean {np.mean(corr_c):+.4f} (range {min(corr_c):+.4f}.."
+          f"{max(corr_c):+.4f})\n")
+    base = acc["none"]
+    print("| predictor | entropy H0 of codes + side info, bits/param | Huffman-coded codes + side info, bits/param "
+          "| of which side info | vs none (Huffman) |")
+    print("|---|---|---|---|---|")
+    for pname, (h, hb, side) in acc.items():
+        print(f"| {pname} | {h / tot_n:.4f} | {hb / tot_n:.4f} | {side / tot_n:.4f} | {(hb - base[1]) / tot_n:+.4f} |")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=10, help="bisection steps per matrix (default 10)")
+    ap.add_argument("--no-predictors", action="store_true")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+
+    model, _ = load_minilm()
+    weights = [(n, m.weight.detach().float().contiguous().numpy())
+               for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    tot_n = sum(w.size for _, w in weights)
+    print(f"{len(weights)} Linear weights, {tot_n} params; torch {torch.__version__}, numpy {np.__version__}, "
+          f"pysz {getattr(pysz, '__version__', None) or _pysz_version()}, {platform.machine()}, "
+          f"torch threads {torch.get_num_threads()}\n")
+
+    rows = []  # per matrix
+    bounds = []
+    names = ["lowbit"] + ([a for _, a in SZ3_ALGOS] if pysz else [])
+    agg = {k: dict(bytes=0, sq=0.0, maxr=0.0, maxr16=0.0, maxrbf=0.0, tc=0.0, td=0.0) for k in names}
+    agg_nf4 = dict(sq=0.0, tc=0.0, td=0.0, maxe=0.0)
+    own = {a: dict(bytes=0, sq=0.0, eb=[]) for _, a in SZ3_ALGOS} if pysz else {}
+    out_stats = dict(outlier_bytes=0, payload_bytes=0, n_out=0, min_bytes=0)
+    for name, w in weights:
+        wt = torch.from_numpy(w)
+        t0 = time.perf_counter()
+        q4 = lowbit.quantize_4bit(wt, 64, "nf4", True)
+        t1 = time.perf_counter()
+        d4 = lowbit.dequantize_4bit(q4, torch.float32).numpy()
+        t2 = time.perf_counter()
+        target = rmse(d4, w)
+        agg_nf4["sq"] += target ** 2 * w.size
+        agg_nf4["tc"] += t1 - t0
+        agg_nf4["td"] += t2 - t1
+        agg_nf4["maxe"] = max(agg_nf4["maxe"], maxerr(d4, w) / target)
+        eb, _ = bisect_to_rmse(lowbit_run, w, target, args.steps)
+        bounds.append(eb)
+        row = [name, f"{target:.3e}", f"{eb:.3e}"]
+        for k in names:
+            nbytes, out, tc, td, c = lowbit_run(w, eb) if k == "lowbit" else sz3_run(w, eb, k)
+            e_max = maxerr(out, w)
+            a = agg[k]
+            a["bytes"] += nbytes
+            a["sq"] += rmse(out, w) ** 2 * w.size
+            a["maxr"] = max(a["maxr"], e_max / eb)
+            # The same output cast to fp16 / bf16 (for lowbit this equals decoding in that dtype),
+            # against lowbit's guarantee max(bound, |d(w) - w|) (d cannot hold some w within the bound).
+            a["maxr16"] = max(a["maxr16"], cast_ratio(out, w, eb, torch.float16))
+            a["maxrbf"] = max(a["maxrbf"], cast_ratio(out, w, eb, torch.bfloat16))
+            a["tc"] += tc
+            a["td"] += td
+            row.append(f"{8 * nbytes / w.size:.3f}")
+            if c is not None:
+                ob = lsz._varint_len(lsz._gaps(c.outlier_idx)) + len(c.outlier_idx) * c.outlier_val.element_size()
+                out_stats["outlier_bytes"] += ob
+                out_stats["payload_bytes"] += len(c.payload)
+                out_stats["n_out"] += len(c.outlier_idx)
+        rows.append(row)
+        # lowbit's size is not monotone in the bound (bf16-rounding outliers): the smallest stream
+        # among bounds up to 3 % below the bisected one, keeping RMSE <= NF4's (each meets that bound).
+        best = lsz.sz_compress(wt, eb).nbytes
+        for k in range(1, 13):
+            c = lsz.sz_compress(wt, eb * (1 - 0.0025 * k))
+            if c.nbytes < best and rmse(lsz.sz_decompress(c).numpy(), w) <= target:
+                best = c.nbytes
+        out_stats["min_bytes"] += best
+        for _, k in (SZ3_ALGOS if pysz else ()):
+            eb3, r3 = bisect_to_rmse(lambda x, e, k=k: sz3_run(x, e, k), w, target, args.steps)
+            own[k]["bytes"] += r3[0]
+            own[k]["sq"] += rmse(r3[1], w) ** 2 * w.size
+            own[k]["eb"].append(eb3 / eb)
+
+    label = {"lowbit": "lowbit SZ (no predictor, Huffman)"} | {a: f"SZ3 {n}" for n, a in SZ3_ALGOS}
+    print("### Same abs bound per matrix (lowbit's bound at NF4's RMSE), all 37 weights\n")
+    print("| compressor | mean bits/param | RMSE (all weights) | max error / bound, fp32 output (worst matrix) "
+          "| output cast to fp16 / bf16: max error / max(bound, error of casting w) | compress s (total) | decompress s (total) |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| NF4 + double quant (reference) | {NF4_BITS:.3f} | {math.sqrt(agg_nf4['sq'] / tot_n):.4e} | "
+          f"unbounded (max error = {agg_nf4['maxe']:.2f} x RMSE, worst matrix) | - | {agg_nf4['tc']:.3f} | "
+          f"{agg_nf4['td']:.3f} |")
+    for k in names:
+        a = agg[k]
+        print(f"| {label[k]} | {8 * a['bytes'] / tot_n:.3f} | {math.sqrt(a['sq'] / tot_n):.4e} | {a['maxr']:.6f} | "
+              f"{a['maxr16']:.4f} / {a['maxrbf']:.4f} | {a['tc']:.3f} | {a['td']:.3f} |")
+    print(f"\nlowbit stream breakdown (all 37): Huffman payload {8 * out_stats['payload_bytes'] / tot_n:.3f} "
+          f"bits/param, outliers {8 * out_stats['outlier_bytes'] / tot_n:.3f} bits/param "
+          f"({out_stats['n_out'] / tot_n:.3%} of weights), headers + tables + chunk offsets the rest")
+
+    if pysz:
+        print("\n### Each bisected to NF4's per-matrix RMSE, all 37 weights\n")
+        print("| compressor | mean bits/param | RMSE (all weights) | its bound / lowbit's bound (range) |")
+        print("|---|---|---|---|")
+        a = agg["lowbit"]
+        print(f"| {label['lowbit']} | {8 * a['bytes'] / tot_n:.3f} | {math.sqrt(a['sq'] / tot_n):.4e} | 1 |")
+        print(f"| lowbit SZ, smallest stream over bounds 0.97..1 x the bisected one | "
+              f"{8 * out_stats['min_bytes'] / tot_n:.3f} | <= NF4 per matrix | 0.97..1 |")
+        for _, k in SZ3_ALGOS:
+            o = own[k]
+            print(f"| {label[k]} | {8 * o['bytes'] / tot_n:.3f} | {math.sqrt(o['sq'] / tot_n):.4e} | "
+                  f"{min(o['eb']):.4f}..{max(o['eb']):.4f} |")
+
+    print("\n### Per matrix, bits/param at the same bound\n")
+    print("| matrix | NF4 RMSE | bound | " + " | ".join(label[k] for k in names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+    if not args.no_predictors:
+        predictor_study(weights, bounds)
+    print(f"\ntotal runtime {time.perf_counter() - t_start:.1f} s")
+
+
+def _pysz_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pysz")
+    except Exception:
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()
