@@ -134,13 +134,16 @@ def pack_codes(q: Tensor, bits: int) -> Tensor:
 
 
 def unpack_codes(codes: Tensor, bits: int) -> Tensor:
-    """int32 bit planes [N, K/32, bits] -> int64 codes [N, K]."""
+    """int32 bit planes [N, K/32, bits] -> int32 codes [N, K].
+
+    Works in int32 throughout (an arithmetic shift of a negative word still leaves the wanted
+    bit in position 0 after `& 1`): half the memory traffic of an int64 unpack on the CPU path.
+    """
     n, c, b = codes.shape
-    words = codes.to(torch.int64) & 0xFFFFFFFF
-    lane = torch.arange(32, device=codes.device)
-    q = torch.zeros((n, c, 32), dtype=torch.int64, device=codes.device)
-    for j in range(b):
-        q |= ((words[:, :, j, None] >> lane) & 1) << j
+    lane = torch.arange(32, dtype=torch.int32, device=codes.device)
+    q = (codes[:, :, 0, None] >> lane) & 1
+    for j in range(1, b):
+        q |= ((codes[:, :, j, None] >> lane) & 1) << j
     return q.view(n, c * 32)
 
 
@@ -233,7 +236,7 @@ def dequantize_int(q: QuantInt, dtype: Optional[torch.dtype] = None, scale: Opti
 def _ref_int_weight(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
     """(Q - z) as fp32 [N, K] (small integers: exact in fp32)."""
     q = unpack_codes(codes.view(n, k // 32, bits), bits)
-    z = zeros.reshape(n, k // group_len).to(torch.int64)
+    z = zeros.reshape(n, k // group_len).to(torch.int32)
     return (q.view(n, k // group_len, group_len) - z[..., None]).view(n, k).float()
 
 
