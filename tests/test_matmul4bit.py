@@ -186,7 +186,7 @@ def test_qlora_tiny_causal_lm_trains():
     n_linear = sum(type(m) is nn.Linear for m in model.modules())
     lowbit.replace_linear(model, "nf4", skip=("lm_head",))
     assert sum(isinstance(m, lowbit.Linear4bit) for m in model.modules()) == n_linear - 1
-    for name, mod in list(model.named_modules()):
+    for mod in list(model.modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, lowbit.Linear4bit):
                 setattr(mod, cname, lowbit.LoRALinear(child, r=8, alpha=16))

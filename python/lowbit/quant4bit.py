@@ -21,7 +21,7 @@ A value w in block b is stored as the code whose table value is nearest to w / a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -55,7 +55,6 @@ class Quant4bit:
     nested_code: torch.Tensor | None = None
     offset: torch.Tensor | None = None
     nested_blocksize: int = NESTED_BLOCKSIZE
-    _scales_cache: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def double_quant(self) -> bool:
@@ -108,7 +107,6 @@ class Quant4bit:
             nested_absmax=mv(self.nested_absmax),
             nested_code=mv(self.nested_code),
             offset=mv(self.offset),
-            _scales_cache=None,
         )
 
     def validate(self) -> None:
