@@ -210,7 +210,7 @@ def matmul_int_grad_scale_kernel(
 
 import torch  # noqa: E402
 
-from .matmul4bit import _TL_DTYPE, _bucket, _dot_dtype, _pick, _precision  # noqa: E402
+from .matmul4bit import _TL_DTYPE, _bucket, _dot_dtype, _pick, _precision, tune_m  # noqa: E402
 
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), by M bucket; first = default.
 FORWARD_CONFIGS = {
@@ -290,7 +290,7 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config=None):
             cands = [c for c in FORWARD_CONFIGS[b] if _fits_forward(c, m, k)]
             if not cands:
                 cands = [("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
-            config = _pick(("int_fwd", b, n, k, x.dtype, bits, group_len), cands, run)
+            config = _pick(("int_fwd", tune_m(m), n, k, x.dtype, bits, group_len), cands, run)
     return run(config)
 
 
@@ -325,7 +325,7 @@ def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config=None):
         else:
             b = _bucket(GRAD_X_CONFIGS, m)
             cands = [c for c in GRAD_X_CONFIGS[b] if k % c[1] == 0] or [(64, 32, 64, 1, 4, 3)]
-            config = _pick(("int_gx", b, n, k, g.dtype, bits, group_len), cands, run)
+            config = _pick(("int_gx", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
     return run(config)
 
 
@@ -367,7 +367,7 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
             config = INTERPRETER_GRAD_SCALE
         else:
             cands = GRAD_SCALE_CONFIGS_FP32 if g.dtype == torch.float32 else GRAD_SCALE_CONFIGS
-            config = _pick(("int_gs", _bucket(GRAD_X_CONFIGS, m), n, k, g.dtype, bits, group_len), cands, run)
+            config = _pick(("int_gs", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
     return run(config)
 
 

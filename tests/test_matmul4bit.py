@@ -324,3 +324,12 @@ def test_non_contiguous_input_and_bias_dtype():
     b = torch.randn(24, dtype=torch.float64)
     with pytest.raises(TypeError, match="bias"):
         lowbit.matmul_4bit(xt, q, b)
+
+
+def test_tuner_keys_separate_m_sizes():
+    # A config timed at M=512 must not be reused at M=4096 (it was, and ran 4x slower on an H100).
+    from lowbit.kernels.matmul4bit import tune_m
+
+    keys = [tune_m(m) for m in (1, 2, 3, 16, 17, 512, 4096, 10**6)]
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)
+    assert all(tune_m(m) >= m for m in range(1, 8193, 37))
