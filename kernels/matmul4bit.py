@@ -258,7 +258,9 @@ _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float
 # and BLOCK_K=64 beat 128/256.
 FORWARD_CONFIGS = {
     1: [("gemv", 1, 32, 64, 4, 4, 3, 2), ("gemv", 1, 64, 64, 2, 4, 3, 2), ("gemv", 1, 32, 64, 8, 4, 3, 2),
-        ("gemv", 1, 64, 64, 4, 4, 3, 2), ("gemv", 1, 128, 64, 2, 4, 3, 2)],
+        ("gemv", 1, 64, 64, 4, 4, 3, 2), ("gemv", 1, 128, 64, 2, 4, 3, 2),
+        # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
+        ("gemv", 1, 64, 32, 4, 4, 3, 2), ("gemv", 1, 128, 32, 4, 4, 3, 2)],
     4: [("gemv", 4, 32, 64, 4, 4, 3, 2), ("dot", 16, 128, 64, 2, 4, 3, 2), ("dot", 16, 128, 64, 4, 4, 3, 2)],
     16: [("dot", 16, 128, 64, 2, 4, 3, 2), ("dot", 16, 256, 64, 2, 8, 3, 2), ("dot", 16, 128, 64, 4, 4, 3, 2),
          ("dot", 16, 64, 64, 4, 4, 4, 2)],
