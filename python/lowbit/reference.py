@@ -89,9 +89,17 @@ def decode_scales(
 ) -> torch.Tensor:
     """Double-quantized scales back to fp32: code[q] * absmax2[block], then + offset (bnb's order)."""
     n = qabsmax.numel()
-    block = torch.arange(n, device=qabsmax.device) // nested_blocksize
-    scales = nested_code.to(qabsmax.device)[qabsmax.long()] * nested_absmax[block]
-    return scales + offset.to(scales.device)
+    v = nested_code.to(qabsmax.device)[qabsmax.long()]
+    return (_times_blockwise(v, nested_absmax, nested_blocksize) + offset.to(v.device))[:n]
+
+
+def _times_blockwise(v: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """v[i] * scale[i // blocksize] for flat v (the last block may be short)."""
+    n = v.numel()
+    nblocks = scale.numel()
+    if n == nblocks * blocksize:
+        return (v.view(nblocks, blocksize) * scale.float()[:, None]).view(n)
+    return v * scale.float()[torch.arange(n, device=v.device) // blocksize]
 
 
 def unpack_4bit(packed: torch.Tensor, numel: int) -> torch.Tensor:
@@ -109,9 +117,13 @@ def dequantize_4bit(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """Flat dequantized tensor: code[q] * absmax[block] in fp32, then rounded to `dtype`."""
-    q = unpack_4bit(packed, numel)
-    block = torch.arange(numel, device=packed.device) // blocksize
-    return (code.to(packed.device)[q] * absmax.float()[block]).to(dtype)
+    # One gather per byte from a 256-entry table of (high-nibble value, low-nibble value) pairs,
+    # each pair viewed as one int64 so the gather is a 1-D index_select (~2.5x faster on CPU).
+    code = code.to(packed.device).float()
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1).view(torch.int64).view(256)
+    values = torch.index_select(pairs, 0, packed.int()).view(torch.float32)[:numel]
+    return _times_blockwise(values, absmax, blocksize).to(dtype)
 
 
 def matmul_dequantized(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
