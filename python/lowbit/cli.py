@@ -467,6 +467,23 @@ def _bnb_4bit(w):
     return fn
 
 
+def _pysz_decoder(w32, bound: float):
+    """SZ3 (PyPI pysz, no predictor: its best mode on weights) at the same abs bound: a function
+    that decompresses, or None when pysz is not installed."""
+    try:
+        import numpy as np
+        from pysz import sz, szAlgorithm, szConfig, szErrorBoundMode
+    except ImportError:
+        return None
+    conf = szConfig()
+    conf.errorBoundMode = szErrorBoundMode.ABS
+    conf.absErrorBound = bound
+    conf.cmprAlgo = szAlgorithm.NOPRED
+    arr = np.ascontiguousarray(w32.numpy(), dtype=np.float32)
+    blob, _ = sz.compress(arr, conf)
+    return lambda: sz.decompress(blob, np.float32, arr.shape)
+
+
 def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
     """Time lowbit's matmuls and decoders vs torch's dense matmul at a few shapes on `device`.
 
@@ -527,6 +544,9 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
         dec = {"lowbit_dequant_nf4": (lambda: lowbit.dequantize_4bit(q4, dt), q4.nbytes),
                "sz_decompress": ((lambda: sz_lin.dequantized_weight(dt)) if cuda else
                                  (lambda: sz_decompress(sz_c, dtype=dt)), sz_c.nbytes)}
+        sz3 = None if cuda else _pysz_decoder(w32, sz_c.bound)
+        if sz3 is not None:
+            dec["sz3_decompress (pysz, same bound)"] = (sz3, 0)
         x0 = torch.randn(1, k, generator=gen).to(dev, dt)
         t_dense1 = timer(lambda: x0 @ w.t())
         for name, (fn, nb) in dec.items():
