@@ -29,3 +29,15 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
     pid_m = first_m + (pid % group) % size_m
     pid_n = (pid % group) // size_m
     return pid_m, pid_n
+
+
+@triton.jit
+def store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
+                 HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Epilogue of the forward kernels: add the bias (only when not split: the launcher adds it
+    after reducing split-K partials) and store the [BM, BN] tile of split `pid_k`."""
+    if HAS_BIAS:
+        if SPLIT_K == 1:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -17,7 +17,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import alloc_output, grouped_tile
+from ._common import alloc_output, grouped_tile, store_output
 from .quant4bit import _block_scale
 
 
@@ -156,11 +156,8 @@ def matmul_4bit_kernel(
                                  DOUBLE_QUANT, DOT_DTYPE, DECODE)
         acc = tl.dot(xe, tl.trans(we), acc, input_precision=PRECISION)
         acc = tl.dot(xo, tl.trans(wo), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        if SPLIT_K == 1:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
+                 HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -197,11 +194,8 @@ def gemv_4bit_kernel(
             acc += part * s[None, :]
         else:
             acc += tl.sum(xe[:, None, :] * (hi * s)[None, :, :] + xo[:, None, :] * (lo * s)[None, :, :], axis=2)
-    if HAS_BIAS:
-        if SPLIT_K == 1:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
+                 HAS_BIAS, SPLIT_K)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._common import alloc_output, grouped_tile
+from ._common import alloc_output, grouped_tile, store_output
 
 
 @triton.jit
@@ -91,11 +91,8 @@ def matmul_int_kernel(
         w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
                           BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, DOT_DTYPE)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        if SPLIT_K == 1:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
+                 HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -125,11 +122,8 @@ def gemv_int_kernel(
         w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
                           BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, tl.float32)
         acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    if HAS_BIAS:
-        if SPLIT_K == 1:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
+                 HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
