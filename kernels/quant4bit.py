@@ -35,9 +35,14 @@ def quantize_4bit_kernel(
     absmax = tl.max(tl.abs(x), axis=1)
     nblocks = tl.cdiv(n, BLOCKSIZE)
     tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
-    # A zero block gets scale 0 (all values map to the code of 0), as the reference's clamp does.
-    recip = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), absmax), 0.0)
-    scaled = tl.minimum(tl.maximum(x * recip[:, None], -1.0), 1.0)
+    # As the reference (bnb): whole blocks multiply by a correctly rounded 1/absmax, the short
+    # last block divides; a zero block scales to 0 (its values take the code of 0).
+    denom = tl.maximum(absmax, 1e-38)
+    recip = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), denom), 0.0)
+    tail = (blk[:, None] + 1) * BLOCKSIZE > n
+    quot = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], x.shape))
+    scaled = tl.where(tail & (absmax[:, None] > 0), quot, x * recip[:, None])
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
     # Nearest table value = number of decision bounds strictly below the value (bucketize).
     idx = tl.zeros(scaled.shape, dtype=tl.int32)
     for i in tl.static_range(15):

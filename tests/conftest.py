@@ -37,3 +37,8 @@ def _seed(request):
     # Fresh inputs every run; a failing run is replayed with the printed LOWBIT_TEST_SEED.
     torch.manual_seed((SESSION_SEED ^ zlib.crc32(request.node.nodeid.encode())) % (2**31))
     yield
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    # The header is hidden under -q (make test): repeat the seed where a failure report is read.
+    terminalreporter.write_line(f"lowbit test seed: LOWBIT_TEST_SEED={SESSION_SEED}")

@@ -222,3 +222,22 @@ def test_import_has_no_side_effects():
     assert out.stdout.split() == ["False", "True"]
     for name in lowbit.__all__:
         assert hasattr(lowbit, name), name
+
+
+def test_short_last_block_divides_like_bitsandbytes():
+    # Found by a random CI run: in bnb the short last block is scaled by w / absmax (full blocks
+    # by w * (1 / absmax)); -1.171875 / 2.8125 sits on the fp4 midpoint between -0.5 and -1/3,
+    # where the two roundings pick different codes.
+    bnbF = _bnb()
+    w = torch.randn(128 + 44).to(torch.bfloat16)
+    w[128:] = w[128:].clamp(-2.5, 2.5)
+    w[128] = 2.8125
+    w[129] = -1.171875
+    for bs_case in ("reference", "triton"):
+        if bs_case == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        ctx = triton_on_cpu() if bs_case == "triton" else __import__("contextlib").nullcontext()
+        with ctx:
+            q = lowbit.quantize_4bit(w, 128, "fp4", False)
+        bq, _ = bnbF.quantize_4bit(w, blocksize=128, quant_type="fp4", compress_statistics=False)
+        assert torch.equal(q.codes, bq.reshape(-1)), bs_case

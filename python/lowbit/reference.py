@@ -19,13 +19,19 @@ def blockwise_absmax(flat: torch.Tensor, blocksize: int) -> torch.Tensor:
 
 
 def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
+    """w / absmax_b clamped to [-1, 1], rounded exactly as bitsandbytes does it.
+
+    Whole blocks: w * (1 / absmax) (two roundings); a short last block: w / absmax (one). The
+    two differ in the last bit, which decides the code for a value on a midpoint; bnb does each.
+    """
     n = flat.numel()
     nblocks = absmax.numel()
-    padded = torch.nn.functional.pad(flat.float(), (0, nblocks * blocksize - n))
-    # x * (1 / absmax), not x / absmax: the two differ in the last bit and bnb does the former.
-    recip = 1.0 / absmax.clamp(min=1e-38)
-    scaled = torch.clamp(padded.view(nblocks, blocksize) * recip[:, None], -1, 1)
-    return scaled.reshape(-1)[:n]
+    denom = absmax.clamp(min=1e-38)
+    padded = torch.nn.functional.pad(flat.float(), (0, nblocks * blocksize - n)).view(nblocks, blocksize)
+    scaled = padded * (1.0 / denom)[:, None]
+    if n % blocksize:
+        scaled[-1] = padded[-1] / denom[-1]
+    return torch.clamp(scaled, -1, 1).reshape(-1)[:n]
 
 
 def quantize_4bit(
