@@ -241,3 +241,24 @@ def test_short_last_block_divides_like_bitsandbytes():
             q = lowbit.quantize_4bit(w, 128, "fp4", False)
         bq, _ = bnbF.quantize_4bit(w, blocksize=128, quant_type="fp4", compress_statistics=False)
         assert torch.equal(q.codes, bq.reshape(-1)), bs_case
+
+
+def test_bitsandbytes_bytes_identical_random_shapes():
+    # Random shapes, blocksizes, dtypes, types and double-quant on every run (the fixed grid above
+    # missed the short-last-block rounding once; random draws found it).
+    bnbF = _bnb()
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))
+    for _ in range(25):
+        shape = (int(torch.randint(1, 300, (1,), generator=g)), int(torch.randint(1, 400, (1,), generator=g)))
+        bs = 2 ** int(torch.randint(5, 13, (1,), generator=g))
+        dtype = DTYPES[int(torch.randint(0, 3, (1,), generator=g))]
+        qt = ("nf4", "fp4")[int(torch.randint(0, 2, (1,), generator=g))]
+        dq = bool(torch.randint(0, 2, (1,), generator=g))
+        w = (torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 5).to(dtype)
+        q = lowbit.quantize_4bit(w, bs, qt, dq)
+        bq, st = bnbF.quantize_4bit(w, blocksize=bs, quant_type=qt, compress_statistics=dq)
+        case = (shape, bs, dtype, qt, dq)
+        assert torch.equal(q.codes, bq.reshape(-1)), case
+        assert torch.equal(q.absmax, st.absmax), case
+        if dq:
+            assert torch.equal(q.nested_absmax, st.state2.absmax) and torch.equal(q.offset, st.offset), case
