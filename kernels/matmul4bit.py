@@ -242,6 +242,8 @@ import os  # noqa: E402
 
 import torch  # noqa: E402
 
+from lowbit._backend import interpreter_enabled  # noqa: E402
+
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 # (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, DECODE), by M bucket. The first entry
@@ -333,11 +335,7 @@ def _pick(key: tuple, candidates: list, run) -> tuple:
 def _precision(dot_dtype) -> str:
     # fp32 activations run their dots in tf32 on the GPU (the 10x-slower ieee path is never taken
     # silently); the interpreter computes exactly.
-    return "ieee" if (dot_dtype != tl.float32 or _interp()) else "tf32"
-
-
-def _interp() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return "ieee" if (dot_dtype != tl.float32 or interpreter_enabled()) else "tf32"
 
 
 def _dot_dtype(dtype: torch.dtype, device: torch.device):

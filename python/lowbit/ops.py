@@ -30,12 +30,6 @@ def _(flat, blocksize, bounds, order):
     return flat.new_empty((n + 1) // 2, dtype=torch.uint8), flat.new_empty(-(-n // blocksize), dtype=torch.float32)
 
 
-def _scales_fp32(absmax, nested_absmax, nested_code, offset, nested_blocksize):
-    if nested_absmax is None:
-        return absmax
-    return reference.decode_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
-
-
 @torch.library.custom_op("lowbit::dequantize_4bit", mutates_args=())
 def dequantize_4bit_flat(
     codes: Tensor,
@@ -53,7 +47,7 @@ def dequantize_4bit_flat(
         return kernels().quant4bit.dequantize_4bit(
             codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset, nested_blocksize
         )
-    scales = _scales_fp32(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    scales = reference.block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     return reference.dequantize_4bit(codes, scales, code, blocksize, numel, dtype)
 
 

@@ -84,12 +84,7 @@ class Quant4bit:
 
     def scales(self) -> torch.Tensor:
         """fp32 absmax per block (decoded if double-quantized)."""
-        if not self.double_quant:
-            return self.absmax
-        assert self.nested_absmax is not None and self.nested_code is not None and self.offset is not None
-        return reference.decode_scales(
-            self.absmax, self.nested_absmax, self.nested_code, self.offset, self.nested_blocksize
-        )
+        return reference.block_scales(*self.scale_tensors(), self.nested_blocksize)
 
     def scale_tensors(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """(absmax, nested_absmax, nested_code, offset) as the ops take them."""

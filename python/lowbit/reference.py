@@ -99,6 +99,20 @@ def decode_scales(
     return (_times_blockwise(v, nested_absmax, nested_blocksize) + offset.to(v.device))[:n]
 
 
+def block_scales(
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    """fp32 scale per block: `absmax` itself, or its double-quantized codes decoded."""
+    if nested_absmax is None:
+        return absmax
+    assert nested_code is not None and offset is not None
+    return decode_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+
+
 def _times_blockwise(v: torch.Tensor, scale: torch.Tensor, blocksize: int) -> torch.Tensor:
     """v[i] * scale[i // blocksize] for flat v (the last block may be short)."""
     n = v.numel()
