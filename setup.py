@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels.
     package_dir={"lowbit": "python/lowbit", "lowbit.kernels": "kernels"},
-    packages=["lowbit", "lowbit.kernels"],
+    packages=["lowbit", "lowbit.formats", "lowbit.kernels"],
     package_data={"lowbit": ["py.typed"]},
     install_requires=[
         "torch>=2.4",

@@ -22,7 +22,7 @@ import torch
 
 import lowbit
 from lowbit.minilm import SENTENCES, embed, load_minilm
-from lowbit.nn_int import IntLinear
+from lowbit import IntLinear
 
 # (label, quant_type, group_size)
 SETTINGS = (

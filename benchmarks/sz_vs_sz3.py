@@ -23,7 +23,9 @@ import numpy as np
 import torch
 
 import lowbit
-from lowbit import sz as lsz
+from lowbit import sz_compress, sz_decompress
+from lowbit.formats import _entropy
+from lowbit.formats import sz as lsz
 from lowbit.minilm import load_minilm
 
 try:
@@ -58,9 +60,9 @@ def cast_ratio(out: np.ndarray, w: np.ndarray, eb: float, dtype: torch.dtype) ->
 
 def lowbit_run(w: np.ndarray, eb: float):
     t0 = time.perf_counter()
-    c = lsz.sz_compress(torch.from_numpy(w), eb)
+    c = sz_compress(torch.from_numpy(w), eb)
     t1 = time.perf_counter()
-    out = lsz.sz_decompress(c).numpy()
+    out = sz_decompress(c).numpy()
     t2 = time.perf_counter()
     return c.nbytes, out, t1 - t0, t2 - t1, c
 
@@ -110,7 +112,7 @@ def _huffman_bits(codes: np.ndarray, radius: int = lsz.MAX_RADIUS) -> float:
     inside = np.abs(codes) <= radius
     sym = (codes[inside] + radius).astype(np.int64)
     hist = np.bincount(sym, minlength=2 * radius + 1)
-    lengths = lsz.huffman_lengths(hist, lsz.MAX_LEN).astype(np.int64)
+    lengths = _entropy.huffman_lengths(hist, lsz.MAX_LEN).astype(np.int64)
     used = np.flatnonzero(hist)
     table = 4 * (used.max() - used.min() + 1) if len(used) else 0
     return float((hist * lengths).sum()) + table + 64.0 * int((~inside).sum())
@@ -228,17 +230,17 @@ def main() -> None:
             a["td"] += td
             row.append(f"{8 * nbytes / w.size:.3f}")
             if c is not None:
-                ob = lsz._varint_len(lsz._gaps(c.outlier_idx)) + len(c.outlier_idx) * c.outlier_val.element_size()
+                ob = _entropy.varint_len(_entropy.gaps(c.outlier_idx)) + len(c.outlier_idx) * c.outlier_val.element_size()
                 out_stats["outlier_bytes"] += ob
                 out_stats["payload_bytes"] += len(c.payload)
                 out_stats["n_out"] += len(c.outlier_idx)
         rows.append(row)
         # lowbit's size is not monotone in the bound (bf16-rounding outliers): the smallest stream
         # among bounds up to 3 % below the bisected one, keeping RMSE <= NF4's (each meets that bound).
-        best = lsz.sz_compress(wt, eb).nbytes
+        best = sz_compress(wt, eb).nbytes
         for k in range(1, 13):
-            c = lsz.sz_compress(wt, eb * (1 - 0.0025 * k))
-            if c.nbytes < best and rmse(lsz.sz_decompress(c).numpy(), w) <= target:
+            c = sz_compress(wt, eb * (1 - 0.0025 * k))
+            if c.nbytes < best and rmse(sz_decompress(c).numpy(), w) <= target:
                 best = c.nbytes
         out_stats["min_bytes"] += best
         for _, k in (SZ3_ALGOS if pysz else ()):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.sz import sz_compress, sz_decompress
+from lowbit import sz_compress, sz_decompress
 
 K, N = 1024, 512  # weight [N, K]
 ROUNDS = dict(rounds=10, iterations=1, warmup_rounds=1)

@@ -1,5 +1,6 @@
-"""Triton kernels (installed as lowbit.kernels). Importing this package imports Triton."""
+"""Triton kernels (installed as lowbit.kernels), one file per format family. Importing this
+package imports Triton; nothing here imports lowbit."""
 
-from . import matmul4bit, matmul_int, quant4bit, sz_decode
+from . import intq, nf4, sz
 
-__all__ = ["matmul4bit", "matmul_int", "quant4bit", "sz_decode"]
+__all__ = ["intq", "nf4", "sz"]

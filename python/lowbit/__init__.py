@@ -1,26 +1,33 @@
 """lowbit: low-bit quantization kernels for PyTorch.
 
-Formats: NF4/FP4 (bitsandbytes-compatible bytes, optional double-quantized scales) and a fitted
-"optimal" 16-level table. Fused Triton dequant-matmul kernels on CUDA, pure-torch references
-everywhere else. Importing lowbit imports torch and defines things; it compiles no kernel,
-queries no device and does not import Triton.
+Three format families, one vocabulary (docs/api.md):
+  4-bit LUT   quantize_4bit / dequantize_4bit / Quant4bit / matmul_4bit / Linear4bit
+              (nf4, fp4: bitsandbytes' bytes; "optimal": a fitted table)
+  int rows    quantize_int / dequantize_int / QuantInt / matmul_int / IntLinear   (int2/3/4, PEQA)
+  SZ          sz_compress / sz_decompress / SZTensor / SZLinear   (error-bounded)
+Importing lowbit imports torch and defines things; it compiles no kernel, queries no device and
+does not import Triton.
 """
 
 from ._version import __version__
-from .autograd import matmul_4bit
-from .checkpoint import load_quantized
-from .nn import Linear4bit, LoRALinear, replace_linear
-from .nn_int import IntLinear
-from .quant4bit import Quant4bit, dequantize_4bit, quantize_4bit
-from .quantint import QuantInt, dequantize_int, matmul_int, quantize_int
-from .serialization import load_state_dict, save_state_dict, to_bnb_state_dict
+from .autograd import matmul_4bit, matmul_int
+from .formats.intq import QuantInt
+from .formats.nf4 import Quant4bit
+from .formats.sz import SZTensor
+from .functional import dequantize_4bit, dequantize_int, quantize_4bit, quantize_int, sz_compress, sz_decompress
+from .io import CheckpointError, load_quantized, load_state_dict, save_state_dict, to_bnb_state_dict
+from .nn import IntLinear, Linear4bit, LoRALinear, QuantLinear, SZLinear, replace_linear
 
 __all__ = [
+    "CheckpointError",
     "IntLinear",
     "Linear4bit",
     "LoRALinear",
     "Quant4bit",
     "QuantInt",
+    "QuantLinear",
+    "SZLinear",
+    "SZTensor",
     "__version__",
     "dequantize_4bit",
     "dequantize_int",
@@ -32,5 +39,7 @@ __all__ = [
     "quantize_int",
     "replace_linear",
     "save_state_dict",
+    "sz_compress",
+    "sz_decompress",
     "to_bnb_state_dict",
 ]

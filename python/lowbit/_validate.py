@@ -72,3 +72,36 @@ def check_matmul_args(x: torch.Tensor, out_features: int, in_features: int,
         if bias.dtype != x.dtype:
             bias = bias.to(x.dtype)
     return bias
+
+
+def check_dtype(name: str, dtype: Any, allowed: Iterable[torch.dtype] = FLOAT_DTYPES) -> torch.dtype:
+    allowed = tuple(allowed)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"{name} must be a torch.dtype, got {type(dtype).__name__}")
+    if dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise ValueError(f"{name} must be one of {names}, got {str(dtype).replace('torch.', '')}")
+    return dtype
+
+
+def check_device(name: str, device: Any) -> torch.device | None:
+    """A usable torch.device (or None): a CUDA device asked for on a machine without one is a
+    ValueError here, not a RuntimeError from deep inside torch."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{name} must be a device such as 'cpu', 'cuda', 'cuda:0' or 'meta', got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{name}={device!r}: this machine has no CUDA device (torch.cuda.is_available() is False)")
+    return dev
+
+
+def check_has_values(name: str, t: torch.Tensor) -> None:
+    """Quantizing needs the values: a meta tensor (shape only) cannot be quantized."""
+    if t.device.type == "meta":
+        raise ValueError(
+            f"{name} is on the meta device and has no values to quantize; build the layer with its constructor "
+            "(which allocates only) and load a quantized state dict, or materialize the weight first"
+        )

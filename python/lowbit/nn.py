@@ -1,22 +1,253 @@
-"""Drop-in layers: Linear4bit, LoRALinear, and replace_linear for whole models."""
+"""Drop-in layers: the QuantLinear base, one subclass per format family, LoRALinear, replace_linear.
+
+Every layer takes the same leading arguments as nn.Linear,
+    Layer(in_features, out_features, bias=True, *, device=None, dtype=None, <format options>)
+and is built from a dense layer with `Layer.from_linear(linear, <format options>)`.
+
+QuantLinear owns what all families share:
+- validation of the common arguments;
+- construction that only allocates final-shape buffers (never quantizes: it works under
+  `torch.device("meta")`, then `to_empty()` + `load_state_dict()`); a constructed layer holds
+  a zero weight until it is loaded or built with from_linear;
+- the dtype policy: storage buffers (codes, scales, tables, SZ streams) and the parameters named
+  in `KEEP_DTYPE` never change dtype under `.to(dtype)` / `.half()` / `.float()`; the compute
+  dtype follows the module both ways (`.half()` computes in fp16, `.float()` back in fp32) and
+  the bias converts like nn.Linear's;
+- format metadata (family, format version and the family's fields) in the state dict, as a
+  uint8 JSON tensor under `<prefix>_extra_state` (torch's extra-state key, so it travels
+  through safetensors, DCP and FSDP state dicts). Loading compares it with the layer: a field
+  the layer was built with (quant_type, blocksize, bits, group size, error bound, ...) that
+  differs raises ValueError naming the key and both values; a field that only describes the
+  stored data (double quantization, the original dtype, SZ stream sizes) is adopted from the
+  checkpoint. Checkpoints written before format version 2 carry no metadata: they load as
+  before (the layer's own format is trusted) and their shapes are still checked.
+
+A new family subclasses QuantLinear, sets FAMILY / QUANT_TYPES / OPTIONS and implements
+_allocate, _quantize_from, format_fields, forward and dequantized_weight; `__init_subclass__`
+registers it for replace_linear.
+"""
 
 from __future__ import annotations
 
+import json
 import math
 import sys
+import warnings
 from collections.abc import Iterable
+from typing import Any, ClassVar, Optional
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
-from ._validate import FLOAT_DTYPES, check_choice, check_power_of_two
-from .autograd import matmul_4bit
-from .quant4bit import QUANT_TYPES, Quant4bit, quantize_4bit
+from ._validate import FLOAT_DTYPES, check_choice, check_device, check_dtype, check_has_values, check_power_of_two
+from .autograd import matmul_4bit, matmul_int
+from .formats import codebooks
+from .formats import intq as intq_fmt
+from .formats import nf4 as nf4_fmt
+from .formats import sz as sz_fmt
+from .functional import check_sz_dtype, dequantize_4bit, dequantize_int, quantize_4bit
+from ._ops import sz_decode
 
-_QUANT_BUFFERS = ("weight", "weight_absmax", "weight_code", "weight_nested_absmax", "weight_nested_code", "weight_offset")
+FORMAT_VERSION = 2
+EXTRA_STATE = "_extra_state"
+_REGISTRY: dict[str, type["QuantLinear"]] = {}
+_DTYPE_NAMES = nf4_fmt.DTYPE_NAMES
+_NAMED_DTYPES = nf4_fmt.NAMED_DTYPES
 
 
-class Linear4bit(nn.Module):
+def _check_features(name: str, v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise ValueError(f"{name} must be a positive int, got {v!r}")
+    return v
+
+
+def _dtype_target(fn) -> Optional[torch.dtype]:
+    """The float dtype that an nn.Module._apply function converts floating tensors to, or None
+    when it leaves dtypes alone (.cuda(), .to(device), to_empty)."""
+    a = fn(torch.zeros(1, dtype=torch.float32)).dtype
+    if a != torch.float32:
+        return a
+    b = fn(torch.zeros(1, dtype=torch.float16)).dtype
+    return b if b != torch.float16 else None
+
+
+def _encode_meta(meta: dict) -> Tensor:
+    return torch.tensor(list(json.dumps(meta, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+
+
+def decode_meta(t: Any, key: str) -> dict:
+    """The metadata dict stored at state-dict key `key` (ValueError naming the key if unreadable)."""
+    try:
+        meta = json.loads(bytes(t.detach().cpu().to(torch.uint8).tolist()).decode("utf-8"))
+    except (ValueError, AttributeError, TypeError, RuntimeError) as e:
+        raise ValueError(f"state dict entry {key!r} is not lowbit format metadata: {e}") from None
+    if not isinstance(meta, dict) or "family" not in meta:
+        raise ValueError(f"state dict entry {key!r} is not lowbit format metadata (no 'family')")
+    return meta
+
+
+class QuantLinear(nn.Module):
+    """Base of lowbit's quantized linear layers (see the module docstring)."""
+
+    FAMILY: ClassVar[str] = ""
+    QUANT_TYPES: ClassVar[tuple[str, ...]] = ()
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()  # replace_linear options of from_linear
+    KEEP_DTYPE: ClassVar[tuple[str, ...]] = ()  # parameters that keep their dtype (trainable scales)
+    # metadata fields the layer was built with: a checkpoint that differs is refused
+    MUST_MATCH: ClassVar[tuple[str, ...]] = ("family", "in_features", "out_features")
+
+    in_features: int
+    out_features: int
+    compute_dtype: Optional[torch.dtype]
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        for qt in cls.QUANT_TYPES:
+            _REGISTRY[qt] = cls
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: Optional[torch.dtype] = None) -> None:
+        super().__init__()
+        self.in_features = _check_features("in_features", in_features)
+        self.out_features = _check_features("out_features", out_features)
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias must be a bool, got {type(bias).__name__} ({bias!r}); format options are "
+                            "keyword-only")
+        device = check_device("device", device)
+        self.compute_dtype = None if dtype is None else check_dtype("dtype", dtype)
+        self.weight_dtype = torch.float32  # the dtype that was quantized (metadata)
+        self.bias = (nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32))
+                     if bias else None)
+
+    # -- construction from a dense layer ---------------------------------------------------------
+    @classmethod
+    def _check_linear(cls, linear: Any) -> nn.Linear:
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        check_has_values("linear.weight", linear.weight)
+        return linear
+
+    def _copy_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias.data = linear.bias.detach().clone()
+
+    # -- the dtype policy -------------------------------------------------------------------------
+    def _apply(self, fn, recurse=True):
+        target = _dtype_target(fn)
+        buffers = {n: b for n, b in self._buffers.items() if b is not None}
+        kept = {n: self._parameters[n] for n in self.KEEP_DTYPE if self._parameters.get(n) is not None}
+        for n in buffers:
+            del self._buffers[n]
+        for n in kept:
+            del self._parameters[n]
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for n, t in buffers.items():
+                moved = fn(t)  # takes the device (and to_empty's allocation), never the dtype
+                self._buffers[n] = moved if moved.dtype == t.dtype else t.to(moved.device)
+            for n, p in kept.items():
+                moved = fn(p.data)
+                moved = moved if moved.dtype == p.dtype else p.data.to(moved.device)
+                if torch._has_compatible_shallow_copy_type(p.data, moved):
+                    p.data = moved
+                    self._parameters[n] = p
+                else:
+                    self._parameters[n] = nn.Parameter(moved, requires_grad=p.requires_grad)
+        if target is not None and target in FLOAT_DTYPES:
+            self.compute_dtype = target
+        return self
+
+    def _compute(self, x: Tensor) -> tuple[Tensor, torch.dtype]:
+        in_dtype = x.dtype
+        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            x = x.to(self.compute_dtype)
+        return x, in_dtype
+
+    # -- format metadata --------------------------------------------------------------------------
+    def format_fields(self) -> dict:
+        """The family's metadata fields (subclasses extend)."""
+        return {}
+
+    def format_metadata(self) -> dict:
+        return {"family": self.FAMILY, "format_version": FORMAT_VERSION, "in_features": self.in_features,
+                "out_features": self.out_features, "dtype": _DTYPE_NAMES.get(self.weight_dtype, "float32"),
+                **self.format_fields()}
+
+    def get_extra_state(self) -> Tensor:
+        return _encode_meta(self.format_metadata())
+
+    def set_extra_state(self, state: Any) -> None:
+        # Checked and adopted in _load_from_state_dict, before the buffers are copied.
+        pass
+
+    def _adopt(self, meta: dict, sd: dict, prefix: str) -> None:
+        """Take the checkpoint's data-describing fields (subclasses extend)."""
+        self.weight_dtype = _NAMED_DTYPES.get(meta.get("dtype", "float32"), torch.float32)
+
+    def _check_meta(self, meta: dict, key: str) -> None:
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{key}: the checkpoint has lowbit format version {meta['format_version']}; this "
+                             f"lowbit reads versions <= {FORMAT_VERSION}: upgrade lowbit to load it")
+        mine = self.format_metadata()
+        for field in self.MUST_MATCH:
+            if field in meta and meta[field] != mine.get(field):
+                raise ValueError(
+                    f"{key}: the checkpoint holds {field}={meta[field]!r} but this {type(self).__name__} has "
+                    f"{field}={mine.get(field)!r}; build the layer with the checkpoint's format to load it"
+                )
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + EXTRA_STATE
+        self._convert_foreign(state_dict, prefix)
+        if key in state_dict:
+            meta = decode_meta(state_dict[key], key)
+            self._check_meta(meta, key)
+            self._adopt(meta, state_dict, prefix)
+        elif any(k.startswith(prefix) for k in state_dict):
+            # A checkpoint from before format version 2 (no metadata): trust the layer's format, as
+            # those versions did; torch still checks every buffer's shape.
+            state_dict[key] = self.get_extra_state()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _convert_foreign(self, state_dict: dict, prefix: str) -> None:
+        """Rewrite another library's keys for this layer into lowbit's, in place (4-bit: bnb)."""
+
+    # -- shared API -------------------------------------------------------------------------------
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        raise NotImplementedError
+
+    def _default_dtype(self, dtype: Optional[torch.dtype]) -> torch.dtype:
+        if dtype is not None:
+            return check_dtype("dtype", dtype)
+        return self.compute_dtype or self.weight_dtype
+
+    @property
+    def bits_per_param(self) -> float:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        fields = ", ".join(f"{k}={v}" for k, v in self.format_fields().items())
+        bpp = "" if self._is_meta() else f", bits_per_param={self.bits_per_param:.3f}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{fields}{bpp}")
+
+    def _is_meta(self) -> bool:
+        return any(b.device.type == "meta" for b in self.buffers(recurse=False))
+
+
+# ==============================================================================================
+# 4-bit LUT family
+# ==============================================================================================
+
+_NF4_BUFFERS = ("weight", "weight_absmax", "weight_code", "weight_nested_absmax", "weight_nested_code",
+                "weight_offset")
+
+
+class Linear4bit(QuantLinear):
     """nn.Linear with a frozen 4-bit weight (NF4/FP4/optimal, bitsandbytes-compatible bytes).
 
     Buffers, laid out by output row so that a row-sharding (FSDP2-style) split needs no repack:
@@ -24,87 +255,94 @@ class Linear4bit(nn.Module):
       weight_absmax        fp32 or uint8 [out, in/blocksize]   (flat when in % blocksize != 0)
       weight_code          fp32 [16]
       weight_nested_absmax, weight_nested_code, weight_offset   (double quantization only)
-    The bias is an ordinary trainable parameter in the compute dtype.
+    The bias is an ordinary trainable parameter. `compute_dtype` (bitsandbytes' name) is an alias
+    of `dtype`: the dtype the matmul runs in (default: the input's).
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        check_choice("quant_type", quant_type, QUANT_TYPES)
-        check_power_of_two("blocksize", blocksize, 32, 4096)
-        if compute_dtype is not None:
-            check_choice("compute_dtype", compute_dtype, FLOAT_DTYPES)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.quant_type = quant_type
-        self.blocksize = blocksize
-        self.double_quant = double_quant
-        self.compute_dtype = compute_dtype
-        self.weight_dtype = torch.float32
-        # A usable layer from the start: nn.Linear's init, quantized.
-        ref = nn.Linear(in_features, out_features, bias=bias, device="cpu")
-        self._set_quantized(quantize_4bit(ref.weight.detach().to(device or "cpu"), blocksize, quant_type, double_quant))
-        self.bias = nn.Parameter(ref.bias.detach().to(device or "cpu")) if bias else None
+    FAMILY = "nf4"
+    QUANT_TYPES = nf4_fmt.QUANT_TYPES
+    OPTIONS = frozenset({"blocksize", "double_quant", "compute_dtype"})
+    MUST_MATCH = QuantLinear.MUST_MATCH + ("quant_type", "blocksize")
 
-    # -- construction -------------------------------------------------------------------------
-    @classmethod
-    def from_linear(
-        cls,
-        linear: nn.Linear,
-        quant_type: str = "nf4",
-        blocksize: int = 64,
-        double_quant: bool = True,
-        compute_dtype: torch.dtype | None = None,
-    ) -> "Linear4bit":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        self = cls.__new__(cls)
-        nn.Module.__init__(self)
-        check_choice("quant_type", quant_type, QUANT_TYPES)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: Optional[torch.dtype] = None, quant_type: str = "nf4", blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None) -> None:
+        if compute_dtype is not None and dtype is not None and compute_dtype != dtype:
+            raise ValueError(f"compute_dtype={compute_dtype} and dtype={dtype} disagree; give one of them")
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype or compute_dtype)
+        check_choice("quant_type", quant_type, nf4_fmt.QUANT_TYPES)
         check_power_of_two("blocksize", blocksize, 32, 4096)
-        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if not isinstance(double_quant, bool):
+            raise TypeError(f"double_quant must be a bool, got {type(double_quant).__name__}")
         self.quant_type, self.blocksize, self.double_quant = quant_type, blocksize, double_quant
-        self.compute_dtype = compute_dtype
-        w = linear.weight.detach()
-        self.weight_dtype = w.dtype
-        self._set_quantized(quantize_4bit(w, blocksize, quant_type, double_quant))
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
-        return self
+        self._allocate(check_device("device", device))
 
     def _row_layout(self) -> bool:
         return self.in_features % self.blocksize == 0
 
-    def _set_quantized(self, q: Quant4bit) -> None:
+    def _allocate(self, device) -> None:
+        out, inn, bs = self.out_features, self.in_features, self.blocksize
+        numel = out * inn
+        nblocks = -(-numel // bs)
+        rows = self._row_layout()
+        z = dict(device=device)
+        self.register_buffer("weight", torch.zeros((out, inn // 2) if rows else ((numel + 1) // 2,),
+                                                   dtype=torch.uint8, **z))
+        scale_dtype = torch.uint8 if self.double_quant else torch.float32
+        self.register_buffer("weight_absmax", torch.zeros((out, inn // bs) if rows else (nblocks,),
+                                                          dtype=scale_dtype, **z))
+        table = codebooks.code_table("nf4" if self.quant_type == "optimal" else self.quant_type)
+        self.register_buffer("weight_code", table.to(device) if device is not None else table)
+        self._allocate_nested(nblocks, device)
+
+    def _allocate_nested(self, nblocks: int, device) -> None:
+        for name in ("weight_nested_absmax", "weight_nested_code", "weight_offset"):
+            self._buffers.pop(name, None)
+        if self.double_quant:
+            z = dict(device=device, dtype=torch.float32)
+            self.register_buffer("weight_nested_absmax", torch.zeros(-(-nblocks // nf4_fmt.NESTED_BLOCKSIZE), **z))
+            ncode = codebooks.dynamic_map()
+            self.register_buffer("weight_nested_code", ncode.to(device) if device is not None else ncode)
+            self.register_buffer("weight_offset", torch.zeros((), **z))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
+                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+        cls._check_linear(linear)
+        w = linear.weight.detach()
+        self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                   quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
+                   compute_dtype=compute_dtype)
+        self.load_quantized(quantize_4bit(w, blocksize, quant_type, double_quant))
+        self._copy_bias(linear)
+        return self
+
+    def load_quantized(self, q: nf4_fmt.Quant4bit) -> None:
+        """Take the bytes of `q` (a Quant4bit of this layer's shape and format)."""
+        if not isinstance(q, nf4_fmt.Quant4bit):
+            raise TypeError(f"q must be a lowbit.Quant4bit, got {type(q).__name__}")
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"q has shape {tuple(q.shape)}, the layer is {(self.out_features, self.in_features)}")
+        for field in ("quant_type", "blocksize"):
+            if getattr(q, field) != getattr(self, field):
+                raise ValueError(f"q has {field}={getattr(q, field)!r}, the layer {getattr(self, field)!r}")
+        q.validate()
         out, inn = self.out_features, self.in_features
         rows = self._row_layout()
+        self.double_quant = q.double_quant
         self.weight_dtype = q.dtype
-        self.register_buffer("weight", q.codes.view(out, inn // 2) if rows else q.codes)
-        self.register_buffer("weight_absmax", q.absmax.view(out, inn // self.blocksize) if rows else q.absmax)
-        self.register_buffer("weight_code", q.code)
-        for name, t in (("weight_nested_absmax", q.nested_absmax), ("weight_nested_code", q.nested_code),
-                        ("weight_offset", q.offset)):
-            if t is not None:
-                self.register_buffer(name, t)
-            elif name in self._buffers:
-                del self._buffers[name]
+        self.weight = q.codes.view(out, inn // 2) if rows else q.codes
+        self.weight_absmax = q.absmax.view(out, inn // self.blocksize) if rows else q.absmax
+        self.weight_code = q.code
+        self._allocate_nested(q.nblocks, q.codes.device)
+        if q.double_quant:
+            self.weight_nested_absmax, self.weight_nested_code, self.weight_offset = (
+                q.nested_absmax, q.nested_code, q.offset)
 
-    # -- the quantized weight -----------------------------------------------------------------
     @property
-    def quantized_weight(self) -> Quant4bit:
-        dq = "weight_nested_absmax" in self._buffers
-        return Quant4bit(
+    def quantized_weight(self) -> nf4_fmt.Quant4bit:
+        dq = self.double_quant
+        return nf4_fmt.Quant4bit(
             codes=self.weight.reshape(-1),
             absmax=self.weight_absmax.reshape(-1),
             shape=torch.Size((self.out_features, self.in_features)),
@@ -112,72 +350,304 @@ class Linear4bit(nn.Module):
             blocksize=self.blocksize,
             quant_type=self.quant_type,
             code=self.weight_code,
-            nested_absmax=self._buffers.get("weight_nested_absmax") if dq else None,
-            nested_code=self._buffers.get("weight_nested_code") if dq else None,
-            offset=self._buffers.get("weight_offset") if dq else None,
+            nested_absmax=self.weight_nested_absmax if dq else None,
+            nested_code=self.weight_nested_code if dq else None,
+            offset=self.weight_offset if dq else None,
         )
 
-    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        from .quant4bit import dequantize_4bit
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return dequantize_4bit(self.quantized_weight, self._default_dtype(dtype))
 
-        return dequantize_4bit(self.quantized_weight, dtype)
-
-    # -- forward --------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        if self.compute_dtype is not None and x.dtype != self.compute_dtype:
-            x = x.to(self.compute_dtype)
+    def forward(self, x: Tensor) -> Tensor:
+        x, in_dtype = self._compute(x)
         y = matmul_4bit(x, self.quantized_weight, self.bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)
-
-    # -- dtype/device moves: codes and scales keep their dtypes ---------------------------------
-    def _apply(self, fn, recurse=True):
-        keep = {name: self._buffers[name] for name in _QUANT_BUFFERS if name in self._buffers}
-        for name in keep:
-            del self._buffers[name]
-        super()._apply(fn, recurse)
-        for name, t in keep.items():
-            # fn may change device, dtype or both: take the device, never the dtype.
-            moved = fn(t)
-            self._buffers[name] = moved if moved.dtype == t.dtype else t.to(moved.device)
-        probe = fn(torch.zeros(1))
-        if probe.dtype != torch.float32 and probe.dtype in FLOAT_DTYPES:
-            self.compute_dtype = probe.dtype  # .half()/.bfloat16(): compute dtype only; codes stay
-        return self
 
     @property
     def bits_per_param(self) -> float:
         return self.quantized_weight.bits_per_param
 
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={'weight_nested_absmax' in self._buffers}, "
-            f"bits_per_param={self.bits_per_param:.3f}"
-        )
+    def format_fields(self) -> dict:
+        return {"quant_type": self.quant_type, "blocksize": self.blocksize, "double_quant": self.double_quant}
 
-    # -- bitsandbytes checkpoints -------------------------------------------------------------
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        if prefix + "weight.absmax" in state_dict:
-            from .serialization import bnb_to_lowbit_entries
+    def _adopt(self, meta: dict, sd: dict, prefix: str) -> None:
+        super()._adopt(meta, sd, prefix)
+        dq = bool(meta.get("double_quant", prefix + "weight_nested_absmax" in sd))
+        if dq != self.double_quant:
+            self._set_double_quant(dq, sd, prefix)
 
-            converted = bnb_to_lowbit_entries(state_dict, prefix, self)
-            for k in [k for k in state_dict if k.startswith(prefix + "weight.")]:
-                del state_dict[k]
-            state_dict.update(converted)
-        # Buffers present in the checkpoint but not here (or the reverse) change the format:
-        # adopt the checkpoint's double-quant choice rather than failing on a missing key.
-        ckpt_dq = prefix + "weight_nested_absmax" in state_dict
-        if ckpt_dq != ("weight_nested_absmax" in self._buffers) and prefix + "weight_absmax" in state_dict:
-            dev = self.weight.device
-            for name in ("weight_nested_absmax", "weight_nested_code", "weight_offset"):
-                if ckpt_dq:
-                    self.register_buffer(name, torch.empty_like(state_dict[prefix + name], device=dev))
-                elif name in self._buffers:
-                    del self._buffers[name]
-            self.weight_absmax = torch.empty_like(state_dict[prefix + "weight_absmax"], device=dev)
-            self.double_quant = ckpt_dq
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+    def _set_double_quant(self, dq: bool, sd: dict, prefix: str) -> None:
+        # The scales' dtype and the nested buffers follow the checkpoint's double-quant choice.
+        self.double_quant = dq
+        dev = self.weight.device
+        self._allocate_nested(-(-self.out_features * self.in_features // self.blocksize), dev)
+        self.weight_absmax = torch.zeros(self.weight_absmax.shape, dtype=torch.uint8 if dq else torch.float32,
+                                         device=dev)
+
+    def _convert_foreign(self, state_dict: dict, prefix: str) -> None:
+        if prefix + "weight.absmax" not in state_dict:
+            if prefix + EXTRA_STATE not in state_dict and prefix + "weight_absmax" in state_dict:
+                # lowbit format 1 (no metadata): adopt double quantization from the buffers present
+                dq = prefix + "weight_nested_absmax" in state_dict
+                if dq != self.double_quant:
+                    self._set_double_quant(dq, state_dict, prefix)
+            return
+        q = nf4_fmt.from_bnb_entries(state_dict, prefix)
+        key = prefix + "weight.quant_state"
+        if q.quant_type != self.quant_type and self.quant_type != "optimal":
+            raise ValueError(f"{key}: the bitsandbytes checkpoint holds quant_type={q.quant_type!r} but this "
+                             f"Linear4bit has quant_type={self.quant_type!r}")
+        if q.blocksize != self.blocksize:
+            raise ValueError(f"{key}: the bitsandbytes checkpoint holds blocksize={q.blocksize} but this Linear4bit "
+                             f"has blocksize={self.blocksize}")
+        if tuple(q.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{key}: the bitsandbytes checkpoint holds shape {tuple(q.shape)}, the layer is "
+                             f"{(self.out_features, self.in_features)}")
+        for k in [k for k in state_dict if k.startswith(prefix + "weight.")]:
+            del state_dict[k]
+        out, inn = self.out_features, self.in_features
+        rows = self._row_layout()
+        state_dict[prefix + "weight"] = q.codes.view(out, inn // 2) if rows else q.codes
+        state_dict[prefix + "weight_absmax"] = q.absmax.view(out, inn // self.blocksize) if rows else q.absmax
+        state_dict[prefix + "weight_code"] = q.code
+        if q.double_quant:
+            state_dict[prefix + "weight_nested_absmax"] = q.nested_absmax
+            state_dict[prefix + "weight_nested_code"] = q.nested_code
+            state_dict[prefix + "weight_offset"] = q.offset
+        meta = {**self.format_metadata(), "quant_type": self.quant_type, "double_quant": q.double_quant,
+                "dtype": _DTYPE_NAMES[q.dtype]}
+        state_dict[prefix + EXTRA_STATE] = _encode_meta(meta)
+
+
+# ==============================================================================================
+# Integer family
+# ==============================================================================================
+
+
+class IntLinear(QuantLinear):
+    """nn.Linear whose weight is s * (Q - z) with frozen integer codes Q, zero points z (PEQA).
+
+    State (see lowbit.formats.intq for the byte layout):
+      codes  buffer    int32 [out, in/32, bits]   bit planes of Q
+      zeros  buffer    uint8 [out] or [out, in/group_size]
+      scale  Parameter fp32  [out] or [out, in/group_size]   the trainable tensor; stays fp32
+                       under .half()/.to(dtype) (an fp16 copy would lose the small updates)
+      bias   Parameter (requires_grad=False by default; set it True to train it too)
+    """
+
+    FAMILY = "intq"
+    QUANT_TYPES = ("int2", "int3", "int4")
+    OPTIONS = frozenset({"group_size", "method"})
+    KEEP_DTYPE = ("scale",)
+    MUST_MATCH = QuantLinear.MUST_MATCH + ("bits", "group_size")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: Optional[torch.dtype] = None, bits: int = 3, group_size: Optional[int] = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        intq_fmt.check_in_features(in_features)
+        self.bits = intq_fmt.check_bits(bits)
+        self.group_size = intq_fmt.check_group_size(group_size, in_features)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        dev = check_device("device", device)
+        n, k = out_features, in_features
+        sshape = (n,) if group_size is None else (n, k // group_size)
+        self.register_buffer("codes", torch.zeros((n, k // 32, bits), dtype=torch.int32, device=dev))
+        self.register_buffer("zeros", torch.zeros(sshape, dtype=torch.uint8, device=dev))
+        self.scale = nn.Parameter(torch.zeros(sshape, dtype=torch.float32, device=dev))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int = 3, group_size: Optional[int] = None,
+                    method: str = "rtn") -> "IntLinear":
+        cls._check_linear(linear)
+        check_choice("method", method, intq_fmt.METHODS)
+        w = linear.weight.detach()
+        self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
+                   bits=bits, group_size=group_size)
+        q = intq_fmt.quantize_int(w, bits, group_size, method)
+        self.codes, self.zeros = q.codes, q.zeros
+        self.scale.data = q.scale.clone()
+        self.weight_dtype = w.dtype
+        self._copy_bias(linear)
+        self.bias is not None and self.bias.requires_grad_(False)
+        return self
+
+    @property
+    def quantized_weight(self) -> intq_fmt.QuantInt:
+        """The layer's weight with its current (possibly fine-tuned) scales, detached."""
+        return intq_fmt.QuantInt(self.codes, self.scale.detach(), self.zeros,
+                                 torch.Size((self.out_features, self.in_features)), self.weight_dtype, self.bits,
+                                 self.group_size)
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
+        return dequantize_int(self.quantized_weight, self._default_dtype(dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, in_dtype = self._compute(x)
+        y = matmul_int(x, self.quantized_weight, self.scale, self.bias)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    @property
+    def bits_per_param(self) -> float:
+        nbytes = sum(t.numel() * t.element_size() for t in (self.codes, self.zeros, self.scale))
+        return 8.0 * nbytes / (self.out_features * self.in_features)
+
+    def format_fields(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size}
+
+
+# ==============================================================================================
+# SZ family
+# ==============================================================================================
+
+_SZ_BUFFERS = ("payload", "offsets", "lengths", "outlier_idx", "outlier_val", "step", "meta", "bounds")
+
+
+class SZLinear(QuantLinear):
+    """nn.Linear whose weight is stored SZ-compressed (plain tensor buffers) and decompressed into
+    the compute dtype on every forward. The weight is frozen; gradients flow to the input (and the
+    bias when it requires grad). Every element of the decoded weight is within the error bound of
+    the original, in every compute dtype that can hold it (`SZTensor.bound_holds`); a compute
+    dtype that cannot raises at forward rather than break the bound.
+
+    error_bound / mode: the bound the layer was built for (checked against a checkpoint); None
+    (the default) takes whatever the loaded checkpoint holds.
+    """
+
+    FAMILY = "sz"
+    QUANT_TYPES = ("sz",)
+    OPTIONS = frozenset({"error_bound", "mode", "chunk_size"})
+    MUST_MATCH = QuantLinear.MUST_MATCH + ("error_bound", "mode")
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                 dtype: Optional[torch.dtype] = None, error_bound: Optional[float] = None, mode: str = "abs",
+                 chunk_size: int = 4096) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.error_bound = None if error_bound is None else sz_fmt.check_error_bound(error_bound, mode)
+        check_choice("mode", mode, sz_fmt.MODES)
+        self.mode = mode
+        self.chunk_size = sz_fmt.check_chunk_size(chunk_size)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        z = dict(device=check_device("device", device))
+        self.register_buffer("payload", torch.zeros(0, dtype=torch.uint8, **z))
+        self.register_buffer("offsets", torch.zeros(1, dtype=torch.int64, **z))
+        self.register_buffer("lengths", torch.ones(1, dtype=torch.uint8, **z))
+        self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.int64, **z))
+        self.register_buffer("outlier_val", torch.zeros(0, dtype=torch.float32, **z))
+        self.register_buffer("step", torch.ones(1, dtype=torch.float32, **z))
+        # chunk_size, max_len, radius, dtype code, mode code, dtype_mask
+        self.register_buffer("meta", torch.tensor([chunk_size, sz_fmt.MAX_LEN, 0, 0, sz_fmt.MODES.index(mode), 0],
+                                                  dtype=torch.int64, **z))
+        self.register_buffer("bounds", torch.tensor([error_bound or 0.0, 0.0], dtype=torch.float64, **z))
+        self.register_buffer("table", torch.zeros(1 << sz_fmt.MAX_LEN, dtype=torch.int32, **z), persistent=False)
+        self._sync_meta()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, error_bound: float, mode: str = "abs",
+                    chunk_size: int = 4096) -> "SZLinear":
+        cls._check_linear(linear)
+        c = sz_fmt.sz_compress(linear.weight.detach(), error_bound, mode, chunk_size)
+        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                device=linear.weight.device, error_bound=error_bound, mode=mode, chunk_size=chunk_size)
+        m.load_sz(c)
+        m._copy_bias(linear)
+        m.bias is not None and m.bias.requires_grad_(False)
+        return m
+
+    def load_sz(self, c: sz_fmt.SZTensor) -> None:
+        """Take the stream `c` (an SZTensor of this layer's shape)."""
+        if not isinstance(c, sz_fmt.SZTensor):
+            raise TypeError(f"c must be a lowbit.SZTensor, got {type(c).__name__}")
+        if c.shape != (self.out_features, self.in_features):
+            raise ValueError(f"compressed weight shape {c.shape} != ({self.out_features}, {self.in_features})")
+        dev = self.step.device
+        payload, offsets, table, step, oidx, oval = c.decoder_args(dev)
+        self.payload, self.offsets, self.table, self.step = payload, offsets, table, step
+        self.outlier_idx, self.outlier_val = oidx, oval
+        self.lengths = torch.from_numpy(c.lengths.copy()).to(dev)
+        self.meta = torch.tensor([c.chunk_size, c.max_len, c.radius, sz_fmt.DTYPE_CODES[c.dtype],
+                                  sz_fmt.MODES.index(c.mode), c.dtype_mask], dtype=torch.int64, device=dev)
+        self.bounds = torch.tensor([c.error_bound, c.bound], dtype=torch.float64, device=dev)
+        self.error_bound, self.mode, self.chunk_size, self.weight_dtype = c.error_bound, c.mode, c.chunk_size, c.dtype
+        self._sync_meta()
+
+    def to_sz(self) -> sz_fmt.SZTensor:
+        chunk, max_len, radius, dcode, mcode, mask = (int(v) for v in self.meta.cpu())
+        eb, bound = (float(v) for v in self.bounds.cpu())
+        c = sz_fmt.SZTensor((self.out_features, self.in_features), sz_fmt.CODE_DTYPES[dcode], sz_fmt.MODES[mcode],
+                            eb, bound, float(self.step.cpu()[0]), chunk, max_len, radius, mask,
+                            self.lengths.cpu().numpy().copy(), self.offsets.cpu().numpy().copy(),
+                            self.outlier_idx.cpu().numpy().copy(), self.outlier_val.cpu().clone(),
+                            self.payload.cpu().numpy().copy())
+        c.validate()
+        return c
+
+    def format_fields(self) -> dict:
+        return {"error_bound": self.error_bound, "mode": self.mode, "chunk_size": self.chunk_size}
+
+    def _check_meta(self, meta: dict, key: str) -> None:
+        if self.error_bound is None:  # built without a bound: take the checkpoint's
+            self.error_bound, self.mode = meta.get("error_bound"), meta.get("mode", self.mode)
+        super()._check_meta(meta, key)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # The compressed sizes depend on the data: take the incoming buffers' shapes and dtypes.
+        for name in _SZ_BUFFERS:
+            t = state_dict.get(prefix + name)
+            if isinstance(t, Tensor) and (t.shape != self._buffers[name].shape or t.dtype != self._buffers[name].dtype):
+                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=self._buffers[name].device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if all(prefix + n in state_dict for n in _SZ_BUFFERS) and self.meta.device.type != "meta":
+            c = self.to_sz()
+            self.table = torch.from_numpy(sz_fmt.decode_table(c.lengths, c.max_len)).to(self.step.device)
+            self.error_bound, self.mode, self.chunk_size, self.weight_dtype = (c.error_bound, c.mode, c.chunk_size,
+                                                                               c.dtype)
+            self._sync_meta()
+
+    def _sync_meta(self) -> None:
+        # Python copies of the ints the decoder needs, so forward never reads a device tensor.
+        if self.meta.device.type == "meta":
+            self._chunk, self._max_len, self._radius, self._mask = self.chunk_size, sz_fmt.MAX_LEN, 0, 0
+            return
+        self._chunk, self._max_len, self._radius = (int(v) for v in self.meta[:3].cpu())
+        self._mask = int(self.meta[5].cpu())
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.meta.device.type != "meta":
+            self._sync_meta()
+        return self
+
+    def dequantized_weight(self, dtype: Optional[torch.dtype] = None, *, allow_unbounded: bool = False) -> Tensor:
+        """The decompressed weight [out_features, in_features] in `dtype` (default: the compute dtype,
+        else the compressed one). A dtype that cannot hold the weight within the bound raises
+        ValueError unless allow_unbounded=True."""
+        dtype = self._default_dtype(dtype)
+        if not allow_unbounded and not self._mask & sz_fmt.DTYPE_BIT[dtype] and self.payload.numel():
+            check_sz_dtype(self.to_sz(), dtype, allow_unbounded)
+        flat = sz_decode(self.payload, self.offsets, self.table, self.step, self.outlier_idx, self.outlier_val,
+                         self.out_features * self.in_features, self._chunk, self._max_len, self._radius, dtype)
+        return flat.view(self.out_features, self.in_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, in_dtype = self._compute(x)
+        dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
+        w = self.dequantized_weight(dtype)
+        b = None if self.bias is None else self.bias.to(dtype)
+        y = F.linear(x.to(dtype), w, b)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.to_sz().bits_per_param
+
+
+# ==============================================================================================
+# LoRA and whole-model replacement
+# ==============================================================================================
 
 
 class LoRALinear(nn.Module):
@@ -206,7 +676,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         y = self.base(x)
         a = self.lora_A.to(x.dtype)
         b = self.lora_B.to(x.dtype)
@@ -216,85 +686,80 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}"
 
 
-INT_TYPES = ("int2", "int3", "int4")
-SZ_TYPES = ("sz",)
-ALL_TYPES = QUANT_TYPES + INT_TYPES + SZ_TYPES
+def quant_types() -> tuple[str, ...]:
+    """Every quant_type replace_linear accepts (one per registered QuantLinear format)."""
+    return tuple(_REGISTRY)
 
 
-def _check_opts(quant_type: str, opts: dict, allowed: set) -> None:
-    bad = set(opts) - allowed
+def layer_factory(quant_type: str, opts: dict):
+    """quant_type -> a function nn.Linear -> lowbit layer, from the registry."""
+    if quant_type not in _REGISTRY:
+        raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
+    cls = _REGISTRY[quant_type]
+    bad = set(opts) - cls.OPTIONS
     if bad:
-        raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(allowed)}")
-
-
-def _layer_factory(quant_type: str, opts: dict):
-    """quant_type -> a function nn.Linear -> lowbit layer (one place to add a format)."""
-    if quant_type in QUANT_TYPES:
-        _check_opts(quant_type, opts, {"blocksize", "double_quant", "compute_dtype"})
+        raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(cls.OPTIONS)}")
+    if cls is Linear4bit:
         return lambda lin: Linear4bit.from_linear(lin, quant_type=quant_type, **opts)
-    if quant_type in INT_TYPES:
-        from .nn_int import IntLinear
-
-        _check_opts(quant_type, opts, {"group_size", "method"})
-        bits = int(quant_type[3:])
-        return lambda lin: IntLinear.from_linear(lin, bits=bits, **opts)
-    if quant_type in SZ_TYPES:
-        from .sz import SZLinear
-
-        _check_opts(quant_type, opts, {"error_bound", "mode"})
-        if "error_bound" not in opts:
-            raise ValueError("quant_type='sz' needs error_bound=... (abs, or relative to the value range with mode='rel')")
-        return lambda lin: SZLinear.from_linear(lin, **opts)
-    raise ValueError(f"quant_type must be one of {ALL_TYPES}, got {quant_type!r}")
+    if cls is IntLinear:
+        return lambda lin: IntLinear.from_linear(lin, bits=int(quant_type[3:]), **opts)
+    if cls is SZLinear and "error_bound" not in opts:
+        raise ValueError("quant_type='sz' needs error_bound=... (abs, or relative to the value range with mode='rel')")
+    return lambda lin: cls.from_linear(lin, **opts)
 
 
-def replace_linear(
-    model: nn.Module,
-    quant_type: str = "nf4",
-    skip: Iterable[str] = ("lm_head",),
-    progress: bool | None = None,
-    **opts,
-) -> nn.Module:
-    """Swap every nn.Linear in `model` (in place) for a lowbit layer; returns the model.
+_DEFAULT_SKIP = ("lm_head",)
 
-    skip: module names (or their last component) to leave dense. progress: print one line per
-    layer to stderr (default: when the model has more than 50 Linear layers).
+
+def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Iterable[str]] = None,
+                   progress: Optional[bool] = None, **opts) -> nn.Module:
+    """Swap every nn.Linear in `model` for a lowbit layer; returns the model (or, for a bare
+    nn.Linear, the new layer).
+
+    skip: module names (or their last component) to leave dense; default ("lm_head",). A name
+    given explicitly that matches no module warns. All layers are quantized before any is swapped
+    in: if one fails, the model is left exactly as it was and the error names the layer's path
+    and shape. progress: one line per layer on stderr (default: more than 50 Linear layers).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(skip, str):
-        skip = (skip,)
-    skip = tuple(skip)
-    make = _layer_factory(quant_type, opts)
+    explicit = skip is not None
+    skip = _DEFAULT_SKIP if skip is None else ((skip,) if isinstance(skip, str) else tuple(skip))
+    make = layer_factory(quant_type, opts)
+    if type(model) is nn.Linear:
+        return _make_one(make, "", model, quant_type)
+    names = [name for name, _ in model.named_modules()]
+    if explicit:
+        for s in skip:
+            if not any(n == s or n.split(".")[-1] == s for n in names):
+                warnings.warn(f"replace_linear: skip name {s!r} matches no module of the model", stacklevel=2)
     targets = [
         (name, mod) for name, mod in model.named_modules()
         if type(mod) is nn.Linear and not any(name == s or name.split(".")[-1] == s for s in skip)
     ]
     if progress is None:
         progress = len(targets) > 50
+    built = []
     for i, (name, lin) in enumerate(targets):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(lin))
+        built.append((name, _make_one(make, name, lin, quant_type)))
         if progress:
             print(f"\rlowbit: quantized {i + 1}/{len(targets)} Linear layers ({quant_type})", end="", file=sys.stderr)
     if progress and targets:
         print(file=sys.stderr)
+    for name, layer in built:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer)
     return model
 
 
-
-def __getattr__(name: str):
-    # lowbit.nn.IntLinear / lowbit.nn.SZLinear without importing every format at import time
-    if name == "IntLinear":
-        from .nn_int import IntLinear
-
-        return IntLinear
-    if name == "SZLinear":
-        from .sz import SZLinear
-
-        return SZLinear
-    raise AttributeError(f"module 'lowbit.nn' has no attribute {name!r}")
+def _make_one(make, name: str, lin: nn.Linear, quant_type: str) -> QuantLinear:
+    try:
+        return make(lin)
+    except (ValueError, TypeError) as e:
+        where = repr(name) if name else "the model (a bare nn.Linear)"
+        raise type(e)(f"replace_linear: layer {where} (nn.Linear in_features={lin.in_features}, "
+                      f"out_features={lin.out_features}) cannot be quantized as {quant_type!r}: {e}") from e
 
 
-__all__ = ["IntLinear", "Linear4bit", "LoRALinear", "SZLinear", "replace_linear"]
+__all__ = ["IntLinear", "Linear4bit", "LoRALinear", "QuantLinear", "SZLinear", "quant_types", "replace_linear"]

@@ -1,4 +1,5 @@
-"""Sub-4-bit integer weights with trainable scales (PEQA-style): format, ops and autograd.
+"""The sub-4-bit integer family (int2/int3/int4 rows, PEQA): format object, byte layout, quantizer and
+pure-torch reference (the spec the kernels in lowbit.kernels.intq are checked against).
 
 Format
 ------
@@ -37,8 +38,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._backend import kernels, use_triton
-from ._validate import check_choice, check_finite, check_float_tensor, check_matmul_args, check_same_device
+from .._validate import check_choice, check_finite, check_float_tensor
 
 BITS = (2, 3, 4)
 METHODS = ("rtn", "mse")
@@ -97,14 +97,14 @@ class QuantInt:
                         self.dtype, self.bits, self.group_size)
 
 
-def _check_bits(bits) -> int:
+def check_bits(bits) -> int:
     if isinstance(bits, bool) or not isinstance(bits, int):
         raise TypeError(f"bits must be an int, got {type(bits).__name__}")
     check_choice("bits", bits, BITS)
     return bits
 
 
-def _check_group_size(group_size, in_features: int) -> Optional[int]:
+def check_group_size(group_size, in_features: int) -> Optional[int]:
     if group_size is None:
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, int):
@@ -117,7 +117,7 @@ def _check_group_size(group_size, in_features: int) -> Optional[int]:
     return group_size
 
 
-def _check_in_features(k: int) -> None:
+def check_in_features(k: int) -> None:
     if k % 32:
         raise ValueError(f"in_features must be a multiple of 32 for integer quantization, got {k}")
 
@@ -175,10 +175,10 @@ def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, met
     check_float_tensor("w", w)
     if w.dim() != 2:
         raise ValueError(f"w must be 2-D [out_features, in_features], got shape {tuple(w.shape)}")
-    bits = _check_bits(bits)
+    bits = check_bits(bits)
     n, k = w.shape
-    _check_in_features(k)
-    group_size = _check_group_size(group_size, k)
+    check_in_features(k)
+    group_size = check_group_size(group_size, k)
     if not isinstance(method, str):
         raise TypeError(f"method must be a str, got {type(method).__name__}")
     check_choice("method", method, METHODS)
@@ -212,40 +212,25 @@ def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, met
     )
 
 
-def _check_quantint(q) -> None:
-    if not isinstance(q, QuantInt):
-        raise TypeError(f"q must be a lowbit.QuantInt, got {type(q).__name__}")
-
-
-def dequantize_int(q: QuantInt, dtype: Optional[torch.dtype] = None, scale: Optional[Tensor] = None) -> Tensor:
-    """W [out, in] = s * (Q - z) computed in fp32, returned in `dtype` (default: the original dtype).
-
-    scale: optional replacement for q.scale (e.g. fine-tuned scales), same shape.
-    """
-    _check_quantint(q)
-    scale = q.scale if scale is None else _check_scale(scale, q)
-    n, k = q.shape
-    return int_dequantize(q.codes, scale.detach(), q.zeros, q.bits, q.group_len, n, k, dtype or q.dtype)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reference implementations (any device; the spec the kernels are checked against)
 # ----------------------------------------------------------------------------------------------
 
 
-def _ref_int_weight(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
+def reference_int_weight(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
     """(Q - z) as fp32 [N, K] (small integers: exact in fp32)."""
     q = unpack_codes(codes.view(n, k // 32, bits), bits)
     z = zeros.reshape(n, k // group_len).to(torch.int32)
     return (q.view(n, k // group_len, group_len) - z[..., None]).view(n, k).float()
 
 
-def _ref_weight(codes, scale, zeros, bits, group_len, n, k) -> Tensor:
-    qz = _ref_int_weight(codes, zeros, bits, group_len, n, k).view(n, k // group_len, group_len)
+def reference_weight(codes, scale, zeros, bits, group_len, n, k) -> Tensor:
+    """W = s * (Q - z) as fp32 [N, K]."""
+    qz = reference_int_weight(codes, zeros, bits, group_len, n, k).view(n, k // group_len, group_len)
     return (qz * scale.float().reshape(n, k // group_len, 1)).view(n, k)
 
 
-def ref_grad_scale(g: Tensor, x: Tensor, codes, zeros, bits, group_len, n, k, chunk: int = 1024) -> Tensor:
+def reference_grad_scale(g: Tensor, x: Tensor, codes, zeros, bits, group_len, n, k, chunk: int = 1024) -> Tensor:
     """dL/ds [N, G] fp32 = sum_{k in g} (Q - z)[n, k] * (g^T x)[n, k], in row chunks of `chunk`."""
     out = torch.empty((n, k // group_len), dtype=torch.float32, device=g.device)
     gf, xf = g.float(), x.float()
@@ -253,135 +238,16 @@ def ref_grad_scale(g: Tensor, x: Tensor, codes, zeros, bits, group_len, n, k, ch
     zr = zeros.reshape(n, -1)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        qz = _ref_int_weight(words_per_row[r0:r1], zr[r0:r1], bits, group_len, r1 - r0, k)
+        qz = reference_int_weight(words_per_row[r0:r1], zr[r0:r1], bits, group_len, r1 - r0, k)
         d = gf[:, r0:r1].t() @ xf  # [rows, K]
         out[r0:r1] = (qz * d).view(r1 - r0, k // group_len, group_len).sum(-1)
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# torch.library ops (plain tensors and ints; scale may be any float dtype, loaded as fp32)
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("lowbit::int_dequantize", mutates_args=())
-def int_dequantize(codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int,
-                   dtype: torch.dtype) -> Tensor:
-    return _ref_weight(codes, scale, zeros, bits, group_len, n, k).to(dtype)
-
-
-@int_dequantize.register_fake
-def _(codes, scale, zeros, bits, group_len, n, k, dtype):
-    return codes.new_empty((n, k), dtype=dtype)
-
-
-@torch.library.custom_op("lowbit::int_matmul", mutates_args=())
-def int_matmul_2d(x: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int,
-                  bias: Optional[Tensor]) -> Tensor:
-    """y = x @ W^T + bias for x [M, K], W [n, K] stored as bits-bit integers."""
-    m, k = x.shape
-    if use_triton(x) and m > 0:
-        return kernels().matmul_int.matmul_int(x.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, n,
-                                               bias)
-    w = _ref_weight(codes, scale, zeros, bits, group_len, n, k)
-    y = x.float() @ w.t()
+def reference_matmul(x: Tensor, codes, scale, zeros, bits, group_len, n, bias) -> Tensor:
+    """y = x @ W^T + bias with fp32 accumulation, in x's dtype."""
+    k = x.shape[1]
+    y = x.float() @ reference_weight(codes, scale, zeros, bits, group_len, n, k).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
-
-
-@int_matmul_2d.register_fake
-def _(x, codes, scale, zeros, bits, group_len, n, bias):
-    return x.new_empty((x.shape[0], n))
-
-
-@torch.library.custom_op("lowbit::int_matmul_grad_x", mutates_args=())
-def int_matmul_grad_x_2d(g: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int,
-                         k: int) -> Tensor:
-    """gx = g @ W for g [M, n]."""
-    m, n = g.shape
-    if use_triton(g) and m > 0:
-        return kernels().matmul_int.matmul_int_grad_x(g.contiguous(), codes, scale.contiguous(), zeros, bits,
-                                                      group_len, k)
-    w = _ref_weight(codes, scale, zeros, bits, group_len, n, k)
-    return (g.float() @ w).to(g.dtype)
-
-
-@int_matmul_grad_x_2d.register_fake
-def _(g, codes, scale, zeros, bits, group_len, k):
-    return g.new_empty((g.shape[0], k))
-
-
-@torch.library.custom_op("lowbit::int_matmul_grad_scale", mutates_args=())
-def int_matmul_grad_scale_2d(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, bits: int, group_len: int
-                             ) -> Tensor:
-    """dL/ds fp32 [n, K/group_len] for y = x @ W^T, g = dL/dy [M, n], x [M, K]."""
-    m, n = g.shape
-    k = x.shape[1]
-    if m == 0:
-        return torch.zeros((n, k // group_len), dtype=torch.float32, device=g.device)
-    if use_triton(g):
-        return kernels().matmul_int.matmul_int_grad_scale(g.contiguous(), x.contiguous(), codes, zeros, bits,
-                                                          group_len)
-    return ref_grad_scale(g, x, codes, zeros, bits, group_len, n, k)
-
-
-@int_matmul_grad_scale_2d.register_fake
-def _(g, x, codes, zeros, bits, group_len):
-    return g.new_empty((g.shape[1], x.shape[1] // group_len), dtype=torch.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Autograd
-# ----------------------------------------------------------------------------------------------
-
-
-class _MatmulInt(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, scale, bias, codes, zeros, bits, group_len, n):
-        ctx.meta = (bits, group_len, n, x2d.shape[1], scale.shape, scale.dtype)
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2d if ctx.needs_input_grad[1] else None, scale, codes, zeros)
-        return int_matmul_2d(x2d, codes, scale, zeros, bits, group_len, n, bias)
-
-    @staticmethod
-    def backward(ctx, gy):
-        bits, group_len, n, k, s_shape, s_dtype = ctx.meta
-        x2d, scale, codes, zeros = ctx.saved_tensors
-        gy = gy.contiguous()
-        gx = gs = gb = None
-        if ctx.needs_input_grad[0]:
-            gx = int_matmul_grad_x_2d(gy, codes, scale, zeros, bits, group_len, k)
-        if ctx.needs_input_grad[1]:
-            gs = int_matmul_grad_scale_2d(gy, x2d, codes, zeros, bits, group_len).reshape(s_shape).to(s_dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.float().sum(0)
-        return gx, gs, gb, None, None, None, None, None
-
-
-def _check_scale(scale, q: QuantInt) -> Tensor:
-    check_float_tensor("scale", scale)
-    if scale.shape != q.scale.shape:
-        raise ValueError(f"scale must have shape {tuple(q.scale.shape)} (like q.scale), got {tuple(scale.shape)}")
-    return scale
-
-
-def matmul_int(x: Tensor, q: QuantInt, scale: Optional[Tensor] = None, bias: Optional[Tensor] = None) -> Tensor:
-    """y = x @ W^T + bias with W = scale * (Q - z) from `q`; any leading batch dims on x.
-
-    scale: the (trainable) scales, shape [out] or [out, in/group_size] like q.scale; default
-    q.scale. Gradients flow to x, scale and bias; the codes and zero points are frozen. On CUDA
-    this runs the fused Triton kernels (fp32 x uses tf32 dots); elsewhere the reference.
-    """
-    _check_quantint(q)
-    scale = q.scale if scale is None else _check_scale(scale, q)
-    n, k = q.shape
-    bias = check_matmul_args(x, n, k, bias)
-    check_same_device(x=x, codes=q.codes, scale=scale, bias=bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    y = _MatmulInt.apply(x2d, scale, bias, q.codes, q.zeros, q.bits, q.group_len, n)
-    return y.reshape(*lead, n)
-
-
-__all__ = ["QuantInt", "dequantize_int", "matmul_int", "quantize_int"]

@@ -1,11 +1,11 @@
-"""Triton kernel: decode lowbit.sz's chunked canonical-Huffman stream straight to fp32/fp16/bf16.
+"""Triton kernel: decode lowbit.formats.sz's chunked canonical-Huffman stream straight to fp32/fp16/bf16.
 
 Each program decodes LANES chunks, one chunk per lane: a per-lane bit reader peeks MAX_LEN bits
 (three byte loads, MSB first), looks the window up in the 2**MAX_LEN-entry decode table
 (entry = symbol << 4 | code length), writes `float32(symbol - radius) * step` in the output
 dtype and advances by the code length. Outliers are scattered afterwards by the launcher with
 torch (`out[idx] = values`), exactly as the reference decoder does, so every path is
-bit-identical to `lowbit.sz.decode_reference`.
+bit-identical to `lowbit.formats.sz.decode_reference`.
 
 Launchers take tensors on CUDA, or on CPU under TRITON_INTERPRET=1 (then bf16 is produced in
 fp32 and rounded by torch, because the interpreter truncates fp32->bf16 casts).
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc_output
+from ._common import alloc_output, count_launch, interpreting
 
 
 @triton.jit
@@ -72,13 +72,13 @@ def sz_decode(
 ) -> torch.Tensor:
     """Flat decoded tensor of `numel` values in `dtype` (payload uint8, offsets int64 of n_chunks+1,
     table int32 of 2**max_len, step fp32 of 1 element, outliers int64 / any float)."""
-    interpreting = payload.device.type == "cpu"
-    store_dtype = torch.float32 if (interpreting and dtype == torch.bfloat16) else dtype
+    store_dtype = torch.float32 if (interpreting() and dtype == torch.bfloat16) else dtype
     out = alloc_output(numel, store_dtype, payload.device)
     n_chunks = offsets.numel() - 1
     lanes = 32
     if payload.numel() == 0:  # the kernel needs a real pointer; every load is masked anyway
         payload = torch.zeros(1, dtype=torch.uint8, device=payload.device)
+    count_launch("sz.decode")
     sz_decode_kernel[(triton.cdiv(n_chunks, lanes),)](
         payload, offsets, table, step, out, numel, n_chunks, payload.numel(), radius,
         CHUNK=chunk_size, MAX_LEN=max_len, LANES=lanes, num_warps=1,

@@ -1,6 +1,6 @@
 """Triton kernels for 2/3/4-bit integer weights with per-row or per-group scale and zero point.
 
-W [N, K] is stored as in lowbit.quantint: int32 bit planes codes[n, c, j] (bit i of the word is
+W [N, K] is stored as in lowbit.formats.intq: int32 bit planes codes[n, c, j] (bit i of the word is
 bit j of Q[n, 32c + i]), scale [N, G] (any float dtype, read as fp32) and zeros uint8 [N, G],
 W = s * (Q - z). Tiles of W are unpacked and scaled in registers and fed to tl.dot with fp32
 accumulation:
@@ -16,10 +16,26 @@ write fp32 partial sums that the launcher reduces (deterministic).
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc_output, grouped_tile, store_output
+from ._common import (
+    TL_DTYPE,
+    GradScaleConfig,
+    GradXConfig,
+    MatmulConfig,
+    alloc_output,
+    bucket,
+    count_launch,
+    dot_dtype,
+    grouped_tile,
+    pick,
+    precision,
+    reduce_split,
+    store_output,
+    tune_m,
+)
 
 
 @triton.jit
@@ -28,7 +44,7 @@ def _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS: tl.constexpr, BI
     R: tl.constexpr = rows.shape[0]
     NW: tl.constexpr = COLS // 32
     chunk = col_start // 32 + tl.arange(0, NW)
-    base = rows[:, None] * ((K // 32) * BITS) + chunk[None, :] * BITS
+    base = rows.to(tl.int64)[:, None] * ((K // 32) * BITS) + chunk[None, :] * BITS
     lane = tl.arange(0, 32)
     q = tl.zeros((R, NW, 32), dtype=tl.int32)
     for j in tl.static_range(BITS):
@@ -86,7 +102,7 @@ def matmul_int_kernel(
     for kk in range(0, k_len, BLOCK_K):
         k0 = pid_k * k_len + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
         w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
                           BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, DOT_DTYPE)
@@ -117,7 +133,7 @@ def gemv_int_kernel(
     for kk in range(0, k_len, BLOCK_K):
         k0 = pid_k * k_len + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=m_mask[:, None], other=0.0).to(tl.float32)
         w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
                           BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, tl.float32)
@@ -148,12 +164,12 @@ def matmul_int_grad_x_kernel(
     for nn in range(0, n_len, BLOCK_N):
         offs_n = pid_s * n_len + nn + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
         w = _dequant_tile(codes_ptr, scale_ptr, zero_ptr, offs_n, n_mask, k0, K, NG,
                           BLOCK_K, BITS, GROUP, PER_ROW, TILE_IN_GROUP, DOT_DTYPE)
         acc = tl.dot(g, w, acc, input_precision=PRECISION)
-    out = gx_ptr + pid_s * stride_s + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    out = gx_ptr + pid_s.to(tl.int64) * stride_s + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :] * stride_ok
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
@@ -187,9 +203,9 @@ def matmul_int_grad_scale_kernel(
         for mm in range(0, m_len, BLOCK_M):
             offs_m = m_start + mm + tl.arange(0, BLOCK_M)
             m_mask = offs_m < M
-            gt = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_m[None, :] * stride_gm,
+            gt = tl.load(g_ptr + offs_n[:, None] * stride_gn + offs_m.to(tl.int64)[None, :] * stride_gm,
                          mask=n_mask[:, None] & m_mask[None, :], other=0.0).to(DOT_DTYPE)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                         mask=m_mask[:, None], other=0.0).to(DOT_DTYPE)
             acc = tl.dot(gt, x, acc, input_precision=PRECISION)
         q = tl.reshape(_unpack_tile(codes_ptr, offs_n, n_mask, k0, K, BLOCK_K, BITS), (BLOCK_N, BLOCK_K))
@@ -199,34 +215,33 @@ def matmul_int_grad_scale_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Launchers and configs
+# Configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-import torch  # noqa: E402
-
-from .matmul4bit import _TL_DTYPE, _bucket, _dot_dtype, _pick, _precision, tune_m  # noqa: E402
-
-# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages), by M bucket; first = default.
-FORWARD_CONFIGS = {
-    1: [("gemv", 1, 32, 128, 4, 4, 3), ("gemv", 1, 16, 256, 4, 4, 3), ("gemv", 1, 64, 64, 4, 4, 3)],
-    4: [("gemv", 4, 32, 64, 4, 4, 3), ("dot", 16, 64, 64, 4, 4, 3)],
-    16: [("dot", 16, 64, 128, 4, 4, 3), ("dot", 16, 32, 128, 8, 4, 3), ("dot", 16, 64, 64, 4, 4, 3)],
-    64: [("dot", 64, 64, 64, 1, 4, 3), ("dot", 64, 128, 32, 1, 4, 4)],
-    256: [("dot", 128, 128, 32, 1, 8, 3), ("dot", 64, 128, 32, 1, 4, 4), ("dot", 128, 64, 64, 1, 8, 3)],
-    1 << 30: [("dot", 128, 128, 64, 1, 8, 3), ("dot", 128, 128, 32, 1, 8, 4), ("dot", 64, 128, 32, 1, 4, 4)],
+C = MatmulConfig
+G = GradXConfig
+S = GradScaleConfig
+# Forward configs by M bucket (the largest M each serves); first = default, the tuner times the rest.
+FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
+    1: [C("gemv", 1, 32, 128, 4, 4, 3), C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3)],
+    4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
+    16: [C("dot", 16, 64, 128, 4, 4, 3), C("dot", 16, 32, 128, 8, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
+    64: [C("dot", 64, 64, 64, 1, 4, 3), C("dot", 64, 128, 32, 1, 4, 4)],
+    256: [C("dot", 128, 128, 32, 1, 8, 3), C("dot", 64, 128, 32, 1, 4, 4), C("dot", 128, 64, 64, 1, 8, 3)],
+    1 << 30: [C("dot", 128, 128, 64, 1, 8, 3), C("dot", 128, 128, 32, 1, 8, 4), C("dot", 64, 128, 32, 1, 4, 4)],
 }
-# (BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages)
-GRAD_X_CONFIGS = {
-    16: [(16, 64, 128, 4, 4, 3), (16, 64, 64, 4, 4, 3)],
-    256: [(64, 64, 64, 1, 4, 3), (64, 128, 32, 1, 4, 3)],
-    1 << 30: [(128, 128, 32, 1, 8, 3), (128, 64, 32, 1, 4, 3)],
+GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
+    16: [G(16, 64, 128, 4, 4, 3), G(16, 64, 64, 4, 4, 3)],
+    256: [G(64, 64, 64, 1, 4, 3), G(64, 128, 32, 1, 4, 3)],
+    1 << 30: [G(128, 128, 32, 1, 8, 3), G(128, 64, 32, 1, 4, 3)],
 }
-# (BLOCK_N, BLOCK_K, BLOCK_M, num_warps, num_stages); SPLIT_M is chosen from the grid size.
-GRAD_SCALE_CONFIGS = [(64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 32, 64, 4, 3)]
-GRAD_SCALE_CONFIGS_FP32 = [(64, 32, 32, 4, 3), (32, 64, 32, 4, 3)]  # fp32 tiles take twice the registers
-INTERPRETER_FORWARD = [("gemv", 1, 32, 64, 2, 4, 1), ("dot", 16, 32, 64, 1, 4, 1), ("dot", 16, 32, 32, 2, 4, 1)]
-INTERPRETER_GRAD_X = [(16, 64, 32, 2, 4, 1), (16, 32, 32, 1, 4, 1)]
-INTERPRETER_GRAD_SCALE = (32, 32, 16, 4, 1)
+GRAD_SCALE_CONFIGS = [S(64, 64, 64, 4, 3), S(128, 64, 64, 8, 3), S(64, 32, 64, 4, 3)]
+GRAD_SCALE_CONFIGS_FP32 = [S(64, 32, 32, 4, 3), S(32, 64, 32, 4, 3)]  # fp32 tiles take twice the registers
+INTERPRETER_FORWARD = [C("gemv", 1, 32, 64, 2, 4, 1), C("dot", 16, 32, 64, 1, 4, 1), C("dot", 16, 32, 32, 2, 4, 1)]
+INTERPRETER_GRAD_X = [G(16, 64, 32, 2, 4, 1), G(16, 32, 32, 1, 4, 1)]
+INTERPRETER_GRAD_SCALE = S(32, 32, 16, 4, 1)
+FALLBACK_FORWARD = C("dot", 16, 32, 32, 1, 4, 1)
+FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1)
 
 
 def _cpu_scale(scale):
@@ -234,9 +249,8 @@ def _cpu_scale(scale):
     return scale.float() if (scale.device.type == "cpu" and scale.dtype == torch.bfloat16) else scale
 
 
-def _fits_forward(cfg: tuple, m: int, k: int) -> bool:
-    kind, bm, _, bk, split, _, _ = cfg
-    return (kind != "gemv" or m <= bm) and k % (bk * split) == 0
+def _fits_forward(cfg: MatmulConfig, m: int, k: int) -> bool:
+    return (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
 
 
 def _scale_mode(k: int, group_len: int, block_k: int) -> dict:
@@ -245,81 +259,76 @@ def _scale_mode(k: int, group_len: int, block_k: int) -> dict:
             "TILE_IN_GROUP": per_row or group_len % block_k == 0}
 
 
-def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config=None):
+def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulConfig | None = None):
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D contiguous, fp16/bf16/fp32; K % 32 == 0."""
     m, k = x.shape
     out_dtype = x.dtype
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x = x.float()
-    dot_dtype = _dot_dtype(x.dtype, x.device)
+    dot_dt = dot_dtype(x.dtype, x.device)
     ng = k // group_len
     scale = _cpu_scale(scale)
 
-    def run(cfg):
-        kind, bm, bn, bk, split, warps, stages = cfg
+    def run(cfg: MatmulConfig):
+        split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)
-        kern = gemv_int_kernel if kind == "gemv" else matmul_int_kernel
-        grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        kern[grid](
+        gemv = cfg.kind == "gemv"
+        kern = gemv_int_kernel if gemv else matmul_int_kernel
+        tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, cfg.block_m))
+        count_launch(f"intq.{cfg.kind}")
+        kern[(tiles, split)](
             x, codes, scale, zeros, bias if bias is not None else x, y,
             m, n, k, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(2),
-            BITS=bits, **_scale_mode(k, group_len, bk), HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
-            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+            BITS=bits, **_scale_mode(k, group_len, cfg.block_k), HAS_BIAS=bias is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, GROUP_M=8,
+            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if split == 1 and y.dtype == out_dtype:
-            return y[0]
-        out = y.sum(0) if split > 1 else y[0]
-        if bias is not None and split > 1:
-            out = out + bias.float()
-        return out.to(out_dtype)
+        return reduce_split(y, bias, out_dtype)
 
     if config is None:
         if x.device.type == "cpu":
-            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c[0] == "dot")]
-            config = cands[0] if cands else ("dot", 16, 32, 32, 1, 4, 1)
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c.kind == "dot")]
+            config = cands[0] if cands else FALLBACK_FORWARD
         else:
-            b = _bucket(FORWARD_CONFIGS, m)
-            cands = [c for c in FORWARD_CONFIGS[b] if _fits_forward(c, m, k)]
+            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
             if not cands:
-                cands = [("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
-            config = _pick(("int_fwd", tune_m(m), n, k, x.dtype, bits, group_len), cands, run)
+                cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
+            config = pick(("int_fwd", tune_m(m), n, k, x.dtype, bits, group_len), cands, run)
     return run(config)
 
 
-def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config=None):
+def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config: GradXConfig | None = None):
     """gx[M, k] = g[M, N] @ W. g: 2-D contiguous, fp16/bf16/fp32."""
     m, n = g.shape
     out_dtype = g.dtype
     if g.device.type == "cpu" and g.dtype == torch.bfloat16:
         g = g.float()
-    dot_dtype = _dot_dtype(g.dtype, g.device)
+    dot_dt = dot_dtype(g.dtype, g.device)
     ng = k // group_len
     scale = _cpu_scale(scale)
 
-    def run(cfg):
-        bm, bk, bn, split, warps, stages = cfg
-        store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
-        gx = alloc_output((split, m, k), store_dtype, g.device)
-        grid = (triton.cdiv(m, bm) * (k // bk), split)
+    def run(cfg: GradXConfig):
+        store_dtype = torch.float32 if (cfg.split_n > 1 or g.dtype == torch.float32) else g.dtype
+        gx = alloc_output((cfg.split_n, m, k), store_dtype, g.device)
+        grid = (triton.cdiv(m, cfg.block_m) * (k // cfg.block_k), cfg.split_n)
+        count_launch("intq.grad_x")
         matmul_int_grad_x_kernel[grid](
             g, codes, scale, zeros, gx,
             m, n, k, ng, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1), gx.stride(2),
-            BITS=bits, **_scale_mode(k, group_len, bk),
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
-            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+            BITS=bits, **_scale_mode(k, group_len, cfg.block_k),
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, GROUP_M=8,
+            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        out = gx.sum(0) if split > 1 else gx[0]
-        return out.to(out_dtype)
+        return reduce_split(gx, None, out_dtype)
 
     if config is None:
         if g.device.type == "cpu":
-            config = next((c for c in INTERPRETER_GRAD_X if k % c[1] == 0), (16, 32, 32, 1, 4, 1))
+            config = next((c for c in INTERPRETER_GRAD_X if k % c.block_k == 0), FALLBACK_GRAD_X)
         else:
-            b = _bucket(GRAD_X_CONFIGS, m)
-            cands = [c for c in GRAD_X_CONFIGS[b] if k % c[1] == 0] or [(64, 32, 64, 1, 4, 3)]
-            config = _pick(("int_gx", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
+            cands = [c for c in GRAD_X_CONFIGS[bucket(GRAD_X_CONFIGS, m)] if k % c.block_k == 0]
+            cands = cands or [G(64, 32, 64, 1, 4, 3)]
+            config = pick(("int_gx", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
     return run(config)
 
 
@@ -331,7 +340,7 @@ def _split_m(m: int, n: int, ng: int, bn: int, bm: int, device) -> int:
     return max(1, min(want, triton.cdiv(m, bm), 64))
 
 
-def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
+def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config: GradScaleConfig | None = None):
     """gs[N, K/group_len] fp32 = dL/ds for y = x @ W^T with g = dL/dy [M, N], x [M, K]."""
     m, n = g.shape
     k = x.shape[1]
@@ -339,20 +348,20 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
         g, x = g.float(), x.float()
     if x.dtype != g.dtype:
         x = x.to(g.dtype)
-    dot_dtype = _dot_dtype(g.dtype, g.device)
+    dot_dt = dot_dtype(g.dtype, g.device)
     ng = k // group_len
 
-    def run(cfg):
-        bn, bk, bm, warps, stages = cfg
-        bk = bk if group_len % bk == 0 else 32
-        split = _split_m(m, n, ng, bn, bm, g.device)
+    def run(cfg: GradScaleConfig):
+        bk = cfg.block_k if group_len % cfg.block_k == 0 else 32
+        split = _split_m(m, n, ng, cfg.block_n, cfg.block_m, g.device)
         gs = alloc_output((split, n, ng), torch.float32, g.device)
-        grid = (triton.cdiv(n, bn), ng, split)
+        grid = (triton.cdiv(n, cfg.block_n), ng, split)
+        count_launch("intq.grad_scale")
         matmul_int_grad_scale_kernel[grid](
             g, x, codes, zeros, gs,
             m, n, k, ng, g.stride(0), g.stride(1), x.stride(0), x.stride(1), gs.stride(0),
-            BITS=bits, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, SPLIT_M=split, DOT_DTYPE=dot_dtype,
-            PRECISION=_precision(dot_dtype), num_warps=warps, num_stages=stages,
+            BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_M=cfg.block_m, SPLIT_M=split, DOT_DTYPE=dot_dt,
+            PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
         return gs.sum(0) if split > 1 else gs[0]
 
@@ -361,12 +370,12 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config=None):
             config = INTERPRETER_GRAD_SCALE
         else:
             cands = GRAD_SCALE_CONFIGS_FP32 if g.dtype == torch.float32 else GRAD_SCALE_CONFIGS
-            config = _pick(("int_gs", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
+            config = pick(("int_gs", tune_m(m), n, k, g.dtype, bits, group_len), cands, run)
     return run(config)
 
 
 # ----------------------------------------------------------------------------------------------
-# AOT compile specs (lowbit._aot)
+# Compile specs (lowbit._aot)
 # ----------------------------------------------------------------------------------------------
 
 _SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -387,7 +396,8 @@ def aot_specs() -> list[dict]:
     specs = []
     fwd = list(dict.fromkeys(c for b in sorted(FORWARD_CONFIGS) for c in FORWARD_CONFIGS[b]))
     for i, cfg in enumerate(fwd):
-        kind, bm, bn, bk, split, warps, stages = cfg
+        kind, bm, bn, bk, split, warps, stages = (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
+                                                  cfg.num_warps, cfg.num_stages)
         for bits in (2, 3, 4):
             dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
             modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
@@ -402,13 +412,14 @@ def aot_specs() -> list[dict]:
                                       "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "stride_xm": "i32",
                                       "stride_xk": "i32", "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
                         "constexprs": {"BITS": bits, **mode, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn,
-                                       "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8, "DOT_DTYPE": _TL_DTYPE[dt],
+                                       "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8, "DOT_DTYPE": TL_DTYPE[dt],
                                        "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
                         "num_warps": warps, "num_stages": stages,
                     })
     gx = list(dict.fromkeys(c for b in sorted(GRAD_X_CONFIGS) for c in GRAD_X_CONFIGS[b]))
     for i, cfg in enumerate(gx):
-        bm, bk, bn, split, warps, stages = cfg
+        bm, bk, bn, split, warps, stages = (cfg.block_m, cfg.block_k, cfg.block_n, cfg.split_n, cfg.num_warps,
+                                            cfg.num_stages)
         for bits in (2, 3, 4):
             dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
             modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
@@ -423,7 +434,7 @@ def aot_specs() -> list[dict]:
                                       "K": "i32", "NG": "i32", "stride_gm": "i32", "stride_gn": "i32",
                                       "stride_s": "i32", "stride_om": "i32", "stride_ok": "i32"},
                         "constexprs": {"BITS": bits, **mode, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
-                                       "SPLIT_N": split, "GROUP_M": 8, "DOT_DTYPE": _TL_DTYPE[dt],
+                                       "SPLIT_N": split, "GROUP_M": 8, "DOT_DTYPE": TL_DTYPE[dt],
                                        "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
                         "num_warps": warps, "num_stages": stages,
                     })
@@ -431,7 +442,7 @@ def aot_specs() -> list[dict]:
                    for dt in [torch.bfloat16] + ([torch.float16] if i == 0 and bits == 3 else [])]
     gs_variants += [(cfg, 3, torch.float32) for cfg in GRAD_SCALE_CONFIGS_FP32]
     for cfg, bits, dt in gs_variants:
-        bn, bk, bm, warps, stages = cfg
+        bn, bk, bm, warps, stages = cfg.block_n, cfg.block_k, cfg.block_m, cfg.num_warps, cfg.num_stages
         t = _SIG_DT[dt]
         specs.append({
             "name": f"grad_scale_int{bits}[{t},{bn}x{bk}x{bm},w={warps},s={stages}]",
@@ -441,7 +452,7 @@ def aot_specs() -> list[dict]:
                           "stride_gm": "i32", "stride_gn": "i32", "stride_xm": "i32", "stride_xk": "i32",
                           "stride_s": "i32"},
             "constexprs": {"BITS": bits, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_M": 4,
-                           "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
+                           "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
             "num_warps": warps, "num_stages": stages,
         })
     return specs

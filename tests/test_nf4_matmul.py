@@ -70,7 +70,7 @@ def test_k_not_multiple_of_blocksize_is_correct():
 
 @interp
 def test_every_config_of_the_interpreter_table():
-    import lowbit.kernels.matmul4bit as K
+    import lowbit.kernels.nf4 as K
 
     n, k = 48, 256
     q = lowbit.quantize_4bit(torch.randn(n, k), 64, "nf4", True)
@@ -331,7 +331,7 @@ def test_non_contiguous_input_and_bias_dtype():
 
 def test_tuner_keys_separate_m_sizes():
     # A config timed at M=512 must not be reused at M=4096 (it was, and ran 4x slower on an H100).
-    from lowbit.kernels.matmul4bit import tune_m
+    from lowbit.kernels._common import tune_m
 
     keys = [tune_m(m) for m in (1, 2, 3, 16, 17, 512, 4096, 10**6)]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)

@@ -1,4 +1,4 @@
-"""Sub-4-bit integer weights with trainable scales (lowbit.quantint, lowbit.nn_int, kernels.matmul_int).
+"""Sub-4-bit integer weights with trainable scales (lowbit.formats.intq, lowbit.nn.IntLinear, lowbit.kernels.intq).
 
 Every numeric check compares against a float64 oracle built here from the documented byte layout
 (independent of lowbit's own unpacking), with the METHOD.md tolerances of helpers.TOL.
@@ -11,9 +11,8 @@ import pytest
 import torch
 from tests.helpers import TOL, rel_err, triton_on_cpu
 
-from lowbit.nn import LoRALinear
-from lowbit.nn_int import IntLinear
-from lowbit.quantint import QuantInt, dequantize_int, matmul_int, pack_codes, quantize_int
+from lowbit import IntLinear, LoRALinear, QuantInt, dequantize_int, matmul_int, quantize_int
+from lowbit.formats.intq import pack_codes
 
 LAYOUTS = [None, 32, 64]  # rows; groups of 32 (a 64-wide kernel tile spans 2 groups); groups of 64
 
@@ -259,19 +258,20 @@ def test_triton_grads_half(dtype, poisoned_empty):
 
 def test_triton_launcher_configs_split_and_per_element(poisoned_empty):
     """Explicit configs: SPLIT_K > 1, a K-tile spanning two groups, a K-tile inside a group."""
-    from lowbit.kernels import matmul_int as km
+    from lowbit.kernels import intq as km
 
     n, k = 33, 256
     q = quantize_int(torch.randn(n, k), 3, 32)
     x = torch.randn(5, k)
     ref = x.double() @ oracle_weight(q).t()
-    for cfg in [("dot", 16, 32, 64, 2, 4, 1), ("gemv", 8, 32, 64, 2, 4, 1), ("dot", 16, 16, 32, 4, 4, 1)]:
+    C = km.MatmulConfig
+    for cfg in [C("dot", 16, 32, 64, 2, 4, 1), C("gemv", 8, 32, 64, 2, 4, 1), C("dot", 16, 16, 32, 4, 4, 1)]:
         y = km.matmul_int(x, q.codes, q.scale, q.zeros, 3, 32, n, None, config=cfg)
         assert rel_err(y, ref) <= TOL[torch.float32], cfg
     g = torch.randn(5, n)
-    gx = km.matmul_int_grad_x(g, q.codes, q.scale, q.zeros, 3, 32, k, config=(16, 64, 16, 2, 4, 1))
+    gx = km.matmul_int_grad_x(g, q.codes, q.scale, q.zeros, 3, 32, k, config=km.GradXConfig(16, 64, 16, 2, 4, 1))
     assert rel_err(gx, g.double() @ oracle_weight(q)) <= TOL[torch.float32]
-    gs = km.matmul_int_grad_scale(g, x, q.codes, q.zeros, 3, 32, config=(16, 32, 16, 4, 1))
+    gs = km.matmul_int_grad_scale(g, x, q.codes, q.zeros, 3, 32, config=km.GradScaleConfig(16, 32, 16, 4, 1))
     qz, _ = oracle_parts(q)
     expect = ((g.double().t() @ x.double()) * qz).view(n, k // 32, 32).sum(-1)
     assert rel_err(gs, expect) <= TOL[torch.float32]
@@ -289,7 +289,7 @@ def test_intlinear_params_buffers_and_repr():
     assert trainable == ["scale"]
     assert layer.scale.shape == (24, 2)
     sd = layer.state_dict()
-    assert set(sd) == {"codes", "zeros", "scale", "bias"}
+    assert set(sd) == {"codes", "zeros", "scale", "bias", "_extra_state"}
     assert type(sd["codes"]) is torch.Tensor and sd["codes"].dtype == torch.int32
     assert sd["zeros"].dtype == torch.uint8
     assert "bits=3" in repr(layer) and f"bits_per_param={3 + 40 / 64:.3f}" in repr(layer)
@@ -301,7 +301,7 @@ def test_intlinear_params_buffers_and_repr():
 
 
 def test_intlinear_finetune_save_load_roundtrip(tmp_path):
-    from lowbit.serialization import load_state_dict, save_state_dict
+    from lowbit.io import load_state_dict, save_state_dict
 
     layer = IntLinear.from_linear(torch.nn.Linear(128, 32), bits=2, group_size=32)
     opt = torch.optim.SGD([p for p in layer.parameters() if p.requires_grad], lr=0.1)

@@ -1,24 +1,143 @@
-"""Triton kernels: fused 4-bit dequant-matmul (forward GEMM, decode GEMV, grad_x GEMM).
+"""Triton kernels of the 4-bit LUT family (nf4, fp4, optimal): quantize, dequantize, and the fused
+dequant-matmuls (forward GEMM, decode GEMV, grad_x GEMM).
 
-W is [N, K] in the bitsandbytes layout (see lowbit.quant4bit) with K % blocksize == 0, so row n
-of W is bytes [n * K/2, (n+1) * K/2) and its scales are absmax[n * K/bs + k // bs]. Tiles of W
-are dequantized in registers (code table gather, scale multiply, double-quantized scales decoded
-on the fly) and fed to tl.dot with fp32 accumulation; W never exists in memory at full width.
+One file per family (the house plan), read top to bottom: device helpers, kernels, configs,
+launchers, compile specs. It is over 500 lines because the three matmul kernels share the
+decode helpers above them; splitting them would put one algorithm in two files.
+
+Byte layout (lowbit.formats.nf4 documents it): W [N, K] flattened row-major, byte i holds
+element 2i in its high nibble and 2i+1 in its low one; block scales absmax[b] for blocks of
+BLOCKSIZE consecutive elements (fp32, or uint8 codes into a 256-value map times a nested fp32
+scale per 256 blocks plus an offset with double quantization). With K % BLOCKSIZE == 0, row n of W
+is bytes [n * K/2, (n+1) * K/2) and its scales are absmax[n * K/bs + k // bs].
+
+Quantize/dequantize are bit-identical to the reference: the quantizer multiplies by a correctly
+rounded reciprocal (div_rn) and the dequantizer runs with fp-fusion off, so `code * scale +
+offset` rounds twice exactly as torch does. Under TRITON_INTERPRET=1 (CPU) bf16 results are
+produced in fp32 and rounded by torch, because the interpreter truncates fp32->bf16 casts.
+
+Matmuls: tiles of W are dequantized in registers (code table gather, scale multiply,
+double-quantized scales decoded on the fly) and fed to tl.dot with fp32 accumulation; W never
+exists in memory at full width.
 
   forward  y[M, N]  = x[M, K] @ W^T    tile of W: rows n (output), cols k (reduction)
   grad_x   gx[M, K] = gy[M, N] @ W     tile of W: rows n (reduction), cols k (output)
 
 SPLIT_K > 1 writes fp32 partial sums [SPLIT_K, M, out] that the launcher reduces (deterministic,
-unlike atomics); the launcher also adds the bias and casts in that case.
+unlike atomics); the launcher also adds the bias and casts in that case. Offsets that scale with
+M (activation rows) or with N * K (weight bytes) are int64.
 """
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-from ._common import alloc_output, grouped_tile, store_output
-from .quant4bit import _block_scale
+from ._common import (
+    DEQUANT,
+    TL_DTYPE,
+    GradXConfig,
+    MatmulConfig,
+    alloc_output,
+    bucket,
+    count_launch,
+    dot_dtype,
+    grouped_tile,
+    interpreting,
+    pick,
+    precision,
+    reduce_split,
+    store_output,
+    tune_m,
+)
+
+# ----------------------------------------------------------------------------------------------
+# Quantize / dequantize kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def quantize_4bit_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    bounds_ptr,
+    order_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    BLOCKS_PER_PROG: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)  # element offsets pass 2**31 for tensors of 2G+ elements
+    blk = pid * BLOCKS_PER_PROG + tl.arange(0, BLOCKS_PER_PROG)
+    offs = blk[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    nblocks = tl.cdiv(n, BLOCKSIZE)
+    tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
+    # As the reference (bnb): whole blocks multiply by a correctly rounded 1/absmax, the short
+    # last block divides; a zero block scales to 0 (its values take the code of 0).
+    denom = tl.maximum(absmax, 1e-38)
+    recip = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), denom), 0.0)
+    tail = (blk[:, None] + 1) * BLOCKSIZE > n
+    quot = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], x.shape))
+    scaled = tl.where(tail & (absmax[:, None] > 0), quot, x * recip[:, None])
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    # Nearest table value = number of decision bounds strictly below the value (bucketize).
+    idx = tl.zeros(scaled.shape, dtype=tl.int32)
+    for i in tl.static_range(15):
+        idx += (tl.load(bounds_ptr + i) < scaled).to(tl.int32)
+    q = tl.load(order_ptr + idx).to(tl.uint8)
+    hi, lo = tl.split(tl.reshape(q, (BLOCKS_PER_PROG, BLOCKSIZE // 2, 2)))
+    packed = (hi << 4) | lo
+    poffs = blk[:, None] * (BLOCKSIZE // 2) + tl.arange(0, BLOCKSIZE // 2)[None, :]
+    tl.store(packed_ptr + poffs, packed, mask=poffs < (n + 1) // 2)
+
+
+@triton.jit
+def _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask,
+                 DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr):
+    """fp32 scale of 4-bit block `blk`, decoding the 8-bit nested scale when DOUBLE_QUANT."""
+    if DOUBLE_QUANT:
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        s = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        s = s + tl.load(offset_ptr)
+    else:
+        s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def dequantize_4bit_kernel(
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    nested_absmax_ptr,
+    nested_code_ptr,
+    offset_ptr,
+    out_ptr,
+    n,
+    BLOCKSIZE: tl.constexpr,
+    NESTED_BLOCKSIZE: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    boffs = pid * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+    byte = tl.load(packed_ptr + boffs, mask=boffs < (n + 1) // 2, other=0).to(tl.int32)
+    q = tl.reshape(tl.join(byte >> 4, byte & 0xF), (BLOCK,))
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, offs // BLOCKSIZE, mask,
+                     DOUBLE_QUANT, NESTED_BLOCKSIZE)
+    v = tl.load(code_ptr + q) * s
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+
+# ----------------------------------------------------------------------------------------------
+# Matmul kernels
+# ----------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -71,7 +190,7 @@ def _load_halves(codes_ptr, code_ptr, rows, row_mask, col_start, stride_wn, HALF
     back into W's column order (a register shuffle), the callers split x (or the output) by
     parity: x @ W^T = x_even @ hi^T + x_odd @ lo^T.
     """
-    byte = tl.load(codes_ptr + rows[:, None] * stride_wn + (col_start // 2 + tl.arange(0, HALF))[None, :],
+    byte = tl.load(codes_ptr + rows.to(tl.int64)[:, None] * stride_wn + (col_start // 2 + tl.arange(0, HALF))[None, :],
                    mask=row_mask[:, None], other=0).to(tl.int32)
     return _lookup(byte >> 4, code_ptr, DECODE), _lookup(byte & 0xF, code_ptr, DECODE)
 
@@ -86,14 +205,14 @@ def _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, row
     ([R, COLS/2] for the even columns, [R, COLS/2] for the odd ones).
     """
     if COLS <= BLOCKSIZE:
-        blk = rows * (K // BLOCKSIZE) + col_start // BLOCKSIZE
+        blk = rows.to(tl.int64) * (K // BLOCKSIZE) + col_start // BLOCKSIZE
         s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, row_mask,
                          DOUBLE_QUANT, NESTED_BLOCKSIZE)
         return s, s
     else:
         # consecutive (even, odd) columns 2j, 2j+1 always share a block (BLOCKSIZE is even)
         cols = col_start + 2 * tl.arange(0, COLS // 2)
-        blk = rows[:, None] * (K // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :]
+        blk = rows.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (cols // BLOCKSIZE)[None, :]
         s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, row_mask[:, None],
                          DOUBLE_QUANT, NESTED_BLOCKSIZE)
         return s, s
@@ -123,7 +242,7 @@ def _dequant_halves(
 def _load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
     """x[offs_m, k0 : k0 + BLOCK_K] as (even columns, odd columns), each [BM, BLOCK_K/2]."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
     BM: tl.constexpr = offs_m.shape[0]
     xe, xo = tl.split(tl.reshape(x.to(DTYPE), (BM, BLOCK_K // 2, 2)))
     return xe, xo
@@ -220,7 +339,7 @@ def matmul_4bit_grad_x_kernel(
     for nn in range(0, n_len, BLOCK_N):
         offs_n = pid_s * n_len + nn + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
-        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn,
+        g = tl.load(g_ptr + offs_m.to(tl.int64)[:, None] * stride_gm + offs_n[None, :] * stride_gn,
                     mask=m_mask[:, None] & n_mask[None, :], other=0.0).to(DOT_DTYPE)
         we, wo = _dequant_halves(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
                                  offs_n, n_mask, k0, K, stride_wn, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE,
@@ -230,119 +349,56 @@ def matmul_4bit_grad_x_kernel(
     # Re-interleave the even and odd output columns once per tile, at the store.
     acc = tl.reshape(tl.join(acc_e, acc_o), (BLOCK_M, BLOCK_K))
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    out = gx_ptr + pid_s * stride_s + offs_m[:, None] * stride_om + offs_k[None, :] * stride_ok
+    out = gx_ptr + pid_s.to(tl.int64) * stride_s + offs_m.to(tl.int64)[:, None] * stride_om + offs_k[None, :] * stride_ok
     tl.store(out, acc.to(gx_ptr.dtype.element_ty), mask=m_mask[:, None])
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Launchers and configs
+# Configs and launchers
 # ----------------------------------------------------------------------------------------------
 
-import os  # noqa: E402
 
-import torch  # noqa: E402
-
-from lowbit._backend import interpreter_enabled  # noqa: E402
-
-_TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-# (kernel, BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages, DECODE), by M bucket. The first entry
-# of each bucket is the default; with autotuning on (LOWBIT_AUTOTUNE, default 1 on CUDA) every
-# candidate of the bucket, and dequantize+cuBLAS, is timed once per (M bucket, N, K, dtype) and the
-# fastest kept. Chosen from benchmarks/results/2026-11-26-h100-sweep.log (H100): DECODE=2
-# (tl.gather from a register table) beat the global-memory gather and the select tree everywhere,
-# and BLOCK_K=64 beat 128/256.
-FORWARD_CONFIGS = {
-    1: [("gemv", 1, 32, 64, 4, 4, 3, 2), ("gemv", 1, 64, 64, 2, 4, 3, 2), ("gemv", 1, 32, 64, 8, 4, 3, 2),
-        ("gemv", 1, 64, 64, 4, 4, 3, 2), ("gemv", 1, 128, 64, 2, 4, 3, 2),
+C = MatmulConfig
+G = GradXConfig
+# Forward configs by M bucket (the largest M each serves). The first entry of each bucket is the
+# default; with autotuning on (LOWBIT_AUTOTUNE, default 1 on CUDA) every candidate of the bucket,
+# and dequantize+cuBLAS, is timed once per (M, N, K, dtype) and the fastest kept. Chosen from
+# benchmarks/results/2026-11-26-h100-sweep.log (H100): decode=2 (tl.gather from a register
+# table) beat the global-memory gather and the select tree everywhere, and BLOCK_K=64 beat 128/256.
+FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
+    1: [C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
+        C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 128, 64, 2, 4, 3),
         # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
-        ("gemv", 1, 64, 32, 4, 4, 3, 2), ("gemv", 1, 128, 32, 4, 4, 3, 2)],
-    4: [("gemv", 4, 32, 64, 4, 4, 3, 2), ("dot", 16, 128, 64, 2, 4, 3, 2), ("dot", 16, 128, 64, 4, 4, 3, 2)],
-    16: [("dot", 16, 128, 64, 2, 4, 3, 2), ("dot", 16, 256, 64, 2, 8, 3, 2), ("dot", 16, 128, 64, 4, 4, 3, 2),
-         ("dot", 16, 64, 64, 4, 4, 4, 2)],
-    64: [("dot", 64, 128, 64, 1, 4, 3, 2), ("dot", 32, 128, 64, 2, 4, 3, 2), ("dot", 64, 256, 64, 1, 8, 3, 2)],
-    1 << 30: [("dot", 128, 256, 64, 1, 8, 3, 2), ("dot", 64, 128, 64, 1, 4, 4, 2)],
+        C("gemv", 1, 64, 32, 4, 4, 3), C("gemv", 1, 128, 32, 4, 4, 3)],
+    4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 128, 64, 4, 4, 3)],
+    16: [C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 256, 64, 2, 8, 3), C("dot", 16, 128, 64, 4, 4, 3),
+         C("dot", 16, 64, 64, 4, 4, 4)],
+    64: [C("dot", 64, 128, 64, 1, 4, 3), C("dot", 32, 128, 64, 2, 4, 3), C("dot", 64, 256, 64, 1, 8, 3)],
+    1 << 30: [C("dot", 128, 256, 64, 1, 8, 3), C("dot", 64, 128, 64, 1, 4, 4)],
 }
-# (BLOCK_M, BLOCK_K, BLOCK_N, SPLIT_N, num_warps, num_stages, DECODE)
-GRAD_X_CONFIGS = {
-    16: [(16, 64, 128, 4, 4, 3, 2), (16, 128, 64, 2, 4, 3, 2)],
-    1 << 30: [(128, 64, 64, 1, 4, 4, 2), (64, 64, 128, 1, 4, 3, 2)],
+GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
+    16: [G(16, 64, 128, 4, 4, 3), G(16, 128, 64, 2, 4, 3)],
+    1 << 30: [G(128, 64, 64, 1, 4, 4), G(64, 64, 128, 1, 4, 3)],
 }
-# Small tiles for the interpreter; together they cover every DECODE method and both GEMV and dot.
-INTERPRETER_FORWARD = [("gemv", 1, 32, 64, 2, 4, 1, 2), ("dot", 16, 32, 32, 2, 4, 1, 2), ("dot", 32, 32, 64, 1, 4, 1, 0),
-                       ("gemv", 4, 16, 64, 1, 4, 1, 1), ("dot", 16, 16, 128, 1, 4, 1, 1)]
-INTERPRETER_GRAD_X = [(16, 32, 32, 2, 4, 1, 2), (32, 64, 32, 1, 4, 1, 1), (16, 128, 16, 1, 4, 1, 0)]
-
-# Not fused: dequantize W once into a scratch tensor in the activation dtype, then cuBLAS. Kept as
-# a measured candidate because the fused kernels above lose to it at large M on an H100 today
-# (docs/benchmarks.md); the tuner takes whichever is faster for the shape.
-DEQUANT_CONFIG = ("dequant", 0, 0, 0, 1, 0, 0, 0)
-
-_tuned: dict[tuple, tuple] = {}
-
-
-def _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset, nested_blocksize, dtype):
-    from .quant4bit import dequantize_4bit
-
-    return dequantize_4bit(codes, absmax, code, blocksize, n * k, dtype, nested_absmax, nested_code, offset,
-                           nested_blocksize).view(n, k)
+# Small tiles for the interpreter; together they cover every decode method and both GEMV and dot.
+INTERPRETER_FORWARD = [C("gemv", 1, 32, 64, 2, 4, 1, 2), C("dot", 16, 32, 32, 2, 4, 1, 2),
+                       C("dot", 32, 32, 64, 1, 4, 1, 0), C("gemv", 4, 16, 64, 1, 4, 1, 1),
+                       C("dot", 16, 16, 128, 1, 4, 1, 1)]
+INTERPRETER_GRAD_X = [G(16, 32, 32, 2, 4, 1, 2), G(32, 64, 32, 1, 4, 1, 1), G(16, 128, 16, 1, 4, 1, 0)]
+FALLBACK_FORWARD = C("dot", 16, 32, 32, 1, 4, 1, 1)
+FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1, 1)
+# DEQUANT (from _common): not fused, dequantize W once into a scratch tensor in the activation
+# dtype, then cuBLAS. Kept as a measured candidate because the fused kernels lose to it at large
+# M on an H100 today (docs/benchmarks.md); the tuner takes whichever is faster for the shape.
 
 
-def _bucket(table: dict, m: int) -> int:
-    return next(b for b in sorted(table) if m <= b)
+def _fits_forward(cfg: MatmulConfig, m: int, k: int) -> bool:
+    return cfg.kind != "dequant" and (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
 
 
-def tune_m(m: int) -> int:
-    """M as the tuner keys it: the next power of two (capped at 8192). Config-table buckets are
-    too coarse for this: a choice timed at M=512 was reused at M=4096, where it ran 4x slower
-    than the alternative (H100, 2026-11-26)."""
-    return min(1 << max(m - 1, 0).bit_length(), 8192)
-
-
-def _fits_forward(cfg: tuple, m: int, k: int) -> bool:
-    kind, bm, _, bk, split = cfg[:5]
-    return kind != "dequant" and (kind != "gemv" or m <= bm) and k % (bk * split) == 0
-
-
-def _fits_grad_x(cfg: tuple, k: int) -> bool:
-    return cfg[0] != "dequant" and k % cfg[1] == 0
-
-
-def _autotune_enabled() -> bool:
-    return os.environ.get("LOWBIT_AUTOTUNE", "1") == "1"
-
-
-def _pick(key: tuple, candidates: list, run) -> tuple:
-    if key in _tuned:
-        return _tuned[key]
-    if len(candidates) == 1 or not _autotune_enabled():
-        _tuned[key] = candidates[0]
-        return candidates[0]
-    from triton.testing import do_bench
-
-    best, best_t = candidates[0], float("inf")
-    for cfg in candidates:
-        try:
-            t = do_bench(lambda: run(cfg), warmup=5, rep=20, return_mode="median")
-        except Exception:  # e.g. OutOfResources on a smaller card: that candidate is out
-            continue
-        if t < best_t:
-            best, best_t = cfg, t
-    _tuned[key] = best
-    return best
-
-
-def _precision(dot_dtype) -> str:
-    # fp32 activations run their dots in tf32 on the GPU (the 10x-slower ieee path is never taken
-    # silently); the interpreter computes exactly.
-    return "ieee" if (dot_dtype != tl.float32 or interpreter_enabled()) else "tf32"
-
-
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
-    # The interpreter has no bf16 arithmetic: the launcher upcasts bf16 to fp32 there.
-    if device.type == "cpu" and dtype == torch.bfloat16:
-        return tl.float32
-    return _TL_DTYPE[dtype]
+def _fits_grad_x(cfg: GradXConfig, k: int) -> bool:
+    return k % cfg.block_k == 0
 
 
 def _scale_args(absmax, nested_absmax, nested_code, offset):
@@ -350,95 +406,149 @@ def _scale_args(absmax, nested_absmax, nested_code, offset):
     return (absmax, nested_absmax if dq else absmax, nested_code if dq else absmax, offset if dq else absmax), dq
 
 
+def _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset, nested_blocksize, dtype):
+    return dequantize_4bit(codes, absmax, code, blocksize, n * k, dtype, nested_absmax, nested_code, offset,
+                           nested_blocksize).view(n, k)
+
+
 def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize,
-                bias, config=None):
+                bias, config: MatmulConfig | None = None):
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D, fp16/bf16/fp32, K % blocksize == 0."""
     m, k = x.shape
     out_dtype = x.dtype
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x = x.float()
-    dot_dtype = _dot_dtype(x.dtype, x.device)
+    dot_dt = dot_dtype(x.dtype, x.device)
     scales, dq = _scale_args(absmax, nested_absmax, nested_code, offset)
 
-    def run(cfg):
-        kind, bm, bn, bk, split, warps, stages, decode = cfg
-        if kind == "dequant":
+    def run(cfg: MatmulConfig):
+        if cfg.kind == "dequant":
+            count_launch("nf4.dequantize")
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, x.dtype)
             return torch.nn.functional.linear(x, w, bias).to(out_dtype)
+        split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)
-        kern = gemv_4bit_kernel if kind == "gemv" else matmul_4bit_kernel
-        grid = (triton.cdiv(n, bn), split) if kind == "gemv" else (triton.cdiv(m, bm) * triton.cdiv(n, bn), split)
-        kern[grid](
+        gemv = cfg.kind == "gemv"
+        kern = gemv_4bit_kernel if gemv else matmul_4bit_kernel
+        tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, cfg.block_m))
+        count_launch(f"nf4.{cfg.kind}")
+        kern[(tiles, split)](
             x, codes, *scales, code, bias if bias is not None else x, y,
             m, n, k, k // 2, x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(2),
             BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
-            PRECISION=_precision(dot_dtype), DECODE=decode, num_warps=warps, num_stages=stages,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, GROUP_M=8,
+            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), DECODE=cfg.decode,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        if split == 1 and y.dtype == out_dtype:
-            return y[0]
-        out = y.sum(0) if split > 1 else y[0]
-        if bias is not None and split > 1:
-            out = out + bias.float()
-        return out.to(out_dtype)
+        return reduce_split(y, bias, out_dtype)
 
     if config is None:
         if x.device.type == "cpu":
-            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c[0] == "dot")]
-            config = cands[0] if cands else ("dot", 16, 32, 32, 1, 4, 1, 1)
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c.kind == "dot")]
+            config = cands[0] if cands else FALLBACK_FORWARD
         else:
-            cands = [c for c in FORWARD_CONFIGS[_bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
+            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
             if not cands:
-                cands = [("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
-            cands.append(DEQUANT_CONFIG)
-            key = ("fwd", tune_m(m), n, k, x.dtype, dq, blocksize)
-            config = _pick(key, cands, run)
+                cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
+            cands.append(DEQUANT)
+            config = pick(("fwd", tune_m(m), n, k, x.dtype, dq, blocksize), cands, run)
     return run(config)
 
 
 def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
-                       nested_blocksize, config=None):
+                       nested_blocksize, config: GradXConfig | MatmulConfig | None = None):
     """gx[M, k] = g[M, N] @ W. g: 2-D, fp16/bf16/fp32."""
     m, n = g.shape
     out_dtype = g.dtype
     if g.device.type == "cpu" and g.dtype == torch.bfloat16:
         g = g.float()
-    dot_dtype = _dot_dtype(g.dtype, g.device)
+    dot_dt = dot_dtype(g.dtype, g.device)
     scales, dq = _scale_args(absmax, nested_absmax, nested_code, offset)
 
     def run(cfg):
-        if cfg == DEQUANT_CONFIG:
+        if cfg == DEQUANT:
+            count_launch("nf4.dequantize")
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, g.dtype)
             return (g @ w).to(out_dtype)
-        bm, bk, bn, split, warps, stages, decode = cfg
-        store_dtype = torch.float32 if (split > 1 or g.dtype == torch.float32) else g.dtype
-        gx = alloc_output((split, m, k), store_dtype, g.device)
-        grid = (triton.cdiv(m, bm) * (k // bk), split)
+        store_dtype = torch.float32 if (cfg.split_n > 1 or g.dtype == torch.float32) else g.dtype
+        gx = alloc_output((cfg.split_n, m, k), store_dtype, g.device)
+        grid = (triton.cdiv(m, cfg.block_m) * (k // cfg.block_k), cfg.split_n)
+        count_launch("nf4.grad_x")
         matmul_4bit_grad_x_kernel[grid](
             g, codes, *scales, code, gx,
             m, n, k, k // 2, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1), gx.stride(2),
             BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq,
-            BLOCK_M=bm, BLOCK_K=bk, BLOCK_N=bn, SPLIT_N=split, GROUP_M=8, DOT_DTYPE=dot_dtype,
-            PRECISION=_precision(dot_dtype), DECODE=decode, num_warps=warps, num_stages=stages,
+            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, GROUP_M=8,
+            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), DECODE=cfg.decode,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
-        out = gx.sum(0) if split > 1 else gx[0]
-        return out.to(out_dtype)
+        return reduce_split(gx, None, out_dtype)
 
     if config is None:
         if g.device.type == "cpu":
-            config = next((c for c in INTERPRETER_GRAD_X if _fits_grad_x(c, k)), (16, 32, 32, 1, 4, 1, 1))
+            config = next((c for c in INTERPRETER_GRAD_X if _fits_grad_x(c, k)), FALLBACK_GRAD_X)
         else:
-            cands = [c for c in GRAD_X_CONFIGS[_bucket(GRAD_X_CONFIGS, m)] if _fits_grad_x(c, k)]
+            cands = [c for c in GRAD_X_CONFIGS[bucket(GRAD_X_CONFIGS, m)] if _fits_grad_x(c, k)]
             if not cands:
-                cands = [(64, 32, 64, 1, 4, 3, 1)]
-            cands.append(DEQUANT_CONFIG)
-            key = ("gx", tune_m(m), n, k, g.dtype, dq, blocksize)
-            config = _pick(key, cands, run)
+                cands = [G(64, 32, 64, 1, 4, 3, 1)]
+            cands.append(DEQUANT)
+            config = pick(("gx", tune_m(m), n, k, g.dtype, dq, blocksize), cands, run)
     return run(config)
 
+
+def quantize_4bit(
+    flat: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = flat.numel()
+    nblocks = triton.cdiv(n, blocksize)
+    packed = alloc_output((n + 1) // 2, torch.uint8, flat.device)
+    absmax = alloc_output(nblocks, torch.float32, flat.device)
+    per_prog = max(1, 2048 // blocksize)
+    grid = (triton.cdiv(nblocks, per_prog),)
+    count_launch("nf4.quantize")
+    quantize_4bit_kernel[grid](
+        flat, packed, absmax, bounds.float().contiguous(), order.to(torch.int32).contiguous(), n,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROG=per_prog, num_warps=4,
+    )
+    return packed, absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    numel: int,
+    dtype: torch.dtype,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    nested_blocksize: int,
+) -> torch.Tensor:
+    double_quant = nested_absmax is not None
+    store_dtype = torch.float32 if (interpreting() and dtype == torch.bfloat16) else dtype
+    out = alloc_output(numel, store_dtype, packed.device)
+    dummy = absmax  # never read when DOUBLE_QUANT is False
+    block = 1024
+    count_launch("nf4.dequantize")
+    dequantize_4bit_kernel[(triton.cdiv(numel, block),)](
+        packed, absmax, code,
+        nested_absmax if double_quant else dummy,
+        nested_code if double_quant else dummy,
+        offset if double_quant else dummy,
+        out, numel,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant, BLOCK=block,
+        num_warps=4, enable_fp_fusion=False,
+    )
+    return out.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Compile specs (lowbit._aot)
+# ----------------------------------------------------------------------------------------------
 
 _SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
@@ -456,7 +566,8 @@ def aot_specs() -> list[dict]:
     for i, cfg in enumerate(dict.fromkeys(fwd)):
         vs = variants + ([(torch.float16, True), (torch.float32, True), (torch.bfloat16, False)] if i == 0 else [])
         for dt, dq in vs:
-            kind, bm, bn, bk, split, warps, stages, decode = cfg
+            kind, bm, bn, bk, split, warps, stages, decode = (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k,
+                                                             cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.decode)
             t = _SIG_DT[dt]
             out_t = "fp32" if (split > 1 or dt == torch.float32) else t
             specs.append({
@@ -467,7 +578,7 @@ def aot_specs() -> list[dict]:
                               "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
                 "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "HAS_BIAS": True,
                                "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
-                               "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
+                               "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
                                "DECODE": decode},
                 "num_warps": warps, "num_stages": stages,
             })
@@ -475,7 +586,8 @@ def aot_specs() -> list[dict]:
     for i, cfg in enumerate(dict.fromkeys(gx)):
         vs = variants + ([(torch.float16, True), (torch.float32, False)] if i == 0 else [])
         for dt, dq in vs:
-            bm, bk, bn, split, warps, stages, decode = cfg
+            bm, bk, bn, split, warps, stages, decode = (cfg.block_m, cfg.block_k, cfg.block_n, cfg.split_n,
+                                                        cfg.num_warps, cfg.num_stages, cfg.decode)
             t = _SIG_DT[dt]
             out_t = "fp32" if (split > 1 or dt == torch.float32) else t
             specs.append({
@@ -486,8 +598,32 @@ def aot_specs() -> list[dict]:
                               "stride_om": "i32", "stride_ok": "i32"},
                 "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK_M": bm,
                                "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split, "GROUP_M": 8,
-                               "DOT_DTYPE": _TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
+                               "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
                                "DECODE": decode},
                 "num_warps": warps, "num_stages": stages,
+            })
+    specs += _aot_specs_quant()
+    return specs
+
+
+def _aot_specs_quant() -> list[dict]:
+    specs = []
+    for xt in ("fp32", "fp16", "bf16"):
+        for bs in (64, 4096):
+            specs.append({
+                "name": f"quantize_4bit[{xt},bs={bs}]", "fn": quantize_4bit_kernel,
+                "signature": {"x_ptr": f"*{xt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bounds_ptr": "*fp32",
+                              "order_ptr": "*i32", "n": "i32"},
+                "constexprs": {"BLOCKSIZE": bs, "BLOCKS_PER_PROG": max(1, 2048 // bs)},
+            })
+    for ot in ("fp32", "fp16", "bf16"):
+        for dq in (False, True):
+            specs.append({
+                "name": f"dequantize_4bit[{ot},dq={dq}]", "fn": dequantize_4bit_kernel,
+                "signature": {"packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "code_ptr": "*fp32",
+                              "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
+                              "out_ptr": f"*{ot}", "n": "i32"},
+                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK": 1024},
+                "options": {"enable_fp_fusion": False},
             })
     return specs

@@ -1,4 +1,7 @@
-"""SZ-style error-bounded weight compression: linear quantization + chunked canonical Huffman.
+"""The SZ family: error-bounded weight compression (linear quantization + chunked canonical Huffman).
+
+This file is the family's spec: the format object (`SZTensor`) and its byte format, the encoder
+(`sz_compress`, CPU) and the two CPU decoders (the bit-by-bit reference and a vectorized one).
 
     c = sz_compress(w, 1e-3)            # |sz_decompress(c) - w| <= 1e-3, element by element
     c = sz_compress(w, 1e-2, "rel")     # bound = 1e-2 * (max(w) - min(w))
@@ -13,158 +16,45 @@ outliers (index + original value); in the stream they carry the code 0. See docs
 
 Decoders, bit-identical: `decode_reference` (bit-by-bit canonical decode, the spec),
 `decode_vectorized` (numpy pointer-jumping over a table lookup at every bit position) and the
-Triton kernel in lowbit.kernels.sz_decode (CUDA, or CPU under TRITON_INTERPRET=1).
+Triton kernel in lowbit.kernels.sz (CUDA, or CPU under TRITON_INTERPRET=1).
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ._backend import kernels, use_triton
-from ._validate import FLOAT_DTYPES, check_choice, check_finite, check_float_tensor
+from .._validate import FLOAT_DTYPES, check_choice, check_finite, check_float_tensor, check_has_values
+from ._entropy import (
+    MAX_LEN,
+    gaps,
+    varint_decode,
+    varint_encode,
+    varint_len,
+    canonical_codes,
+    decode_table,
+    huffman_lengths,
+)
 
 MAGIC = b"LBSZ"
 VERSION = 1
-MAX_LEN = 12  # longest Huffman code, bits (the decoders peek this many bits)
 MAX_RADIUS = 511  # alphabet: codes -511..511 (1023 symbols); larger |code| are outliers
 MODES = ("abs", "rel")
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
-_DTYPE_BIT = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 4}
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+DTYPE_BIT = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 4}
 _HEAD = struct.Struct("<4sBBBBB")  # magic, version, dtype, mode, ndim, max_len
 _PARAMS = struct.Struct("<ddfIIB")  # error_bound, bound, step, chunk_size, radius, dtype_mask
 _COUNT = struct.Struct("<QQB")  # outliers, bytes of their index gaps, value dtype
 _CRC = struct.Struct("<I")
-
-
-# --------------------------------------------------------------------------- Huffman tables
-
-
-def _huffman_depths(freq: np.ndarray) -> np.ndarray:
-    """Code lengths of a Huffman code for positive weights `freq` (at least two of them)."""
-    n = len(freq)
-    heap = [(int(w), i) for i, w in enumerate(freq)]
-    heapq.heapify(heap)
-    parent = [0] * (2 * n - 1)
-    nxt = n
-    while len(heap) > 1:
-        w1, a = heapq.heappop(heap)
-        w2, b = heapq.heappop(heap)
-        parent[a] = parent[b] = nxt
-        heapq.heappush(heap, (w1 + w2, nxt))
-        nxt += 1
-    depth = [0] * (2 * n - 1)
-    for i in range(2 * n - 3, -1, -1):  # internal nodes are numbered after their children
-        depth[i] = depth[parent[i]] + 1
-    return np.array(depth[:n], dtype=np.int64)
-
-
-def huffman_lengths(freq: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
-    """Per-symbol code lengths (0 = unused) of a Huffman code limited to `max_len` bits.
-
-    Over-long codes are fixed by halving the counts (keeping them >= 1) and rebuilding, which
-    converges to a balanced code; with <= 1023 symbols that is at most 10 bits."""
-    lengths = np.zeros(len(freq), dtype=np.uint8)
-    present = np.flatnonzero(freq)
-    if len(present) == 1:
-        lengths[present] = 1
-    elif len(present) > 1:
-        f = freq[present].astype(np.int64)
-        while True:
-            d = _huffman_depths(f)
-            if d.max() <= max_len:
-                break
-            f = np.maximum(f >> 1, 1)
-        lengths[present] = d
-    return lengths
-
-
-def canonical_codes(lengths: np.ndarray) -> np.ndarray:
-    """Canonical (DEFLATE-style) code words: by increasing length, then symbol, counting up."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    codes = np.zeros(len(lengths), dtype=np.int64)
-    order = np.lexsort((np.arange(len(lengths)), lengths))
-    order = order[lengths[order] > 0]
-    code, prev = 0, 0
-    for s in order:
-        code <<= int(lengths[s]) - prev
-        prev = int(lengths[s])
-        codes[s] = code
-        code += 1
-    return codes
-
-
-def decode_table(lengths: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
-    """int32[2**max_len]: for every max_len-bit window, symbol << 4 | length of the code it starts with.
-
-    Windows no code word starts (incomplete codes) map to symbol 0, length 1; only a corrupted
-    stream reaches them, and from_bytes rejects those by CRC before any decoder runs."""
-    codes = canonical_codes(lengths)
-    table = np.full(1 << max_len, 1, dtype=np.int32)
-    for s in np.flatnonzero(lengths):
-        ln = int(lengths[s])
-        start = int(codes[s]) << (max_len - ln)
-        table[start:start + (1 << (max_len - ln))] = (int(s) << 4) | ln
-    return table
-
-
-# --------------------------------------------------------------------------- outlier indices
-
-
-def _gaps(idx: np.ndarray) -> np.ndarray:
-    """Strictly increasing indices -> first index, then differences (>= 1)."""
-    return np.diff(np.asarray(idx, dtype=np.int64), prepend=0)
-
-
-def _varint_len(v: np.ndarray) -> int:
-    nb = np.ones(len(v), dtype=np.int64)
-    t = np.asarray(v, dtype=np.uint64) >> np.uint64(7)
-    while t.any():
-        nb += t > 0
-        t >>= np.uint64(7)
-    return int(nb.sum())
-
-
-def _varint_encode(v: np.ndarray) -> bytes:
-    """LEB128: 7 bits per byte, least significant first, high bit set on all but the last byte."""
-    v = np.asarray(v, dtype=np.uint64)
-    nb = np.ones(len(v), dtype=np.int64)
-    t = v >> np.uint64(7)
-    while t.any():
-        nb += t > 0
-        t >>= np.uint64(7)
-    out = np.zeros(int(nb.sum()), dtype=np.uint8)
-    start = np.cumsum(nb) - nb
-    for k in range(int(nb.max(initial=0))):
-        m = nb > k
-        byte = (v[m] >> np.uint64(7 * k)) & np.uint64(0x7F)
-        out[start[m] + k] = byte.astype(np.uint8) | np.where(nb[m] - 1 > k, 0x80, 0).astype(np.uint8)
-    return out.tobytes()
-
-
-def _varint_decode(b: np.ndarray, count: int) -> np.ndarray:
-    ends = np.flatnonzero(b < 0x80)  # the last byte of every number
-    if len(ends) != count or (len(b) and ends[-1] != len(b) - 1):
-        raise ValueError(f"invalid SZ stream: outlier index bytes do not hold {count} numbers")
-    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
-    nb = ends - starts + 1
-    if count and nb.max() > 9:
-        raise ValueError("invalid SZ stream: outlier index gap overflows 63 bits")
-    v = np.zeros(count, dtype=np.int64)
-    for k in range(int(nb.max(initial=0))):
-        m = nb > k
-        v[m] |= (b[starts[m] + k] & 0x7F).astype(np.int64) << (7 * k)
-    return v
 
 
 # --------------------------------------------------------------------------- container
@@ -201,14 +91,14 @@ class SZTensor:
     def bound_holds(self, dtype: torch.dtype) -> bool:
         """Whether max |decompress(dtype) - w| <= bound (else some w is not representable within
         the bound in `dtype` at all; those elements come out as w rounded to dtype)."""
-        return bool(self.dtype_mask & _DTYPE_BIT[dtype])
+        return bool(self.dtype_mask & DTYPE_BIT[dtype])
 
     @property
     def nbytes(self) -> int:
         """Exactly len(self.to_bytes())."""
         return (
             _HEAD.size + 8 * len(self.shape) + _PARAMS.size + (len(self.lengths) + 1) // 2 + _COUNT.size
-            + _varint_len(_gaps(self.outlier_idx)) + len(self.outlier_idx) * self.outlier_val.element_size()
+            + varint_len(gaps(self.outlier_idx)) + len(self.outlier_idx) * self.outlier_val.element_size()
             + 4 * self.n_chunks + len(self.payload) + _CRC.size
         )
 
@@ -220,15 +110,15 @@ class SZTensor:
         lengths = np.zeros(2 * ((len(self.lengths) + 1) // 2), dtype=np.uint8)
         lengths[: len(self.lengths)] = self.lengths
         nibbles = (lengths[0::2] << 4) | lengths[1::2]
-        gaps = _varint_encode(_gaps(self.outlier_idx))
+        gap_bytes = varint_encode(gaps(self.outlier_idx))
         vals = self.outlier_val.contiguous().view(torch.uint8)
         parts = [
-            _HEAD.pack(MAGIC, VERSION, _DTYPE_CODES[self.dtype], MODES.index(self.mode), len(self.shape), self.max_len),
+            _HEAD.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], MODES.index(self.mode), len(self.shape), self.max_len),
             struct.pack(f"<{len(self.shape)}Q", *self.shape),
             _PARAMS.pack(self.error_bound, self.bound, self.step, self.chunk_size, self.radius, self.dtype_mask),
             nibbles.tobytes(),
-            _COUNT.pack(len(self.outlier_idx), len(gaps), _DTYPE_CODES[self.outlier_val.dtype]),
-            gaps,
+            _COUNT.pack(len(self.outlier_idx), len(gap_bytes), DTYPE_CODES[self.outlier_val.dtype]),
+            gap_bytes,
             vals.numpy().tobytes(),
             self.offsets[1:].astype("<u4").tobytes(),
             self.payload.tobytes(),
@@ -264,7 +154,7 @@ class SZTensor:
         _, version, dcode, mcode, ndim, max_len = _HEAD.unpack(take(_HEAD.size, "header"))
         if version != VERSION:
             raise ValueError(f"unsupported SZ stream version {version} (this lowbit reads {VERSION})")
-        if dcode not in _CODE_DTYPES or mcode >= len(MODES):
+        if dcode not in CODE_DTYPES or mcode >= len(MODES):
             raise ValueError(f"SZ stream has invalid dtype code {dcode} or mode code {mcode}")
         shape = struct.unpack(f"<{ndim}Q", take(8 * ndim, "shape"))
         eb, bound, step, chunk, radius, mask = _PARAMS.unpack(take(_PARAMS.size, "parameters"))
@@ -274,12 +164,12 @@ class SZTensor:
         nib = np.frombuffer(take((nsym + 1) // 2, "code lengths"), dtype=np.uint8)
         lengths = np.stack([nib >> 4, nib & 15], axis=1).reshape(-1)[:nsym].copy()
         nout, ngap, vcode = _COUNT.unpack(take(_COUNT.size, "outlier count"))
-        dtype = _CODE_DTYPES[dcode]
+        dtype = CODE_DTYPES[dcode]
         numel = math.prod(shape)
-        if vcode not in _CODE_DTYPES or nout > numel:
+        if vcode not in CODE_DTYPES or nout > numel:
             raise ValueError(f"SZ stream has invalid outlier dtype code {vcode} or count {nout}")
-        idx = np.cumsum(_varint_decode(np.frombuffer(take(ngap, "outlier indices"), dtype=np.uint8), nout))
-        vdtype = _CODE_DTYPES[vcode]
+        idx = np.cumsum(varint_decode(np.frombuffer(take(ngap, "outlier indices"), dtype=np.uint8), nout))
+        vdtype = CODE_DTYPES[vcode]
         raw = bytearray(take(nout * (4 if vdtype == torch.float32 else 2), "outlier values"))
         vals = torch.frombuffer(raw, dtype=vdtype) if nout else torch.empty(0, dtype=vdtype)
         if chunk <= 0:
@@ -317,7 +207,7 @@ class SZTensor:
             bad("chunk offsets are not non-decreasing from 0")
         if self.offsets[-1] != len(self.payload):
             bad("last chunk offset does not match the payload length")
-        if len(self.outlier_idx) != self.outlier_val.numel() or self.outlier_val.dtype not in _DTYPE_CODES:
+        if len(self.outlier_idx) != self.outlier_val.numel() or self.outlier_val.dtype not in DTYPE_CODES:
             bad("outlier indices and values differ in count, or the values are not fp32/fp16/bf16")
         if len(self.outlier_idx) and (
             self.outlier_idx[0] < 0 or self.outlier_idx[-1] >= self.numel or np.any(np.diff(self.outlier_idx) <= 0)
@@ -344,13 +234,25 @@ class SZTensor:
 STEP_SHRINKS = (0.0, 0.01, 0.02, 0.04)
 
 
-def _check_error_bound(error_bound) -> float:
+def check_error_bound(error_bound, mode: str = "abs") -> float:
+    """A finite, positive bound as a float; a relative bound ("rel") must also be < 1 (a bound of
+    the whole value range or more would let every element decode to one constant)."""
     if isinstance(error_bound, bool) or not isinstance(error_bound, (int, float)):
         raise TypeError(f"error_bound must be a float, got {type(error_bound).__name__}")
     eb = float(error_bound)
     if not (math.isfinite(eb) and eb > 0):
         raise ValueError(f"error_bound must be finite and > 0, got {error_bound!r}")
+    if mode == "rel" and eb >= 1.0:
+        raise ValueError(f"error_bound must be < 1 with mode='rel' (a fraction of the value range), got {error_bound!r}")
     return eb
+
+
+def check_chunk_size(chunk_size) -> int:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
+    if chunk_size < 16 or chunk_size > 2**20 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 2**20], got {chunk_size}")
+    return chunk_size
 
 
 def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: int = 4096) -> SZTensor:
@@ -361,12 +263,10 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
     w within the bound at all (`SZTensor.bound_holds(dtype)`); otherwise such elements come out
     as w rounded to that dtype."""
     check_float_tensor("w", w)
-    eb_arg = _check_error_bound(error_bound)
+    check_has_values("w", w)
     check_choice("mode", mode, MODES)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-        raise TypeError(f"chunk_size must be an int, got {type(chunk_size).__name__}")
-    if chunk_size < 16 or chunk_size > 2**20 or chunk_size & (chunk_size - 1):
-        raise ValueError(f"chunk_size must be a power of two in [16, 2**20], got {chunk_size}")
+    eb_arg = check_error_bound(error_bound, mode)
+    check_chunk_size(chunk_size)
     check_finite("w", w)
     wt = w.detach().to("cpu").contiguous().reshape(-1)
     w64 = wt.double().numpy()
@@ -386,6 +286,10 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
         c = _compress_with_step(w, wt, w64, mode, eb_arg, eb, chunk_size, 2.0 * eb * (1.0 - shrink))
         if best is None or c.nbytes < best.nbytes:
             best = c
+    if best.nbytes > w.numel() * w.element_size():
+        warnings.warn(
+            f"sz_compress: the stream ({best.nbytes} bytes) is larger than the input ({w.numel() * w.element_size()} "
+            f"bytes): error_bound={error_bound!r} is too tight for this tensor to compress", stacklevel=2)
     return best
 
 
@@ -426,7 +330,7 @@ def _compress_with_step(w: Tensor, wt: Tensor, w64: np.ndarray, mode: str, eb_ar
         # Whether w itself is within the bound in dtype d (cheap sufficient test first).
         cheap = amax * 2.0**-bits + sub <= eb and amax < 65504.0
         if cheap or float((wt.to(d).double() - wt.double()).abs().max()) <= eb:
-            mask |= _DTYPE_BIT[d]
+            mask |= DTYPE_BIT[d]
     sym = q + radius
     lengths = huffman_lengths(np.bincount(sym, minlength=2 * radius + 1), MAX_LEN)
     payload, offsets = _encode(sym, lengths, chunk_size)
@@ -559,143 +463,3 @@ def decode_vectorized(payload: Tensor, offsets: Tensor, table: Tensor, step: Ten
     codes = torch.from_numpy(sym.astype(np.int32) - radius)
     out = _reconstruct(codes, float(step.cpu()[0]), outlier_idx.cpu(), outlier_val.cpu(), dtype)
     return out.to(payload.device)
-
-
-@torch.library.custom_op("lowbit::sz_decode", mutates_args=())
-def sz_decode_flat(
-    payload: Tensor,
-    offsets: Tensor,
-    table: Tensor,
-    step: Tensor,
-    outlier_idx: Tensor,
-    outlier_val: Tensor,
-    numel: int,
-    chunk_size: int,
-    max_len: int,
-    radius: int,
-    dtype: torch.dtype,
-) -> Tensor:
-    if use_triton(payload):
-        return kernels().sz_decode.sz_decode(
-            payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius, dtype
-        )
-    return decode_vectorized(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len,
-                             radius, dtype)
-
-
-@sz_decode_flat.register_fake
-def _(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius, dtype):
-    return payload.new_empty(numel, dtype=dtype)
-
-
-def sz_decompress(c: SZTensor, device=None, dtype: Optional[torch.dtype] = None) -> Tensor:
-    """Dense tensor of c.shape in `dtype` (default: the compressed dtype) on `device` (default CPU).
-    CUDA devices decode with the Triton kernel, CPU with the vectorized numpy decoder."""
-    if not isinstance(c, SZTensor):
-        raise TypeError(f"c must be a lowbit.sz.SZTensor, got {type(c).__name__}")
-    dtype = c.dtype if dtype is None else dtype
-    check_choice("dtype", dtype, FLOAT_DTYPES)
-    c.validate()
-    flat = sz_decode_flat(*c.decoder_args(device), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
-    return flat.view(c.shape)
-
-
-# --------------------------------------------------------------------------- nn
-
-
-_BUFFERS = ("payload", "offsets", "lengths", "outlier_idx", "outlier_val", "step", "meta", "bounds")
-
-
-class SZLinear(nn.Module):
-    """nn.Linear whose weight is stored SZ-compressed (plain tensor buffers) and decompressed into
-    the input's dtype on every forward. The weight is frozen; gradients flow to the input."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        z = dict(device=device)
-        self.register_buffer("payload", torch.zeros(0, dtype=torch.uint8, **z))
-        self.register_buffer("offsets", torch.zeros(1, dtype=torch.int64, **z))
-        self.register_buffer("lengths", torch.ones(1, dtype=torch.uint8, **z))
-        self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.int64, **z))
-        self.register_buffer("outlier_val", torch.zeros(0, dtype=torch.float32, **z))
-        self.register_buffer("step", torch.ones(1, dtype=torch.float32, **z))
-        # chunk_size, max_len, radius, dtype code, mode code, dtype_mask
-        self.register_buffer("meta", torch.tensor([4096, MAX_LEN, 0, 0, 0, 0], dtype=torch.int64, device=device))
-        self.register_buffer("bounds", torch.ones(2, dtype=torch.float64, **z))  # error_bound, bound
-        self.register_buffer("table", torch.zeros(1 << MAX_LEN, dtype=torch.int32, **z), persistent=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, **z), requires_grad=False) if bias else None
-        self._sync_meta()
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, error_bound: float, mode: str = "abs", chunk_size: int = 4096) -> "SZLinear":
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"linear must be a torch.nn.Linear, got {type(linear).__name__}")
-        c = sz_compress(linear.weight.detach(), error_bound, mode, chunk_size)
-        dev = linear.weight.device
-        m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=dev)
-        m.load_sz(c)
-        if linear.bias is not None:
-            m.bias.data = linear.bias.detach().clone()
-        return m
-
-    def load_sz(self, c: SZTensor) -> None:
-        if c.shape != (self.out_features, self.in_features):
-            raise ValueError(f"compressed weight shape {c.shape} != ({self.out_features}, {self.in_features})")
-        dev = self.step.device
-        payload, offsets, table, step, oidx, oval = c.decoder_args(dev)
-        self.payload, self.offsets, self.table, self.step = payload, offsets, table, step
-        self.outlier_idx, self.outlier_val = oidx, oval
-        self.lengths = torch.from_numpy(c.lengths.copy()).to(dev)
-        self.meta = torch.tensor([c.chunk_size, c.max_len, c.radius, _DTYPE_CODES[c.dtype], MODES.index(c.mode),
-                                  c.dtype_mask], dtype=torch.int64, device=dev)
-        self.bounds = torch.tensor([c.error_bound, c.bound], dtype=torch.float64, device=dev)
-        self._sync_meta()
-
-    def to_sz(self) -> SZTensor:
-        chunk, max_len, radius, dcode, mcode, mask = (int(v) for v in self.meta.cpu())
-        eb, bound = (float(v) for v in self.bounds.cpu())
-        c = SZTensor((self.out_features, self.in_features), _CODE_DTYPES[dcode], MODES[mcode], eb, bound,
-                     float(self.step.cpu()[0]), chunk, max_len, radius, mask, self.lengths.cpu().numpy().copy(),
-                     self.offsets.cpu().numpy().copy(), self.outlier_idx.cpu().numpy().copy(),
-                     self.outlier_val.cpu().clone(), self.payload.cpu().numpy().copy())
-        c.validate()
-        return c
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
-        # The compressed sizes depend on the data: take the incoming buffers' shapes and dtypes.
-        for name in _BUFFERS:
-            t = state_dict.get(prefix + name)
-            if isinstance(t, Tensor) and (t.shape != self._buffers[name].shape or t.dtype != self._buffers[name].dtype):
-                self._buffers[name] = torch.empty(t.shape, dtype=t.dtype, device=self._buffers[name].device)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if all(prefix + n in state_dict for n in _BUFFERS):
-            c = self.to_sz()
-            self.table = torch.from_numpy(decode_table(c.lengths, c.max_len)).to(self.step.device)
-            self._sync_meta()
-
-    def _sync_meta(self) -> None:
-        # Python copies of the ints the decoder needs, so forward never reads a device tensor.
-        self._chunk, self._max_len, self._radius = (int(v) for v in self.meta[:3].cpu())
-
-    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The decompressed weight [out_features, in_features] in `dtype`."""
-        chunk, max_len, radius = self._chunk, self._max_len, self._radius
-        flat = sz_decode_flat(self.payload, self.offsets, self.table, self.step, self.outlier_idx, self.outlier_val,
-                              self.out_features * self.in_features, chunk, max_len, radius, dtype)
-        return flat.view(self.out_features, self.in_features)
-
-    def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
-        w = self.dequantized_weight(dtype)
-        b = None if self.bias is None else self.bias.to(dtype)
-        return F.linear(x.to(dtype), w, b)
-
-    @property
-    def bits_per_param(self) -> float:
-        return self.to_sz().bits_per_param
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import codes, reference
+from lowbit.formats import codebooks as codes
+from lowbit.formats import nf4 as reference
 from tests.helpers import triton_on_cpu
 
 interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tier (CPU)")
@@ -124,8 +125,8 @@ def test_triton_quantize_bit_identical(quant_type, dtype, numel, blocksize):
     x[:blocksize] = 0.0
     code = codes.code_table(quant_type)
     b, o = codes.quantize_bounds(code)
-    p_ref, a_ref = reference.quantize_4bit(x, blocksize, b, o)
-    p_tri, a_tri = K.quant4bit.quantize_4bit(x, blocksize, b, o)
+    p_ref, a_ref = reference.quantize_flat(x, blocksize, b, o)
+    p_tri, a_tri = K.nf4.quantize_4bit(x, blocksize, b, o)
     assert torch.equal(p_ref, p_tri)
     assert torch.equal(a_ref, a_tri)
 

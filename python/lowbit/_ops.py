@@ -1,0 +1,208 @@
+"""Every torch.library op of every format family, declared once.
+
+Each op has one implementation function: it runs the Triton kernel (lowbit.kernels.<family>)
+when `_backend.use_triton` says so for the input's device (CUDA, or CPU under the interpreter in
+tests) and the family's reference (lowbit.formats.<family>) otherwise, so the reference serves
+every device and is the spec. The ops take plain tensors and ints; the validated public API sits
+above, in functional.py, autograd.py and nn.py.
+
+`Op` pairs the registered custom op with its implementation: eager callers skip the custom-op
+dispatcher (tens of microseconds per call, as much as a decode-sized kernel), traced callers
+(torch.compile) go through the registered op. Every op gets the same treatment.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import kernels, use_triton
+from .formats import intq as intq_ref
+from .formats import nf4 as nf4_ref
+from .formats import sz as sz_ref
+
+
+class Op:
+    """A registered custom op (`.op`, for torch.compile and opcheck) and its eager implementation."""
+
+    def __init__(self, name: str, impl: Callable, fake: Callable) -> None:
+        self.name = name
+        self.impl = impl
+        self.op = torch.library.custom_op(f"lowbit::{name}", mutates_args=())(impl)
+        self.op.register_fake(fake)
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self.op(*args)
+        return self.impl(*args)
+
+    def __repr__(self) -> str:
+        return f"lowbit op {self.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# 4-bit LUT family (nf4 / fp4 / optimal)
+# ----------------------------------------------------------------------------------------------
+
+
+def _quantize_4bit(flat: Tensor, blocksize: int, bounds: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    if use_triton(flat):
+        return kernels().nf4.quantize_4bit(flat, blocksize, bounds, order)
+    return nf4_ref.quantize_flat(flat, blocksize, bounds, order)
+
+
+def _quantize_4bit_fake(flat, blocksize, bounds, order):
+    n = flat.numel()
+    return flat.new_empty((n + 1) // 2, dtype=torch.uint8), flat.new_empty(-(-n // blocksize), dtype=torch.float32)
+
+
+def _dequantize_4bit(codes: Tensor, absmax: Tensor, code: Tensor, blocksize: int, numel: int, dtype: torch.dtype,
+                     nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                     nested_blocksize: int) -> Tensor:
+    if use_triton(codes):
+        return kernels().nf4.dequantize_4bit(codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code,
+                                             offset, nested_blocksize)
+    scales = nf4_ref.block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
+    return nf4_ref.dequantize_flat(codes, scales, code, blocksize, numel, dtype)
+
+
+def _dequantize_4bit_fake(codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset,
+                          nested_blocksize):
+    return codes.new_empty(numel, dtype=dtype)
+
+
+def _rows_ok(k: int, blocksize: int) -> bool:
+    # The fused kernels index W by rows, which needs whole blocks per row.
+    return k % blocksize == 0
+
+
+def _matmul_4bit(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, blocksize: int, n: int,
+                 nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                 nested_blocksize: int, bias: Optional[Tensor]) -> Tensor:
+    """y = x @ W^T + bias for x [M, K], W [n, K] stored as 4-bit codes."""
+    k = x.shape[1]
+    if use_triton(x) and _rows_ok(k, blocksize) and x.shape[0] > 0:
+        return kernels().nf4.matmul_4bit(x.contiguous(), codes, absmax, code, blocksize, n, nested_absmax,
+                                         nested_code, offset, nested_blocksize, bias)
+    w = _dequantize_4bit(codes, absmax, code, blocksize, n * k, torch.float32, nested_absmax, nested_code, offset,
+                         nested_blocksize).view(n, k)
+    return nf4_ref.matmul_dequantized(x, w, bias)
+
+
+def _matmul_4bit_fake(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize,
+                      bias):
+    return x.new_empty((x.shape[0], n))
+
+
+def _matmul_4bit_grad_x(g: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, blocksize: int, k: int,
+                        nested_absmax: Optional[Tensor], nested_code: Optional[Tensor], offset: Optional[Tensor],
+                        nested_blocksize: int) -> Tensor:
+    """gx = g @ W for g [M, n], W [n, k] stored as 4-bit codes."""
+    n = g.shape[1]
+    if use_triton(g) and _rows_ok(k, blocksize) and g.shape[0] > 0:
+        return kernels().nf4.matmul_4bit_grad_x(g.contiguous(), codes, absmax, code, blocksize, k, nested_absmax,
+                                                nested_code, offset, nested_blocksize)
+    w = _dequantize_4bit(codes, absmax, code, blocksize, n * k, torch.float32, nested_absmax, nested_code, offset,
+                         nested_blocksize).view(n, k)
+    return (g.float() @ w).to(g.dtype)
+
+
+def _matmul_4bit_grad_x_fake(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
+                             nested_blocksize):
+    return g.new_empty((g.shape[0], k))
+
+
+quantize_4bit = Op("quantize_4bit", _quantize_4bit, _quantize_4bit_fake)
+dequantize_4bit = Op("dequantize_4bit", _dequantize_4bit, _dequantize_4bit_fake)
+matmul_4bit = Op("matmul_4bit", _matmul_4bit, _matmul_4bit_fake)
+matmul_4bit_grad_x = Op("matmul_4bit_grad_x", _matmul_4bit_grad_x, _matmul_4bit_grad_x_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# Integer family (int2 / int3 / int4 rows); scale may be any float dtype, read as fp32
+# ----------------------------------------------------------------------------------------------
+
+
+def _int_dequantize(codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int,
+                    dtype: torch.dtype) -> Tensor:
+    # No kernel: dequantizing is a training-time/export path, and the reference is one fused expression.
+    return intq_ref.reference_weight(codes, scale, zeros, bits, group_len, n, k).to(dtype)
+
+
+def _int_dequantize_fake(codes, scale, zeros, bits, group_len, n, k, dtype):
+    return codes.new_empty((n, k), dtype=dtype)
+
+
+def _int_matmul(x: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int,
+                bias: Optional[Tensor]) -> Tensor:
+    """y = x @ W^T + bias for x [M, K], W [n, K] stored as bits-bit integers."""
+    if use_triton(x) and x.shape[0] > 0:
+        return kernels().intq.matmul_int(x.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, n, bias)
+    return intq_ref.reference_matmul(x, codes, scale, zeros, bits, group_len, n, bias)
+
+
+def _int_matmul_fake(x, codes, scale, zeros, bits, group_len, n, bias):
+    return x.new_empty((x.shape[0], n))
+
+
+def _int_matmul_grad_x(g: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int,
+                       k: int) -> Tensor:
+    """gx = g @ W for g [M, n]."""
+    n = g.shape[1]
+    if use_triton(g) and g.shape[0] > 0:
+        return kernels().intq.matmul_int_grad_x(g.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, k)
+    w = intq_ref.reference_weight(codes, scale, zeros, bits, group_len, n, k)
+    return (g.float() @ w).to(g.dtype)
+
+
+def _int_matmul_grad_x_fake(g, codes, scale, zeros, bits, group_len, k):
+    return g.new_empty((g.shape[0], k))
+
+
+def _int_matmul_grad_scale(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, bits: int, group_len: int) -> Tensor:
+    """dL/ds fp32 [n, K/group_len] for y = x @ W^T, g = dL/dy [M, n], x [M, K]."""
+    m, n = g.shape
+    k = x.shape[1]
+    if m == 0:
+        return torch.zeros((n, k // group_len), dtype=torch.float32, device=g.device)
+    if use_triton(g):
+        return kernels().intq.matmul_int_grad_scale(g.contiguous(), x.contiguous(), codes, zeros, bits, group_len)
+    return intq_ref.reference_grad_scale(g, x, codes, zeros, bits, group_len, n, k)
+
+
+def _int_matmul_grad_scale_fake(g, x, codes, zeros, bits, group_len):
+    return g.new_empty((g.shape[1], x.shape[1] // group_len), dtype=torch.float32)
+
+
+int_dequantize = Op("int_dequantize", _int_dequantize, _int_dequantize_fake)
+int_matmul = Op("int_matmul", _int_matmul, _int_matmul_fake)
+int_matmul_grad_x = Op("int_matmul_grad_x", _int_matmul_grad_x, _int_matmul_grad_x_fake)
+int_matmul_grad_scale = Op("int_matmul_grad_scale", _int_matmul_grad_scale, _int_matmul_grad_scale_fake)
+
+
+# ----------------------------------------------------------------------------------------------
+# SZ family
+# ----------------------------------------------------------------------------------------------
+
+
+def _sz_decode(payload: Tensor, offsets: Tensor, table: Tensor, step: Tensor, outlier_idx: Tensor,
+               outlier_val: Tensor, numel: int, chunk_size: int, max_len: int, radius: int,
+               dtype: torch.dtype) -> Tensor:
+    if use_triton(payload):
+        return kernels().sz.sz_decode(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size,
+                                      max_len, radius, dtype)
+    return sz_ref.decode_vectorized(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size,
+                                    max_len, radius, dtype)
+
+
+def _sz_decode_fake(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius,
+                    dtype):
+    return payload.new_empty(numel, dtype=dtype)
+
+
+sz_decode = Op("sz_decode", _sz_decode, _sz_decode_fake)
+
+ALL_OPS = (quantize_4bit, dequantize_4bit, matmul_4bit, matmul_4bit_grad_x, int_dequantize, int_matmul,
+           int_matmul_grad_x, int_matmul_grad_scale, sz_decode)

@@ -1,0 +1,170 @@
+"""`lowbit quantize`: a Hugging Face model folder to a lowbit checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+import time
+
+from ._tools import UsageError, linear_targets
+
+FORMATS = ("nf4", "fp4", "optimal", "int2", "int3", "int4", "sz")
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                    "added_tokens.json")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {s!r}")
+    return v
+
+
+def quantize_options(a) -> dict:
+    """The replace_linear options for the parsed `lowbit quantize` arguments (UsageError when an
+    option does not apply to the format or has a bad value)."""
+    fmt = a.format
+    given = {"--group-size": a.group_size is not None, "--blocksize": a.blocksize is not None,
+             "--no-double-quant": a.no_double_quant, "--error-bound": a.error_bound is not None,
+             "--mode": a.mode is not None}
+    if fmt in ("nf4", "fp4", "optimal"):
+        allowed = {"--blocksize", "--no-double-quant"}
+    elif fmt.startswith("int"):
+        allowed = {"--group-size"}
+    else:
+        allowed = {"--error-bound", "--mode"}
+    bad = [k for k, v in given.items() if v and k not in allowed]
+    if bad:
+        raise UsageError(f"{', '.join(bad)} does not apply to --format {fmt} (it takes: {', '.join(sorted(allowed))})")
+    if fmt in ("nf4", "fp4", "optimal"):
+        bs = 64 if a.blocksize is None else a.blocksize
+        if bs & (bs - 1) or not 32 <= bs <= 4096:
+            raise UsageError(f"--blocksize must be a power of two in [32, 4096], got {bs}")
+        return {"blocksize": bs, "double_quant": not a.no_double_quant}
+    if fmt.startswith("int"):
+        if a.group_size is not None and a.group_size % 32:
+            raise UsageError(f"--group-size must be a positive multiple of 32, got {a.group_size}")
+        return {"group_size": a.group_size}
+    if a.error_bound is None:
+        raise UsageError("--format sz needs --error-bound X (absolute, or relative to each weight's range "
+                         "with --mode rel)")
+    return {"error_bound": a.error_bound, "mode": a.mode or "abs"}
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No 'Loading weights' bar or warnings from transformers (so that an error stays one line)."""
+    try:
+        from transformers.utils import logging as tlog
+    except Exception:
+        yield
+        return
+    bar = tlog.is_progress_bar_enabled()
+    level = tlog.get_verbosity()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bar:
+            tlog.enable_progress_bar()
+
+
+def _quantize(a) -> int:
+    src, out = os.fspath(a.model_dir), os.fspath(a.out_dir)
+    if not os.path.exists(src):
+        raise UsageError(f"MODEL_DIR {src!r} does not exist")
+    if not os.path.isdir(src):
+        raise UsageError(f"MODEL_DIR {src!r} is not a directory")
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise UsageError(f"MODEL_DIR {src!r} is not a Hugging Face model folder (no config.json)")
+    opts = quantize_options(a)
+    explicit = a.skip is not None
+    requested = tuple(s.strip() for s in (a.skip if explicit else "lm_head").split(",") if s.strip())
+    skip = requested
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"OUT_DIR {out!r} exists and is not a directory")
+        if not a.force:
+            raise UsageError(f"OUT_DIR {out!r} exists; pass --force to overwrite it")
+    if os.path.realpath(out) == os.path.realpath(src):
+        raise UsageError("OUT_DIR must not be MODEL_DIR (it would overwrite the source model)")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    from torch import nn
+
+    import lowbit
+    from lowbit.io import WEIGHTS, write_manifest
+
+    try:
+        from transformers import AutoModel
+    except ImportError:
+        raise UsageError("lowbit quantize needs transformers (pip install transformers)") from None
+    t0 = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
+            model = AutoModel.from_pretrained(src, local_files_only=True).eval()
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"cannot load a model from {src!r}: {msg}") from None
+    # Resolve --skip to the full names of the Linear layers to leave dense: a name matches itself,
+    # its last component (replace_linear's rule) and every module under it ("pooler" -> "pooler.dense").
+    dense_names = [n for n, m in model.named_modules() if type(m) is nn.Linear
+                   and any(n == s or n.split(".")[-1] == s or n.startswith(s + ".") for s in skip)]
+    names = [n for n, _ in model.named_modules()]
+    for s_ in requested if explicit else ():
+        if not any(n == s_ or n.split(".")[-1] == s_ or n.startswith(s_ + ".") for n in names):
+            print(f"lowbit: warning: --skip {s_!r} matches no module of the model", file=sys.stderr)
+    skip = tuple(dense_names)
+    targets = linear_targets(model, skip)
+    if not targets:
+        raise UsageError(f"the model in {src!r} has no nn.Linear layer to quantize (after --skip)")
+    n_params = sum(lin.weight.numel() for _, lin in targets)
+    try:
+        with torch.no_grad():
+            lowbit.replace_linear(model, a.format, skip=skip, **opts)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"cannot quantize with --format {a.format}: {e}") from None
+    bits = sum(m.bits_per_param * m.in_features * m.out_features for m in model.modules()
+               if type(m) is not nn.Linear and hasattr(m, "bits_per_param") and hasattr(m, "in_features"))
+    os.makedirs(out, exist_ok=True)
+    lowbit.save_state_dict(model, os.path.join(out, WEIGHTS), overwrite=True)
+    shutil.copyfile(os.path.join(src, "config.json"), os.path.join(out, "config.json"))
+    for name in _TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
+    write_manifest(out, a.format, opts, skip, skip_requested=list(requested), source=os.path.abspath(src),
+                   model_class=type(model).__name__, quantized_layers=len(targets), quantized_params=n_params,
+                   bits_per_param=bits / n_params)
+    size = os.path.getsize(os.path.join(out, WEIGHTS))
+    print(f"quantized {len(targets)} Linear layers ({n_params / 1e6:.2f}M params) to {a.format} "
+          f"at {bits / n_params:.3f} bits/param in {time.perf_counter() - t0:.1f} s; "
+          f"wrote {out}/{WEIGHTS} ({size / 1e6:.2f} MB), lowbit.json, config.json")
+    return 0
+
+
+# -------------------------------------------------------------------------------------- bench
+
+
