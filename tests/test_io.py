@@ -1,0 +1,96 @@
+"""lowbit.io: safetensors files carry format metadata and a checksum per tensor; damaged,
+truncated or foreign files raise lowbit's CheckpointError naming the path (and the tensor)."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.io import CheckpointError, layer_formats, read_state_dict
+
+
+def _model():
+    m = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
+    m[0] = lowbit.Linear4bit.from_linear(m[0], quant_type="fp4")
+    m[2] = lowbit.IntLinear.from_linear(m[2], bits=3)
+    return m
+
+
+def _fresh():
+    return nn.Sequential(lowbit.Linear4bit(128, 64, quant_type="fp4"), nn.ReLU(), lowbit.IntLinear(64, 32, bits=3))
+
+
+def _tensor_span(path, key):
+    """(start, end) byte offsets of tensor `key`'s data in a safetensors file."""
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    a, b = header[key]["data_offsets"]
+    return 8 + n + a, 8 + n + b
+
+
+def test_round_trip_with_metadata_in_the_file(tmp_path):
+    m = _model()
+    path = tmp_path / "m.safetensors"
+    lowbit.save_state_dict(m, path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["lowbit.format_version"] == "2"
+    layers = json.loads(meta["lowbit.layers"])
+    assert layers["0"]["quant_type"] == "fp4" and layers["2"]["bits"] == 3
+    assert layer_formats(path)["0"]["family"] == "nf4"
+    fresh = _fresh()
+    lowbit.load_state_dict(fresh, path)
+    x = torch.randn(4, 128)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_a_flipped_bit_raises_naming_the_tensor_and_the_file(tmp_path):
+    path = tmp_path / "m.safetensors"
+    lowbit.save_state_dict(_model(), path)
+    a, b = _tensor_span(path, "0.weight")
+    raw = bytearray(open(path, "rb").read())
+    raw[(a + b) // 2] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"m\.safetensors.*tensor '0\.weight' fails its checksum"):
+        lowbit.load_state_dict(_fresh(), path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "header"])
+def test_damaged_truncated_or_foreign_files_raise_lowbits_error(tmp_path, damage):
+    path = tmp_path / "m.safetensors"
+    lowbit.save_state_dict(_model(), path)
+    raw = open(path, "rb").read()
+    bad = {"truncate": raw[: len(raw) // 2], "garbage": bytes(range(256)) * 8, "empty": b"",
+           "header": raw[:8] + b"[" + raw[9:]}[damage]
+    open(path, "wb").write(bad)
+    with pytest.raises(CheckpointError, match="m.safetensors"):
+        read_state_dict(path)
+    assert issubclass(CheckpointError, ValueError)
+
+
+def test_files_without_lowbit_metadata_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    m = _model()
+    path = tmp_path / "plain.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))
+    fresh = _fresh()
+    lowbit.load_state_dict(fresh, path)
+    x = torch.randn(2, 128)
+    assert torch.equal(fresh(x), m(x))
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"keep me")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        lowbit.save_state_dict(_model(), path)
+    assert path.read_bytes() == b"keep me"

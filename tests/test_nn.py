@@ -1,0 +1,270 @@
+"""lowbit.nn: the QuantLinear contract shared by every family (dtype policy, format metadata,
+allocate-only constructors, replace_linear) and the silent wrong answers it closes.
+
+Each test here failed (or could not be written) on the code before the house-plan change; the
+issue "One shape for every format family" lists the cases.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit import IntLinear, Linear4bit, QuantLinear, SZLinear
+from lowbit.nn import EXTRA_STATE, decode_meta
+
+from .helpers import rel_err
+
+FAMILIES = [
+    (Linear4bit, dict(quant_type="nf4")),
+    (IntLinear, dict(bits=3, group_size=64)),
+    (SZLinear, dict(error_bound=2e-3)),
+]
+
+
+def _layer(cls, opts, n=48, k=128, bias=True):
+    lin = nn.Linear(k, n, bias=bias)
+    return lin, cls.from_linear(lin, **opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# One vocabulary
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_family_is_public_and_shares_the_leading_arguments():
+    for name in ("sz_compress", "sz_decompress", "SZTensor", "SZLinear", "QuantLinear", "IntLinear", "Linear4bit"):
+        assert name in lowbit.__all__
+    for cls, opts in FAMILIES:
+        m = cls(128, 48, False, device="cpu", dtype=torch.bfloat16)
+        assert isinstance(m, QuantLinear) and m.bias is None
+        assert (m.in_features, m.out_features, m.compute_dtype) == (128, 48, torch.bfloat16)
+        lin, q = _layer(cls, opts)
+        w = q.dequantized_weight()
+        assert w.shape == (48, 128) and w.dtype == torch.float32
+        assert q.dequantized_weight(torch.float16).dtype == torch.float16
+        with pytest.raises(TypeError, match="bias must be a bool"):
+            cls(128, 48, 3)  # format options are keyword-only: a positional bits=3 is not silently a bias
+        with pytest.raises(ValueError, match="in_features"):
+            cls(0, 48)
+        with pytest.raises(TypeError, match="linear must be a torch.nn.Linear"):
+            cls.from_linear(nn.Conv1d(2, 2, 1), **opts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constructors allocate, never quantize
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,opts", FAMILIES)
+def test_constructor_allocates_without_quantizing(cls, opts, monkeypatch):
+    import lowbit.functional as F_
+    import lowbit.formats.intq as intq
+    import lowbit.formats.sz as szf
+
+    def boom(*a, **k):
+        raise AssertionError("a constructor quantized")
+
+    for mod, name in ((F_, "quantize_4bit"), (intq, "quantize_int"), (szf, "sz_compress")):
+        monkeypatch.setattr(mod, name, boom)
+    import lowbit.nn as lnn
+
+    monkeypatch.setattr(lnn, "quantize_4bit", boom)
+    m = cls(4096, 11008, **{k: v for k, v in opts.items() if k != "group_size"})
+    assert m.out_features == 11008
+
+
+@pytest.mark.parametrize("cls,opts", FAMILIES)
+def test_meta_device_then_to_empty_and_load(cls, opts):
+    lin, src = _layer(cls, opts)
+    with torch.device("meta"):
+        m = cls(128, 48, **opts) if cls is not SZLinear else cls(128, 48)
+    assert all(b.device.type == "meta" for b in m.buffers())
+    m = m.to_empty(device="cpu")
+    m.load_state_dict(src.state_dict())
+    x = torch.randn(5, 128)
+    assert torch.equal(m(x), src(x))
+
+
+def test_meta_tensors_and_missing_cuda_are_value_errors():
+    with pytest.raises(ValueError, match="meta device"):
+        lowbit.quantize_4bit(torch.empty(8, 64, device="meta"))
+    with torch.device("meta"):
+        lin = nn.Linear(64, 8)
+    for cls, opts in FAMILIES:
+        with pytest.raises(ValueError, match="meta device"):
+            cls.from_linear(lin, **opts)
+    if not torch.cuda.is_available():
+        for cls, _ in FAMILIES:
+            with pytest.raises(ValueError, match="device='cuda'.*no CUDA"):
+                cls(64, 8, device="cuda")
+        c = lowbit.sz_compress(torch.randn(8, 8), 1e-2)
+        with pytest.raises(ValueError, match="no CUDA"):
+            lowbit.sz_decompress(c, device="cuda")
+
+
+# ----------------------------------------------------------------------------------------------
+# dtype policy
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls,opts", FAMILIES)
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to16"])
+def test_storage_keeps_its_dtype_and_compute_follows_both_ways(cls, opts, convert):
+    lin, m = _layer(cls, opts)
+    x = torch.randn(6, 128)
+    y0 = m(x)
+    dtypes = {n: b.dtype for n, b in m.named_buffers()}
+    kept = {n: p.dtype for n, p in m.named_parameters() if n in cls.KEEP_DTYPE}
+    low = {"half": torch.float16, "bfloat16": torch.bfloat16, "to16": torch.float16}[convert]
+    {"half": m.half, "bfloat16": m.bfloat16, "to16": lambda: m.to(torch.float16)}[convert]()
+    assert {n: b.dtype for n, b in m.named_buffers()} == dtypes
+    assert {n: p.dtype for n, p in m.named_parameters() if n in cls.KEEP_DTYPE} == kept
+    assert m.compute_dtype == low
+    if m.bias is not None:
+        assert m.bias.dtype == low  # the bias converts like nn.Linear's
+    assert m(x.to(low)).dtype == low
+    m.float()
+    assert m.compute_dtype == torch.float32
+    # Back in fp32 the layer computes in fp32 again (bias rounded once through the low dtype).
+    y1 = m(x)
+    bias_err = 0.0 if m.bias is None else float((lin.bias.to(low).float() - lin.bias).abs().max())
+    assert float((y1 - y0).abs().max()) <= bias_err + 1e-5 * float(y0.abs().max())
+    assert rel_err(y1, y0) < 5e-3 if bias_err else rel_err(y1, y0) < 1e-6
+
+
+def test_linear4bit_half_then_float_computes_in_fp32():
+    lin, m = _layer(Linear4bit, dict(quant_type="nf4"), bias=False)
+    x = torch.randn(8, 128)
+    y0 = m(x)
+    m.half().float()
+    assert rel_err(m(x), y0) < 1e-6  # was 2.6e-4: the layer kept computing in fp16
+
+
+@pytest.mark.parametrize("convert", ["half", "bfloat16", "to16"])
+def test_sz_bound_holds_after_any_conversion(convert):
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 64)
+    eb = 1e-3
+    m = SZLinear.from_linear(lin, error_bound=eb)
+    {"half": m.half, "bfloat16": m.bfloat16, "to16": lambda: m.to(torch.float16)}[convert]()
+    assert m.step.dtype == torch.float32 and m.bounds.dtype == torch.float64
+    m.float()
+    err = (m.dequantized_weight(torch.float32).double() - lin.weight.double()).abs().max()
+    assert float(err) <= eb  # was 1.061e-3 at a 1e-3 bound: step/bounds/outliers got cast
+
+
+def test_intlinear_scale_stays_fp32_and_trains_under_half():
+    lin, m = _layer(IntLinear, dict(bits=4))
+    m.half()
+    assert m.scale.dtype == torch.float32 and m.scale.requires_grad
+    y = m(torch.randn(3, 128, dtype=torch.float16))
+    y.float().sum().backward()
+    assert m.scale.grad is not None and m.scale.grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# Format metadata
+# ----------------------------------------------------------------------------------------------
+
+
+def test_metadata_travels_in_the_state_dict():
+    for cls, opts in FAMILIES:
+        _, m = _layer(cls, opts)
+        meta = decode_meta(m.state_dict()[EXTRA_STATE], EXTRA_STATE)
+        assert meta["family"] == cls.FAMILY and meta["format_version"] == 2
+        for k, v in opts.items():
+            assert meta[k] == v
+
+
+def test_fp4_checkpoint_refused_by_nf4_layer_naming_key_and_values():
+    lin = nn.Linear(128, 32)
+    fp4 = Linear4bit.from_linear(lin, quant_type="fp4")
+    nf4 = Linear4bit(128, 32, quant_type="nf4")
+    wrapped = nn.Sequential(nn.Identity(), nf4)
+    sd = {f"1.{k}": v for k, v in fp4.state_dict().items()}
+    with pytest.raises(ValueError, match=r"1\._extra_state.*quant_type='fp4'.*quant_type='nf4'"):
+        wrapped.load_state_dict(sd)
+    assert nf4.quant_type == "nf4"
+    # and so bitsandbytes never receives an fp4 table under an nf4 name
+    bnb_sd = lowbit.to_bnb_state_dict(fp4)
+    assert any(k.endswith("bitsandbytes__fp4") for k in bnb_sd)
+
+
+@pytest.mark.parametrize("cls,built,other", [
+    (Linear4bit, dict(quant_type="nf4", blocksize=64), dict(quant_type="nf4", blocksize=128)),
+    (IntLinear, dict(bits=3), dict(bits=4)),
+    (IntLinear, dict(bits=3, group_size=64), dict(bits=3, group_size=32)),
+    (SZLinear, dict(error_bound=1e-2), dict(error_bound=2e-2)),
+])
+def test_every_format_field_mismatch_raises(cls, built, other):
+    _, src = _layer(cls, other)
+    dst = cls(128, 48, **built)
+    field = next(k for k in other if other[k] != built.get(k))
+    with pytest.raises(ValueError, match=rf"_extra_state.*{field}="):
+        dst.load_state_dict(src.state_dict())
+
+
+def test_double_quant_and_dtype_are_adopted_from_the_checkpoint():
+    lin = nn.Linear(128, 32).to(torch.bfloat16)
+    src = Linear4bit.from_linear(lin, double_quant=False)
+    dst = Linear4bit(128, 32)  # double_quant=True by default
+    dst.load_state_dict(src.state_dict())
+    assert not dst.double_quant and dst.weight_absmax.dtype == torch.float32
+    assert dst.weight_dtype == torch.bfloat16
+    assert torch.equal(dst.dequantized_weight(torch.float32), src.dequantized_weight(torch.float32))
+
+
+def test_checkpoint_without_metadata_loads_as_format_1_and_newer_versions_refuse():
+    lin = nn.Linear(128, 32)
+    src = Linear4bit.from_linear(lin)
+    old = {k: v for k, v in src.state_dict().items() if k != EXTRA_STATE}  # what lowbit <= 0.x wrote
+    dst = Linear4bit(128, 32)
+    dst.load_state_dict(old)
+    x = torch.randn(3, 128)
+    assert torch.equal(dst(x), src(x))
+    future = dict(src.state_dict())
+    meta = decode_meta(future[EXTRA_STATE], EXTRA_STATE)
+    meta["format_version"] = 99
+    import json
+
+    future[EXTRA_STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
+    with pytest.raises(ValueError, match="format version 99.*upgrade lowbit"):
+        Linear4bit(128, 32).load_state_dict(future)
+
+
+# ----------------------------------------------------------------------------------------------
+# replace_linear
+# ----------------------------------------------------------------------------------------------
+
+
+def test_replace_linear_on_a_bare_linear_returns_the_quantized_layer():
+    lin = nn.Linear(64, 64)
+    out = lowbit.replace_linear(lin, "nf4")
+    assert isinstance(out, Linear4bit) and "" not in dict(out.named_children())
+    assert type(lin) is nn.Linear and lin.weight.dtype == torch.float32  # the input is untouched
+
+
+def test_replace_linear_failure_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Sequential(nn.Linear(64, 688), nn.Linear(688, 32)))
+    before = copy.deepcopy(model.state_dict())
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"layer '2\.1'.*in_features=688.*out_features=32.*'int3'"):
+        lowbit.replace_linear(model, "int3")
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_replace_linear_warns_on_unmatched_skip_names():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    with pytest.warns(UserWarning, match="skip name 'lm_haed' matches no module"):
+        lowbit.replace_linear(model, "nf4", skip=("lm_haed",))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lowbit.replace_linear(nn.Sequential(nn.Linear(64, 64)), "nf4")  # the default skip list is quiet
