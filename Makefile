@@ -18,6 +18,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	# On a CUDA machine the run above skips the interpreter tier: run it with the GPU hidden.
+	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
+		CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m interp; fi
 
 demo: $(STAMP)
 	# matplotlib for the rate-distortion plot (optional: the demo prints the table without it)

@@ -1,4 +1,6 @@
-"""GPU tier (marked gpu; skipped without CUDA): the Triton paths at real sizes on the device."""
+"""GPU tier (marked gpu; skipped without CUDA, refused under TRITON_INTERPRET=1): the compiled
+Triton paths at real sizes on the device. Each test checks by the launch counter that the kernels,
+not the pure-torch reference, produced what it compares."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 import lowbit
-from tests.helpers import TOL, TOL_TF32, rel_err
+from tests.helpers import TOL, TOL_TF32, expect_launches, rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -24,9 +26,13 @@ def test_quantize_dequantize_cuda_bit_identical_to_reference(quant_type, dtype):
     p1, a1 = reference.quantize_flat(w, 64, b, o)
     p2, a2 = K.nf4.quantize_4bit(w, 64, b, o)
     assert torch.equal(p1, p2) and torch.equal(a1, a2)
-    q = lowbit.quantize_4bit(w, 64, quant_type, True)
+    with expect_launches("nf4.quantize"):
+        q = lowbit.quantize_4bit(w, 64, quant_type, True)
+    assert torch.equal(q.codes, p1)
     ref = reference.dequantize_flat(q.codes, q.scales(), q.code, 64, q.numel, dtype)
-    assert torch.equal(lowbit.dequantize_4bit(q), ref)
+    with expect_launches("nf4.dequantize"):
+        out = lowbit.dequantize_4bit(q)
+    assert torch.equal(out, ref)
 
 
 @pytest.mark.parametrize("m", [1, 4, 16, 100, 600])
@@ -37,9 +43,11 @@ def test_matmul_4bit_cuda_against_float64(m, dtype):
     w = lowbit.dequantize_4bit(q, torch.float32).double()
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(n, device="cuda", dtype=dtype)
-    y = lowbit.matmul_4bit(x, q, b)
-    gy = torch.randn_like(y)
-    (gx,) = torch.autograd.grad(y, x, gy)
+    # The tuner may pick the dequantize + cuBLAS candidate: any lowbit launch proves the Triton path.
+    with expect_launches("nf4.gemv|nf4.dot|nf4.dequantize", "nf4.grad_x|nf4.dequantize"):
+        y = lowbit.matmul_4bit(x, q, b)
+        gy = torch.randn_like(y)
+        (gx,) = torch.autograd.grad(y, x, gy)
     tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
     assert rel_err(y, x.double() @ w.t() + b.double()) <= tol
     assert rel_err(gx, gy.double() @ w) <= tol
@@ -56,12 +64,15 @@ def test_every_forward_config_on_cuda():
         for cfg in cfgs:
             m = min(bucket, 64) if cfg[0] == "dot" else cfg[1]
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
+            with expect_launches(f"nf4.{cfg.kind}"):
+                y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
             assert rel_err(y, x.double() @ w.t()) <= TOL[torch.bfloat16], cfg
     for cfgs in K.GRAD_X_CONFIGS.values():
         for cfg in cfgs:
             g = torch.randn(48, n, device="cuda", dtype=torch.bfloat16)
-            assert rel_err(K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg), g.double() @ w) <= TOL[torch.bfloat16], cfg
+            with expect_launches("nf4.grad_x"):
+                gx = K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg)
+            assert rel_err(gx, g.double() @ w) <= TOL[torch.bfloat16], cfg
 
 
 def test_linear4bit_module_on_cuda():
@@ -69,7 +80,9 @@ def test_linear4bit_module_on_cuda():
     layer = lowbit.Linear4bit.from_linear(lin).cuda().bfloat16()
     x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ layer.dequantized_weight(torch.float32).double().t() + lin.bias.double().cuda()
-    assert rel_err(layer(x), ref) <= TOL[torch.bfloat16]
+    with expect_launches("nf4.gemv|nf4.dot|nf4.dequantize"):
+        y = layer(x)
+    assert rel_err(y, ref) <= TOL[torch.bfloat16]
 
 
 def test_sz_decode_cuda_bit_identical():
@@ -80,7 +93,8 @@ def test_sz_decode_cuda_bit_identical():
     c = sz_compress(w, 1e-3)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         ref = decode_reference(c, dt)
-        got = sz_decompress(c, device="cuda", dtype=dt).cpu()
+        with expect_launches("sz.decode"):
+            got = sz_decompress(c, device="cuda", dtype=dt).cpu()
         assert torch.equal(got, ref)
         if dt == torch.float32:
             assert float((got - w).abs().max()) <= 1e-3

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tests.helpers import TOL, rel_err, triton_on_cpu
+from tests.helpers import TOL, expect_launches, rel_err, triton_on_cpu
 
 from lowbit import IntLinear, LoRALinear, QuantInt, dequantize_int, matmul_int, quantize_int
 from lowbit.formats.intq import pack_codes
@@ -209,10 +209,15 @@ def test_grad_scale_never_divides_by_scale():
 
 
 # ----------------------------------------------------------------------------------------------
-# Triton kernels under the interpreter
+# Triton kernels under the interpreter (each test checks, by the launch counter, that its kernels ran)
 # ----------------------------------------------------------------------------------------------
 
 
+def _fwd(m: int) -> str:
+    return "intq.gemv" if m == 1 else "intq.dot"  # the interpreter table's choice for M rows
+
+
+@pytest.mark.interp
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("group_size", LAYOUTS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -220,12 +225,13 @@ def test_triton_forward_fp32(bits, group_size, m, poisoned_empty):
     n, k = 40, 128  # n not a multiple of the 32-wide tile: masked rows
     q = quantize_int(torch.randn(n, k), bits, group_size)
     x, b = torch.randn(m, k), torch.randn(n)
-    with triton_on_cpu():
+    with triton_on_cpu(_fwd(m)):
         y = matmul_int(x, q, bias=b)
     ref = x.double() @ oracle_weight(q).t() + b.double()
     assert rel_err(y, ref) <= TOL[torch.float32]
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -233,29 +239,32 @@ def test_triton_forward_half(dtype, group_size, m, poisoned_empty):
     n, k = 40, 128
     q = quantize_int(torch.randn(n, k), 3, group_size)
     x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
-    with triton_on_cpu():
+    with triton_on_cpu(_fwd(m)):
         y = matmul_int(x, q, bias=b)
     assert y.dtype == dtype
     ref = x.double() @ oracle_weight(q).t() + b.double()
     assert rel_err(y, ref) <= TOL[dtype]
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("m", [1, 20])
 @pytest.mark.parametrize("group_size", LAYOUTS)
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_triton_grads_fp32(bits, group_size, m, poisoned_empty):
     q = quantize_int(torch.randn(40, 128), bits, group_size)
-    with triton_on_cpu():
+    with triton_on_cpu(_fwd(m), "intq.grad_x", "intq.grad_scale"):
         _grads_vs_float64(torch.randn(m, 128), q, torch.randn(40), TOL[torch.float32])
 
 
+@pytest.mark.interp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_grads_half(dtype, poisoned_empty):
     q = quantize_int(torch.randn(40, 128), 3, 64)
-    with triton_on_cpu():
+    with triton_on_cpu("intq.dot", "intq.grad_x", "intq.grad_scale"):
         _grads_vs_float64(torch.randn(20, 128).to(dtype), q, torch.randn(40).to(dtype), TOL[dtype])
 
 
+@pytest.mark.interp
 def test_triton_launcher_configs_split_and_per_element(poisoned_empty):
     """Explicit configs: SPLIT_K > 1, a K-tile spanning two groups, a K-tile inside a group."""
     from lowbit.kernels import intq as km
@@ -266,12 +275,14 @@ def test_triton_launcher_configs_split_and_per_element(poisoned_empty):
     ref = x.double() @ oracle_weight(q).t()
     C = km.MatmulConfig
     for cfg in [C("dot", 16, 32, 64, 2, 4, 1), C("gemv", 8, 32, 64, 2, 4, 1), C("dot", 16, 16, 32, 4, 4, 1)]:
-        y = km.matmul_int(x, q.codes, q.scale, q.zeros, 3, 32, n, None, config=cfg)
+        with expect_launches(f"intq.{cfg.kind}"):
+            y = km.matmul_int(x, q.codes, q.scale, q.zeros, 3, 32, n, None, config=cfg)
         assert rel_err(y, ref) <= TOL[torch.float32], cfg
     g = torch.randn(5, n)
-    gx = km.matmul_int_grad_x(g, q.codes, q.scale, q.zeros, 3, 32, k, config=km.GradXConfig(16, 64, 16, 2, 4, 1))
+    with expect_launches("intq.grad_x", "intq.grad_scale"):
+        gx = km.matmul_int_grad_x(g, q.codes, q.scale, q.zeros, 3, 32, k, config=km.GradXConfig(16, 64, 16, 2, 4, 1))
+        gs = km.matmul_int_grad_scale(g, x, q.codes, q.zeros, 3, 32, config=km.GradScaleConfig(16, 32, 16, 4, 1))
     assert rel_err(gx, g.double() @ oracle_weight(q)) <= TOL[torch.float32]
-    gs = km.matmul_int_grad_scale(g, x, q.codes, q.zeros, 3, 32, config=km.GradScaleConfig(16, 32, 16, 4, 1))
     qz, _ = oracle_parts(q)
     expect = ((g.double().t() @ x.double()) * qz).view(n, k // 32, 32).sum(-1)
     assert rel_err(gs, expect) <= TOL[torch.float32]
@@ -421,9 +432,10 @@ def test_gpu_forward_backward(dtype, bits, group_size, m):
     tol = TOL_TF32 if dtype == torch.float32 else TOL[dtype]
     scale = q.scale.clone().requires_grad_(True)
     xx = x.clone().requires_grad_(True)
-    y = matmul_int(xx, q, scale, bias)
-    gy = torch.randn(y.shape, device="cuda").to(dtype)
-    y.backward(gy)
+    with expect_launches("intq.gemv|intq.dot", "intq.grad_x", "intq.grad_scale"):
+        y = matmul_int(xx, q, scale, bias)
+        gy = torch.randn(y.shape, device="cuda").to(dtype)
+        y.backward(gy)
     qc = QuantInt(q.codes.cpu(), q.scale.cpu(), q.zeros.cpu(), q.shape, q.dtype, q.bits, q.group_size)
     s64 = qc.scale.double().requires_grad_(True)
     x64 = x.cpu().double().requires_grad_(True)

@@ -11,9 +11,9 @@ import torch
 import lowbit
 from lowbit.formats import codebooks as codes
 from lowbit.formats import nf4 as reference
-from tests.helpers import triton_on_cpu
+from tests.helpers import expect_launches, triton_on_cpu
 
-interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tier (CPU)")
+interp = pytest.mark.interp  # skipped where TRITON_INTERPRET is off (tests/conftest.py)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -126,7 +126,8 @@ def test_triton_quantize_bit_identical(quant_type, dtype, numel, blocksize):
     code = codes.code_table(quant_type)
     b, o = codes.quantize_bounds(code)
     p_ref, a_ref = reference.quantize_flat(x, blocksize, b, o)
-    p_tri, a_tri = K.nf4.quantize_4bit(x, blocksize, b, o)
+    with expect_launches("nf4.quantize"):
+        p_tri, a_tri = K.nf4.quantize_4bit(x, blocksize, b, o)
     assert torch.equal(p_ref, p_tri)
     assert torch.equal(a_ref, a_tri)
 
@@ -139,8 +140,9 @@ def test_triton_dequantize_bit_identical(out_dtype, double_quant, quant_type):
     w = torch.randn(45, 130) * 2
     q = lowbit.quantize_4bit(w, 64, quant_type, double_quant)
     ref = lowbit.dequantize_4bit(q, out_dtype)
-    with triton_on_cpu():
+    with triton_on_cpu("nf4.dequantize"):
         tri = lowbit.dequantize_4bit(q, out_dtype)
+    with triton_on_cpu("nf4.quantize"):
         q2 = lowbit.quantize_4bit(w, 64, quant_type, double_quant)
     assert torch.equal(ref, tri)
     assert torch.equal(q.codes, q2.codes) and torch.equal(q.absmax, q2.absmax)
@@ -225,23 +227,22 @@ def test_import_has_no_side_effects():
         assert hasattr(lowbit, name), name
 
 
-def test_short_last_block_divides_like_bitsandbytes():
+@pytest.mark.parametrize("path", ["reference", pytest.param("triton", marks=interp)])
+def test_short_last_block_divides_like_bitsandbytes(path):
     # Found by a random CI run: in bnb the short last block is scaled by w / absmax (full blocks
     # by w * (1 / absmax)); -1.171875 / 2.8125 sits on the fp4 midpoint between -0.5 and -1/3,
     # where the two roundings pick different codes.
+    import contextlib
+
     bnbF = _bnb()
     w = torch.randn(128 + 44).to(torch.bfloat16)
     w[128:] = w[128:].clamp(-2.5, 2.5)
     w[128] = 2.8125
     w[129] = -1.171875
-    for bs_case in ("reference", "triton"):
-        if bs_case == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
-            continue
-        ctx = triton_on_cpu() if bs_case == "triton" else __import__("contextlib").nullcontext()
-        with ctx:
-            q = lowbit.quantize_4bit(w, 128, "fp4", False)
-        bq, _ = bnbF.quantize_4bit(w, blocksize=128, quant_type="fp4", compress_statistics=False)
-        assert torch.equal(q.codes, bq.reshape(-1)), bs_case
+    with triton_on_cpu("nf4.quantize") if path == "triton" else contextlib.nullcontext():
+        q = lowbit.quantize_4bit(w, 128, "fp4", False)
+    bq, _ = bnbF.quantize_4bit(w, blocksize=128, quant_type="fp4", compress_statistics=False)
+    assert torch.equal(q.codes, bq.reshape(-1))
 
 
 def test_bitsandbytes_bytes_identical_random_shapes():

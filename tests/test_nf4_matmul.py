@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
 from torch import nn
 
 import lowbit
-from tests.helpers import TOL, rel_err, triton_on_cpu
+from tests.helpers import TOL, expect_launches, rel_err, triton_on_cpu
 
-interp = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="interpreter tier (CPU)")
+interp = pytest.mark.interp  # skipped where TRITON_INTERPRET is off (tests/conftest.py)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -35,7 +34,7 @@ def test_kernel_forward_and_grad_x(dtype, m, double_quant, quant_type):
     q = lowbit.quantize_4bit(w, 64, quant_type, double_quant)
     x = torch.randn(2, m, k, dtype=dtype, requires_grad=True)
     bias = torch.randn(n, dtype=dtype, requires_grad=True)
-    with triton_on_cpu():
+    with triton_on_cpu("nf4.dot", "nf4.grad_x", absent=("nf4.dequantize",)):  # M = 2m rows: the dot kernel
         y = lowbit.matmul_4bit(x, q, bias)
         gy = torch.randn_like(y)
         gx, gb = torch.autograd.grad(y, (x, bias), gy)
@@ -52,18 +51,18 @@ def test_kernel_other_blocksizes_and_blocks_wider_than_tiles(blocksize):
     n, k = 40, 512
     q = lowbit.quantize_4bit(torch.randn(n, k), blocksize, "nf4", True)
     x = torch.randn(3, k)
-    with triton_on_cpu():
+    with triton_on_cpu("nf4.dot", absent=("nf4.dequantize",)):
         y = lowbit.matmul_4bit(x, q)
     assert rel_err(y, _ref64(x, q)) <= TOL[torch.float32]
 
 
 @interp
 def test_k_not_multiple_of_blocksize_is_correct():
-    # Rows straddle quantization blocks: the op falls back to dequantize + matmul, still exact.
+    # Rows straddle quantization blocks: the op falls back to the dequantize kernel + matmul, still exact.
     n, k = 17, 100
     q = lowbit.quantize_4bit(torch.randn(n, k), 64, "nf4", True)
     x = torch.randn(4, k)
-    with triton_on_cpu():
+    with triton_on_cpu("nf4.dequantize", absent=("nf4.gemv", "nf4.dot")):
         y = lowbit.matmul_4bit(x, q)
     assert rel_err(y, _ref64(x, q)) <= TOL[torch.float32]
 
@@ -79,11 +78,13 @@ def test_every_config_of_the_interpreter_table():
     for cfg in K.INTERPRETER_FORWARD:
         m = 1 if cfg[0] == "gemv" else 20
         x = torch.randn(m, k)
-        y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
+        with expect_launches(f"nf4.{cfg.kind}"):
+            y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
         assert rel_err(y, _ref64(x, q)) <= TOL[torch.float32], cfg
     for cfg in K.INTERPRETER_GRAD_X:
         g = torch.randn(9, n)
-        gx = K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg)
+        with expect_launches("nf4.grad_x"):
+            gx = K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg)
         assert rel_err(gx, g.double() @ lowbit.dequantize_4bit(q, torch.float32).double()) <= TOL[torch.float32], cfg
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import time
 
 import numpy as np
 import pytest
@@ -13,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import triton_on_cpu
-from lowbit import SZLinear, _ops, sz_decompress
+from tests.helpers import expect_launches, triton_on_cpu
+from lowbit import SZLinear, sz_decompress
 from lowbit.formats import _entropy
 from lowbit.formats import sz
 from lowbit.nn import LoRALinear
@@ -150,29 +149,25 @@ def test_vectorized_decoder_matches_reference(shape, chunk):
         assert torch.equal(_bits(sz_decompress(c, dtype=dtype, allow_unbounded=True)), _bits(sz.decode_reference(c, dtype)))
 
 
+@pytest.mark.interp
 def test_triton_decoder_bit_identical_under_interpreter():
-    pytest.importorskip("triton")
-    kernels = pytest.importorskip("lowbit.kernels")
+    import lowbit.kernels as kernels
+
     w = _data("heavy", shape=(40, 30))
     c = sz.sz_compress(w, 2e-3, chunk_size=64)  # 19 chunks, the last one partial
     assert len(c.outlier_idx) > 0
     for dtype in DTYPES:
         ref = sz.decode_reference(c, dtype).reshape(-1)
-        out = kernels.sz.sz_decode(*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+        with expect_launches("sz.decode"):
+            out = kernels.sz.sz_decode(*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
         assert out.dtype == dtype
         assert torch.equal(_bits(out), _bits(ref)), dtype
-    with triton_on_cpu():  # the public path routes CPU tensors to the kernel
+    with triton_on_cpu("sz.decode"):  # the public path routes CPU tensors to the kernel
         out = sz_decompress(c, dtype=torch.bfloat16, allow_unbounded=True)
     assert torch.equal(_bits(out), _bits(sz.decode_reference(c, torch.bfloat16)))
 
 
-def test_decode_op_registration():
-    # Schema, fake (meta) implementation and autograd registration of lowbit::sz_decode.
-    w = _data("heavy", shape=(20, 30))
-    c = sz.sz_compress(w, 1e-3, chunk_size=64)
-    for dtype in (torch.float32, torch.bfloat16):
-        args = (*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
-        torch.library.opcheck(_ops.sz_decode.op, args)
+# The op's schema, fake implementation and autograd registration: tests/test_ops.py (opcheck).
 
 
 def test_bytes_round_trip_and_sizes():
@@ -266,17 +261,14 @@ def test_bad_input():
         sz_decompress(w)
 
 
-def test_compress_speed():
+def test_compress_layer_sized_weight():
+    # A MiniLM-sized layer (the old wall-clock assertion here is gone: speed is for benchmarks/).
     w = torch.randn(1536, 384) * 0.04
-    sz.sz_compress(w, 1e-2)  # warm-up
-    best = min(_timed(lambda: sz.sz_compress(w, 1e-2)) for _ in range(2))
-    assert best < 1.0, f"compressing 1536x384 took {best:.2f} s"
-
-
-def _timed(f) -> float:
-    t = time.perf_counter()
-    f()
-    return time.perf_counter() - t
+    c = sz.sz_compress(w, 1e-2)
+    assert c.n_chunks > 1 and c.bits_per_param < 8
+    out = sz_decompress(c)
+    assert float((out - w).abs().max()) <= c.bound
+    assert torch.equal(out.reshape(-1), sz.decode_reference(c).reshape(-1))
 
 
 def _linear_pair(eb=2e-3):
@@ -299,8 +291,15 @@ def test_szlinear_forward_backward():
         yd = m(x.detach().to(dtype))
         assert yd.dtype == dtype
         assert torch.equal(yd, F.linear(x.detach().to(dtype), m.dequantized_weight(dtype), lin.bias.to(dtype)))
-    with triton_on_cpu():
-        assert torch.equal(m(x.detach()), y.detach())
+
+
+@pytest.mark.interp
+def test_szlinear_forward_decodes_with_the_kernel():
+    lin, m = _linear_pair()
+    x = torch.randn(5, 40)
+    y = m(x)
+    with triton_on_cpu("sz.decode"):
+        assert torch.equal(m(x), y)
 
 
 def test_szlinear_under_lora():
