@@ -11,6 +11,9 @@
         config.json. Load it back with lowbit.load_quantized(model, OUT_DIR).
     lowbit bench    [--json] [--device cpu|cuda] [--quick]
         Kernel timings against torch's dense matmul on this device (ratios from the same run).
+    lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--compare]
+        QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
+        before/after, the adapter in DIR, memory vs dense LoRA with --compare (docs/training.md).
 
 Usage errors print one line on stderr and exit with status 2.
 """
@@ -22,6 +25,7 @@ import sys
 
 from ._bench import _bench
 from ._demo import _demo
+from ._finetune import _finetune
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
 from ._tools import UsageError
 
@@ -61,6 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.add_argument("--quick", action="store_true", help="tiny shapes (also LOWBIT_BENCH_QUICK=1)")
     b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's; 1 on a busy machine)")
+    f = sub.add_parser("finetune", help="QLoRA fine-tune of a causal-LM folder on a text file")
+    f.add_argument("model_dir", metavar="MODEL_DIR")
+    f.add_argument("text", metavar="TEXT", nargs="?", default=None, help="a UTF-8 text file (default: a sample)")
+    f.add_argument("--steps", type=_positive_int, default=40)
+    f.add_argument("--seq-len", type=_positive_int, default=64)
+    f.add_argument("--batch", type=_positive_int, default=4)
+    f.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
+    f.add_argument("--out", default=None, help="folder for adapter.safetensors and adapter.json")
+    f.add_argument("--compare", action="store_true", help="also run dense LoRA and compare memory")
     return p
 
 
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
-        return {"demo": _demo, "quantize": _quantize, "bench": _bench}[a.cmd](a)
+        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune}[a.cmd](a)
     except UsageError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2

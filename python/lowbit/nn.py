@@ -98,6 +98,8 @@ class QuantLinear(nn.Module):
     QUANT_TYPES: ClassVar[tuple[str, ...]] = ()
     OPTIONS: ClassVar[frozenset[str]] = frozenset()  # replace_linear options of from_linear
     KEEP_DTYPE: ClassVar[tuple[str, ...]] = ()  # parameters that keep their dtype (trainable scales)
+    # storage laid out by output row, which lowbit.distributed shards across ranks (FSDP2)
+    SHARDED_STORAGE: ClassVar[tuple[str, ...]] = ()
     # metadata fields the layer was built with: a checkpoint that differs is refused
     MUST_MATCH: ClassVar[tuple[str, ...]] = ("family", "in_features", "out_features")
 
@@ -266,6 +268,7 @@ class Linear4bit(QuantLinear):
     FAMILY = "nf4"
     QUANT_TYPES = nf4_fmt.QUANT_TYPES
     OPTIONS = frozenset({"blocksize", "double_quant", "compute_dtype"})
+    SHARDED_STORAGE = ("weight", "weight_absmax")
     MUST_MATCH = QuantLinear.MUST_MATCH + ("quant_type", "blocksize")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
@@ -443,6 +446,7 @@ class IntLinear(QuantLinear):
     QUANT_TYPES = ("int2", "int3", "int4")
     OPTIONS = frozenset({"group_size", "method"})
     KEEP_DTYPE = ("scale",)
+    SHARDED_STORAGE = ("codes", "zeros")
     MUST_MATCH = QuantLinear.MUST_MATCH + ("bits", "group_size")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,

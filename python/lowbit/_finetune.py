@@ -1,0 +1,176 @@
+"""`lowbit finetune`: QLoRA end to end on a causal-LM folder.
+
+Every Linear except lm_head becomes nf4 (double quantized) + LoRA; the run uses gradient
+checkpointing and lowbit.optim.OffloadedAdamW, shows a progress bar with the loss, saves the
+adapter (lowbit's format: adapter.safetensors with the LoRA tensors by module path, adapter.json)
+and, with compare=True, runs the same steps as dense LoRA (bf16 on CUDA) to report both memories.
+
+Memory: on CUDA the peak allocated memory of the run; on the CPU the bytes of the weights and
+optimizer states held after the run (activations and gradients are not counted).
+A folder without a tokenizer (a model built from a config) is fed UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ._tools import UsageError
+from .nn import LoRALinear, QuantLinear, replace_linear
+from .optim import OffloadedAdamW
+
+SAMPLE_TEXT = Path(__file__).with_name("_finetune_sample.txt")
+
+
+def tokens(model_dir: str, text: str, vocab_size: int) -> torch.Tensor:
+    """The text's token ids: the folder's tokenizer, else UTF-8 bytes (mod vocab_size)."""
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+    except (OSError, ValueError, TypeError):
+        ids = [b % vocab_size for b in text.encode("utf-8")]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def add_lora(model: nn.Module, r: int, alpha: float) -> list[str]:
+    """Freeze `model` and wrap every quantized layer (or, in a dense model, every nn.Linear but
+    lm_head) in a LoRALinear; returns the wrapped layers' names."""
+    model.requires_grad_(False)
+    names = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, QuantLinear) or (type(mod) is nn.Linear and name.split(".")[-1] != "lm_head"):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, LoRALinear(mod, r=r, alpha=alpha))
+            names.append(name)
+    return names
+
+
+def _tensor_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    tensors += [t for s in opt.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        key = (t.untyped_storage().data_ptr(), t.dtype, t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _windows(ids: torch.Tensor, n: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    starts = torch.randint(0, len(ids) - seq_len, (n,), generator=gen)
+    return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
+
+
+def _bar(steps: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return range(steps)
+    return tqdm(range(steps), desc=desc, unit="step", file=sys.stderr)
+
+
+def _checkpointing(model: nn.Module) -> None:
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+
+
+def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, seq_len: int = 64, batch: int = 4,
+        r: int = 16, alpha: float = 32, lr: float = 3e-3, device: Optional[str] = None,
+        dtype: Optional[torch.dtype] = None, seed: int = 0, out: Optional[str] = None,
+        progress: bool = True) -> dict:
+    """One fine-tune; returns eval loss before/after (fixed windows), the step losses and memory."""
+    from transformers import AutoModelForCausalLM
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ids = tokens(model_dir, text, model.config.vocab_size)
+    if len(ids) <= seq_len:
+        raise ValueError(f"the text has {len(ids)} tokens; it needs more than seq_len={seq_len}")
+    if quantized:
+        replace_linear(model, "nf4")
+    model.to(device=device, dtype=dtype)  # lowbit layers: compute dtype only, storage untouched
+    wrapped = add_lora(model, r, alpha)
+    model.config.use_cache = False
+    _checkpointing(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = OffloadedAdamW(trainable, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
+    gen = torch.Generator().manual_seed(seed)
+    held_out = _windows(ids, 8, seq_len, torch.Generator().manual_seed(seed + 1)).to(device)
+
+    def eval_loss() -> float:
+        model.eval()
+        with torch.no_grad():
+            loss = float(model(input_ids=held_out, labels=held_out).loss)
+        model.train()
+        return loss
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before, losses = eval_loss(), []
+    bar = _bar(steps, "nf4 + LoRA" if quantized else "dense LoRA") if progress else range(steps)
+    for _ in bar:
+        x = _windows(ids, batch, seq_len, gen).to(device)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(float(loss.detach()))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    after = eval_loss()
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _tensor_bytes(model, opt))
+    if out is not None:
+        save_adapter(model, out, model_dir=model_dir, r=r, alpha=alpha, quantized=quantized, targets=wrapped)
+    return {"eval_loss_before": before, "eval_loss_after": after, "losses": losses, "memory_bytes": memory,
+            "memory_kind": "peak allocated (CUDA)" if device.type == "cuda" else "weights + optimizer states",
+            "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "trainable": sum(p.numel() for p in trainable)}
+
+
+def save_adapter(model: nn.Module, out: str, **config) -> None:
+    """The LoRA tensors by module path (adapter.safetensors) and the run's settings (adapter.json)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(out, exist_ok=True)
+    lora = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+    save_file(lora, os.path.join(out, "adapter.safetensors"))
+    with open(os.path.join(out, "adapter.json"), "w") as f:
+        json.dump({"format": "lowbit-lora", **config}, f, indent=1)
+
+
+def _finetune(a) -> int:
+    """The CLI body: a = argparse namespace with model_dir, text, steps, out, compare, seq_len, batch, r."""
+    if not os.path.isfile(os.path.join(a.model_dir, "config.json")):
+        raise UsageError(f"{a.model_dir!r} is not a model folder (no config.json)")
+    if a.text is not None and not os.path.isfile(a.text):
+        raise UsageError(f"no text file {a.text!r}")
+    text = Path(a.text or SAMPLE_TEXT).read_text(encoding="utf-8")
+    kw = dict(steps=a.steps, seq_len=a.seq_len, batch=a.batch, r=a.r)
+    runs = {"nf4 + LoRA": run(a.model_dir, text, out=a.out, **kw)}
+    if a.compare:
+        runs["dense LoRA"] = run(a.model_dir, text, quantized=False, **kw)
+    for name, res in runs.items():
+        print(f"{name} ({res['device']}, {res['dtype']}): eval loss {res['eval_loss_before']:.3f} -> "
+              f"{res['eval_loss_after']:.3f} in {len(res['losses'])} steps; {res['memory_kind']}: "
+              f"{res['memory_bytes'] / 2**20:.2f} MiB; {res['trainable']:,} trainable")
+    if a.out:
+        print(f"adapter: {a.out}/adapter.safetensors, {a.out}/adapter.json", file=sys.stderr)
+    first = next(iter(runs.values()))
+    return 0 if math.isfinite(first["eval_loss_after"]) else 1
