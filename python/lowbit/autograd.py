@@ -56,7 +56,8 @@ def matmul_4bit(x: Tensor, q: Quant4bit, bias: Optional[Tensor] = None) -> Tenso
     x2d = x.reshape(-1, k)
     absmax, nabs, ncode, off = q.scale_tensors()
     y = Matmul4bit.apply(x2d, bias, q.codes, absmax, q.code, q.blocksize, n, nabs, ncode, off, q.nested_blocksize)
-    return y.reshape(*lead, n)
+    # 2-D x: return the Function's output itself, not a view of it (FSDP2 warns on views)
+    return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
 class MatmulInt(torch.autograd.Function):
@@ -98,7 +99,7 @@ def matmul_int(x: Tensor, q: QuantInt, scale: Optional[Tensor] = None, bias: Opt
     lead = x.shape[:-1]
     x2d = x.reshape(-1, k)
     y = MatmulInt.apply(x2d, scale, bias, q.codes, q.zeros, q.bits, q.group_len, n)
-    return y.reshape(*lead, n)
+    return y if x.dim() == 2 else y.reshape(*lead, n)
 
 
 __all__ = ["Matmul4bit", "MatmulInt", "matmul_4bit", "matmul_int"]
