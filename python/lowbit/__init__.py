@@ -18,6 +18,17 @@ from .functional import dequantize_4bit, dequantize_int, quantize_4bit, quantize
 from .io import CheckpointError, load_quantized, load_state_dict, save_state_dict, to_bnb_state_dict
 from .nn import IntLinear, Linear4bit, LoRALinear, QuantLinear, SZLinear, replace_linear
 
+
+def __getattr__(name: str):
+    # lowbit.LowbitConfig without importing transformers at `import lowbit`: transformers is an
+    # optional extra (lowbit[transformers]); the first access imports lowbit.integrations.transformers,
+    # which registers quant_method "lowbit" with transformers. Not in __all__, so `import *` stays light.
+    if name == "LowbitConfig":
+        from .integrations.transformers import LowbitConfig
+
+        return LowbitConfig
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")
+
 __all__ = [
     "CheckpointError",
     "IntLinear",

@@ -32,6 +32,7 @@ bytes, so conversion (`from_bnb_entries`, `to_bnb_entries`) only renames keys an
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, replace
@@ -189,12 +190,19 @@ def quantize_flat(
 
 
 def _lut_8bit(code: torch.Tensor) -> torch.Tensor:
+    """The grid -> code index table of `code` (cached: building it takes ~10 ms, as long as
+    quantizing a small layer, and the code is always the same 256-value dynamic map)."""
+    return _lut_8bit_cached(tuple(code.float().cpu().tolist()))
+
+
+@functools.lru_cache(maxsize=4)
+def _lut_8bit_cached(code_values: tuple) -> torch.Tensor:
     """65536-entry table: grid point i of [-1, 1] -> index of the nearest code value.
 
     bitsandbytes' CPU quantizer rounds through this grid rather than to the exact nearest code;
     we reproduce it so that double-quantized scales are byte-identical to bnb's.
     """
-    c = code.float().cpu()
+    c = torch.tensor(code_values, dtype=torch.float32)
     mid = 0.5 * (c[:-1] + c[1:])
     i = torch.arange(65536, dtype=torch.float32)
     val = -1.0 + (2.0 * i) / 65535.0

@@ -1,2 +1,3 @@
-"""Integrations with other libraries (transformers, peft). Each is imported only when asked for:
-`import lowbit` imports none of them."""
+"""Bridges to the libraries lowbit's users already run: `lowbit.integrations.transformers` (a
+quantization method for `from_pretrained`) and `lowbit.integrations.peft` (LoRA on lowbit layers).
+Each is imported only when asked for; `import lowbit` imports neither transformers nor peft."""

@@ -1,0 +1,481 @@
+"""lowbit as a transformers quantization method: `from_pretrained(..., quantization_config=LowbitConfig(...))`.
+
+    import lowbit.integrations.transformers            # registers quant_method "lowbit"
+    from lowbit.integrations.transformers import LowbitConfig
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LowbitConfig("nf4"))
+    model.save_pretrained(out)                         # pre-quantized; config.json holds the LowbitConfig
+    model = AutoModelForCausalLM.from_pretrained(out)  # after the import above
+
+Importing this module registers `LowbitConfig` and `LowbitHfQuantizer` under the name "lowbit" with
+transformers (`register_quantization_config` / `register_quantizer`, the 5.x HfQuantizer API). Nothing
+in lowbit imports it implicitly: transformers reads "quant_method": "lowbit" from config.json only
+once this module has been imported.
+
+How loading works:
+- Before any weight is read, every nn.Linear that is not skipped becomes a lowbit layer on the meta
+  device (the layers' constructors allocate only).
+- From a full-precision checkpoint, each Linear weight is quantized as it is read (transformers reads
+  one tensor at a time, synchronously, when quantizing on load), with `lowbit.nn.layer_factory`, the
+  function `replace_linear` uses: the result is the layer replace_linear would build from the same
+  weight. The full-precision model is never held in memory.
+- From a lowbit checkpoint (written by save_pretrained), the quantizer first reads each layer's format
+  metadata (`<prefix>._extra_state`, a few bytes per layer) and the tensor shapes from the safetensors
+  headers, checks them against the model (family, shape, quant_type, blocksize, bits, group size, error
+  bound, format version) and sizes the data-dependent SZ buffers; only then are the tensors read. A
+  mismatch raises ValueError naming the key before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+import transformers
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .._validate import check_choice
+from .._version import __version__
+from ..formats import intq as intq_fmt
+from ..nn import (EXTRA_STATE, FORMAT_VERSION, IntLinear, Linear4bit, QuantLinear, SZLinear, decode_meta, layer_factory,
+                  quant_types)
+
+QUANT_METHOD = "lowbit"
+_MIN_TRANSFORMERS = (5, 0)
+
+if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit()) < _MIN_TRANSFORMERS:
+    raise ImportError(f"lowbit.integrations.transformers needs transformers >= 5.0 (the HfQuantizer API with "
+                      f"ConversionOps); this is transformers {transformers.__version__}")
+
+# Per layer class: the options LowbitConfig accepts and their defaults (the layers' own defaults).
+# "method" (int) only steers quantization; the others also describe the stored format.
+_FAMILY_OPTIONS: dict[type, dict[str, Any]] = {
+    Linear4bit: {"blocksize": 64, "double_quant": True, "compute_dtype": None},
+    IntLinear: {"group_size": None, "method": "rtn"},
+    SZLinear: {"error_bound": None, "mode": "abs", "chunk_size": 4096},
+}
+_ALL_OPTIONS = sorted({k for opts in _FAMILY_OPTIONS.values() for k in opts})
+
+
+def _layer_class(quant_type: str) -> type:
+    for cls in _FAMILY_OPTIONS:
+        if quant_type in cls.QUANT_TYPES:
+            return cls
+    raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
+
+
+def _dtype_name(v: Any) -> Optional[str]:
+    if v is None:
+        return None
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if isinstance(v, str) and isinstance(getattr(torch, v.removeprefix("torch."), None), torch.dtype):
+        return v.removeprefix("torch.")
+    raise ValueError(f"compute_dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {v!r}")
+
+
+@register_quantization_config(QUANT_METHOD) if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING else (lambda c: c)
+class LowbitConfig(QuantizationConfigMixin):
+    """The quantization config of a lowbit model (quant_method "lowbit").
+
+    quant_type: "nf4" | "fp4" | "optimal" (options blocksize=64, double_quant=True, compute_dtype=None),
+                "int2" | "int3" | "int4" (group_size=None, method="rtn"),
+                "sz" (error_bound, required; mode="abs"; chunk_size=4096).
+    modules_to_not_convert: module names (or regexes / name suffixes, transformers' rules) kept dense.
+                None: transformers' default (the output embedding, tied weights and the model's last
+                module, e.g. lm_head); [] quantizes every nn.Linear.
+    An option of another family, or an unknown option, raises ValueError naming it.
+    """
+
+    def __init__(self, quant_type: str = "nf4", modules_to_not_convert: Optional[list] = None, **options) -> None:
+        options.pop("quant_method", None)
+        options.pop("lowbit_version", None)
+        version = options.pop("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(f"quantization_config.format_version: this checkpoint has lowbit format version "
+                             f"{version!r}; lowbit {__version__} reads versions <= {FORMAT_VERSION}: upgrade lowbit")
+        if not isinstance(quant_type, str):
+            raise TypeError(f"quant_type must be a str, got {type(quant_type).__name__}")
+        cls = _layer_class(quant_type)
+        allowed = _FAMILY_OPTIONS[cls]
+        for k in options:
+            if k not in allowed:
+                where = ("an option of another format family" if k in _ALL_OPTIONS else "not a lowbit option")
+                raise ValueError(f"LowbitConfig: option {k!r} is {where}; quant_type={quant_type!r} takes "
+                                 f"{sorted(allowed)}")
+        if modules_to_not_convert is not None:
+            if isinstance(modules_to_not_convert, str) or not all(isinstance(m, str) for m in modules_to_not_convert):
+                raise TypeError("modules_to_not_convert must be None or a list of module names")
+            modules_to_not_convert = list(modules_to_not_convert)
+        self.quant_method = QUANT_METHOD
+        self.quant_type = quant_type
+        for k, default in allowed.items():
+            setattr(self, k, options.get(k, default))
+        if cls is Linear4bit:
+            self.compute_dtype = _dtype_name(self.compute_dtype)
+        self.modules_to_not_convert = modules_to_not_convert
+        self.format_version = FORMAT_VERSION
+        self.lowbit_version = __version__
+        self.post_init()
+
+    @property
+    def layer_class(self) -> type:
+        return _layer_class(self.quant_type)
+
+    @property
+    def options(self) -> dict:
+        """The family's options, as replace_linear / layer_factory take them."""
+        opts = {k: getattr(self, k) for k in _FAMILY_OPTIONS[self.layer_class]}
+        if "compute_dtype" in opts:
+            opts["compute_dtype"] = None if opts["compute_dtype"] is None else getattr(torch, opts["compute_dtype"])
+        return opts
+
+    def post_init(self) -> None:
+        """Check the option values by building a 1-row layer on the meta device (the layer's own checks)."""
+        if self.layer_class is SZLinear and self.error_bound is None:
+            raise ValueError("LowbitConfig(quant_type='sz') needs error_bound=... (abs, or a fraction of each "
+                             "weight's value range with mode='rel')")
+        opts = self.options
+        try:
+            if "method" in opts:
+                check_choice("method", opts["method"], intq_fmt.METHODS)
+            gs = opts.get("group_size")
+            in_features = 32 * gs if isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 else 64
+            self.make_layer(in_features, 1, bias=False, device="meta")
+            layer_factory(self.quant_type, opts)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"LowbitConfig(quant_type={self.quant_type!r}): {e}") from None
+
+    def make_layer(self, in_features: int, out_features: int, bias: bool, device=None) -> QuantLinear:
+        """An empty lowbit layer of this format (allocates only; device='meta' for a skeleton)."""
+        o = self.options
+        cls = self.layer_class
+        if cls is Linear4bit:
+            return Linear4bit(in_features, out_features, bias, device=device, quant_type=self.quant_type,
+                              blocksize=o["blocksize"], double_quant=o["double_quant"],
+                              compute_dtype=o["compute_dtype"])
+        if cls is IntLinear:
+            return IntLinear(in_features, out_features, bias, device=device, bits=int(self.quant_type[3:]),
+                             group_size=o["group_size"])
+        return SZLinear(in_features, out_features, bias, device=device, error_bound=o["error_bound"], mode=o["mode"],
+                        chunk_size=o["chunk_size"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type,
+                **{k: getattr(self, k) for k in _FAMILY_OPTIONS[self.layer_class]},
+                "modules_to_not_convert": self.modules_to_not_convert, "format_version": self.format_version,
+                "lowbit_version": self.lowbit_version}
+
+
+class LowbitQuantize(ConversionOps):
+    """Quantize one full-precision Linear weight as it is read, into the lowbit layer at its prefix."""
+
+    def __init__(self, hf_quantizer: "LowbitHfQuantizer") -> None:
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict, model: Optional[nn.Module] = None, full_layer_name: Optional[str] = None,
+                missing_keys: Optional[set] = None, **kwargs) -> dict:
+        key, value = next(iter(input_dict.items()))
+        weight = value[0] if isinstance(value, list) else value
+        prefix = key.rpartition(".")[0]
+        filled = self.hf_quantizer.quantize_layer(model, prefix, weight)
+        if missing_keys is not None:  # the layer's buffers are set here, not by transformers
+            for k in filled:
+                missing_keys.discard(k)
+        return {}
+
+
+# A full-precision weight arrives under "<prefix>.weight"; IntLinear and SZLinear store no tensor of that
+# name, so while quantizing on load they carry a meta placeholder for transformers to route it to.
+# save_pretrained also writes an empty uint8 "<prefix>.weight" marker for them: a transformers that has
+# not imported this module then stops with a size mismatch (as it does on Linear4bit's packed weight)
+# instead of loading those layers as randomly initialised nn.Linear. The marker is read and dropped here.
+_PLACEHOLDER = "weight"
+
+
+def _marker(device=None) -> torch.Tensor:
+    return torch.zeros(0, dtype=torch.uint8, device=device)
+
+
+@register_quantizer(QUANT_METHOD) if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING else (lambda c: c)
+class LowbitHfQuantizer(HfQuantizer):
+    """The HfQuantizer of quant_method "lowbit" (see the module docstring)."""
+
+    requires_calibration = False
+    quantization_config: LowbitConfig
+
+    def __init__(self, quantization_config: LowbitConfig, **kwargs) -> None:
+        if not isinstance(quantization_config, LowbitConfig):
+            quantization_config = LowbitConfig.from_dict(dict(quantization_config))
+        super().__init__(quantization_config, **kwargs)
+        self._quantized: set[str] = set()  # prefixes quantized on load
+
+    # -- properties transformers asks about ------------------------------------------------------
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True  # save_pretrained writes every layer's buffers and format metadata (safetensors)
+
+    @property
+    def is_trainable(self) -> bool:
+        # Gradients flow to the input through every family, so adapters (lowbit.integrations.peft) train.
+        return True
+
+    @property
+    def is_qat_trainable(self) -> bool:
+        # The int family's per-row/group scales are trainable parameters (PEQA); the others hold frozen codes.
+        return self.quantization_config.layer_class is IntLinear
+
+    @property
+    def is_compileable(self) -> bool:
+        # Every family's forward is a registered torch.library op; measured: torch.compile (inductor, CPU,
+        # torch 2.13) of a quantized Llama gives the eager logits for nf4, int3 and sz, even with fullgraph=True.
+        return True
+
+    # -- before loading ----------------------------------------------------------------------------
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, getattr(model, "_keep_in_fp32_modules", None))
+        # a weight tied to another (lm_head to the input embedding) must stay a dense parameter
+        tied = getattr(model, "all_tied_weights_keys", None) or {}
+        self.modules_to_not_convert += sorted({k.removesuffix(".weight") for kv in tied.items() for k in kv}
+                                              - set(self.modules_to_not_convert))
+        targets = [(name, mod) for name, mod in model.named_modules()
+                   if type(mod) is nn.Linear and should_convert_module(name, self.modules_to_not_convert)]
+        for name, lin in targets:
+            try:
+                layer = cfg.make_layer(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"lowbit: layer {name!r} (nn.Linear in_features={lin.in_features}, out_features="
+                              f"{lin.out_features}) cannot be {cfg.quant_type!r}: {e}; add it to "
+                              "modules_to_not_convert to keep it dense") from None
+            if lin.bias is not None:  # the bias keeps the model's dtype, as replace_linear keeps it
+                layer.bias = nn.Parameter(torch.empty_like(lin.bias, device="meta"),
+                                          requires_grad=layer.bias.requires_grad)
+            if not self.pre_quantized and _PLACEHOLDER not in layer._buffers:
+                layer.register_buffer(_PLACEHOLDER, torch.empty(lin.out_features, lin.in_features, device="meta"))
+            elif self.pre_quantized and _PLACEHOLDER not in layer._buffers:
+                layer.register_buffer(_PLACEHOLDER, _marker("meta"))
+            model.set_submodule(name, layer)
+        if not targets:
+            raise ValueError(f"lowbit: the model has no nn.Linear to quantize (modules_to_not_convert="
+                             f"{self.modules_to_not_convert})")
+        if self.pre_quantized and checkpoint_files:
+            self._check_checkpoint(model, checkpoint_files)
+        return model
+
+    def _check_checkpoint(self, model, files: list) -> None:
+        """Check every lowbit layer against the checkpoint's format metadata and tensor shapes (headers and
+        the few-byte metadata tensors only), adopt the fields that describe the stored data, and size the
+        SZ streams, before transformers reads any tensor."""
+        from safetensors import safe_open
+
+        layers = {name: mod for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
+        bmp = getattr(model, "base_model_prefix", "") or ""
+
+        def to_model(prefix: str) -> Optional[str]:
+            # a checkpoint of the base model loads into a model with a head, and the other way round
+            cands = (prefix, prefix.removeprefix(bmp + "."), f"{bmp}.{prefix}") if bmp else (prefix,)
+            return next((c for c in cands if c in layers), None)
+
+        by_prefix: dict[str, dict[str, tuple]] = {}  # prefix -> {name: (shape, safetensors dtype, file)}
+        metas: dict[str, torch.Tensor] = {}  # "<prefix>._extra_state" -> its (few-byte) tensor
+        for path in files:  # a sharded checkpoint may split one layer's tensors over files
+            if not str(path).endswith(".safetensors"):
+                raise ValueError(f"lowbit: {path!r} is not a safetensors file; lowbit checkpoints are written and "
+                                 "read as safetensors (save_pretrained's default)")
+            with safe_open(path, framework="pt") as f:
+                for k in f.keys():
+                    prefix, _, leaf = k.rpartition(".")
+                    sl = f.get_slice(k)
+                    by_prefix.setdefault(prefix, {})[leaf] = (tuple(sl.get_shape()), sl.get_dtype(), path)
+                    if leaf == EXTRA_STATE:
+                        metas[k] = f.get_tensor(k)
+        found: dict[str, tuple] = {}
+        foreign: list[str] = []
+        for k, t in metas.items():
+            prefix = k.rpartition(".")[0]
+            name = to_model(prefix)
+            try:
+                meta = decode_meta(t, k)
+            except ValueError:
+                if name is None:
+                    continue  # another module's extra state
+                raise
+            if name is None:
+                foreign.append(k)
+                continue
+            shapes = {leaf: v[:2] for leaf, v in by_prefix[prefix].items()}
+            found[name] = (k, meta, shapes, by_prefix[prefix][EXTRA_STATE][2])
+        if foreign:
+            kinds = {k: type(model.get_submodule(k[: -len(EXTRA_STATE) - 1])).__name__
+                     if _has_submodule(model, k[: -len(EXTRA_STATE) - 1]) else "no such module" for k in foreign[:3]}
+            raise ValueError(f"lowbit: the checkpoint holds lowbit layers that this model does not quantize: "
+                             f"{kinds} (a different architecture, or modules_to_not_convert differs from the one "
+                             "the checkpoint was saved with)")
+        missing = [n for n in layers if n not in found]
+        if missing:
+            raise ValueError(f"lowbit: the checkpoint has no lowbit format metadata for layer(s) "
+                             f"{[m + '.' + EXTRA_STATE for m in missing[:3]]}{' ...' if len(missing) > 3 else ''}: "
+                             "it was not saved by lowbit for this architecture, or with other modules_to_not_convert")
+        for name, (key, meta, shapes, path) in found.items():
+            layer = layers[name]
+            layer._check_meta(meta, key)
+            layer._adopt(meta, dict.fromkeys(shapes), "")
+            persistent = layer.state_dict(keep_vars=True)
+            absent = [b for b in persistent if b not in shapes and b != _PLACEHOLDER]
+            if absent:
+                raise ValueError(f"{key[: -len(EXTRA_STATE)]}{absent[0]}: missing from the checkpoint "
+                                 f"{os.path.basename(path)!r} (the layer's format metadata is there; the file is "
+                                 "incomplete)")
+            for buf, t in list(layer._buffers.items()):
+                if buf not in shapes or t is None or buf not in persistent:
+                    continue
+                shape, dt = shapes[buf]
+                dtype = _SAFETENSORS_DTYPES.get(dt)
+                if tuple(t.shape) == shape and t.dtype == dtype:
+                    continue
+                if isinstance(layer, SZLinear):  # the compressed sizes depend on the data
+                    layer._buffers[buf] = torch.empty(shape, dtype=dtype or t.dtype, device="meta")
+                else:
+                    raise ValueError(f"{key[: -len(EXTRA_STATE)]}{buf}: the checkpoint {os.path.basename(path)!r} "
+                                     f"holds shape {list(shape)} {dt}, the model's {type(layer).__name__} expects "
+                                     f"{list(t.shape)} {t.dtype}")
+
+    # -- while loading -----------------------------------------------------------------------------
+    def get_quantize_ops(self):
+        return LowbitQuantize(self)
+
+    def quantize_layer(self, model, prefix: str, weight: torch.Tensor) -> list[str]:
+        """Replace the (meta) lowbit layer at `prefix` with the layer replace_linear builds from `weight`;
+        returns the state-dict keys this filled (all of the layer's but a bias still to be read)."""
+        cfg = self.quantization_config
+        old = model.get_submodule(prefix)
+        keys = [f"{prefix}.{k}" for k in old.state_dict(keep_vars=True) if k != "bias"]
+        lin = nn.Linear(old.in_features, old.out_features, bias=False, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        bias_loaded = old.bias is not None and old.bias.device.type != "meta"
+        if bias_loaded:
+            lin.bias = old.bias
+        try:
+            new = layer_factory(cfg.quant_type, cfg.options)(lin)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"lowbit: layer {prefix!r} cannot be quantized as {cfg.quant_type!r}: {e}") from None
+        if old.bias is not None and not bias_loaded:  # the bias arrives after the weight: keep a slot for it
+            new.bias = nn.Parameter(torch.empty_like(old.bias))
+        for t in list(new.parameters()) + list(new.buffers()):
+            t._is_hf_initialized = True
+        model.set_submodule(prefix, new)
+        self._quantized.add(prefix)
+        return keys
+
+    # -- after loading -----------------------------------------------------------------------------
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        for name, layer in model.named_modules():
+            if not isinstance(layer, QuantLinear):
+                continue
+            if not self.pre_quantized and name not in self._quantized:
+                raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no {name + '.weight'!r}")
+            if not isinstance(layer, Linear4bit) and _PLACEHOLDER in layer._buffers:
+                placeholder = layer._buffers.pop(_PLACEHOLDER)
+                if placeholder is not None and placeholder.numel():
+                    raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no 'weight' for it")
+            stale = [n for n, t in layer.state_dict(keep_vars=True).items()
+                     if isinstance(t, torch.Tensor) and t.device.type == "meta"]
+            if stale:
+                raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no {stale[0]!r} for it")
+            # transformers sets each tensor by attribute and fills non-persistent buffers with empty memory:
+            # let the layer re-run its own loading on its own state (rebuilds the SZ decode table).
+            layer.load_state_dict(layer.state_dict(), strict=True)
+            if isinstance(layer, (IntLinear, SZLinear)) and layer.bias is not None:
+                layer.bias.requires_grad_(False)  # lowbit's convention for these families (from_linear)
+        return model
+
+    def get_state_dict_and_metadata(self, model):
+        sd = model.state_dict()
+        for name, layer in model.named_modules():
+            if isinstance(layer, (IntLinear, SZLinear)):
+                sd[f"{name}.{_PLACEHOLDER}" if name else _PLACEHOLDER] = _marker()
+        return sd, {"lowbit.format_version": str(FORMAT_VERSION), "lowbit.version": __version__}
+
+    def _dequantize(self, model, dtype=None):
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype.removeprefix("torch."))
+        for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]:
+            dt = dtype or layer.weight_dtype
+            w = layer.dequantized_weight(dt)
+            lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            lin.weight = nn.Parameter(w, requires_grad=True)
+            if layer.bias is not None:
+                lin.bias = nn.Parameter(layer.bias.detach().to(dt), requires_grad=True)
+            model.set_submodule(name, lin)
+        return model
+
+
+_SAFETENSORS_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+                       "I64": torch.int64, "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                       "F64": torch.float64, "BOOL": torch.bool}
+
+
+def save_pretrained_bnb(model, out_dir) -> None:
+    """Write `model` (a transformers model whose quantized layers are nf4/fp4 Linear4bit, from
+    from_pretrained with LowbitConfig or from replace_linear) as a folder transformers + bitsandbytes
+    load: config.json with a bitsandbytes `quantization_config` (quant_method "bitsandbytes", load_in_4bit)
+    and model.safetensors in bitsandbytes' key names (`lowbit.to_bnb_state_dict`: the same bytes). Every
+    nn.Linear left dense is listed in llm_int8_skip_modules. Raises ValueError naming a layer bitsandbytes
+    cannot hold (int, SZ, "optimal"), or layers that disagree on quant_type / double quantization."""
+    import copy
+
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig
+
+    from ..io import _plain_state_dict, to_bnb_state_dict
+
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if not quant:
+        raise ValueError("lowbit: the model has no lowbit layer to export")
+    for n, m in quant.items():
+        if not isinstance(m, Linear4bit) or m.quant_type not in ("nf4", "fp4"):
+            kind = getattr(m, "quant_type", type(m).__name__)
+            raise ValueError(f"lowbit: layer {n!r} is {kind}; bitsandbytes 4-bit holds only nf4/fp4 Linear4bit")
+    kinds = {(m.quant_type, m.double_quant) for m in quant.values()}
+    if len(kinds) > 1:
+        raise ValueError(f"lowbit: the layers mix {sorted(kinds)} (quant_type, double_quant); a bitsandbytes "
+                         "config holds one")
+    (qt, dq), = kinds
+    dense = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear)
+    compute = {m.compute_dtype for m in quant.values()} - {None}
+    config = copy.deepcopy(model.config)
+    config.quantization_config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq, llm_int8_skip_modules=dense,
+        bnb_4bit_compute_dtype=compute.pop() if len(compute) == 1 else model.dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    sd = to_bnb_state_dict(model)
+    plain = _plain_state_dict(model)  # contiguous CPU copies, shared storage split (safetensors refuses it)
+    sd = {k: plain[k] if k in plain else v.detach().contiguous().cpu() for k, v in sd.items()}
+    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    config.save_pretrained(out_dir)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(out_dir)
+
+
+def _has_submodule(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+__all__ = ["LowbitConfig", "LowbitHfQuantizer", "LowbitQuantize", "QUANT_METHOD", "save_pretrained_bnb"]
