@@ -21,7 +21,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    TL_DTYPE,
     GradScaleConfig,
     GradXConfig,
     MatmulConfig,
@@ -222,10 +221,15 @@ C = MatmulConfig
 G = GradXConfig
 S = GradScaleConfig
 # Forward configs by M bucket (the largest M each serves); first = default, the tuner times the rest.
+# Changed 2026-11-27 because the compile tier fails on any stack frame (AOT compile, Triton 3.9):
+# with 4 warps int3 spills 4-8 B at 128-168 registers in the 32x128 GEMV (sm_90), 16x64x128 with
+# groups of 128 (sm_80) and 16x32x128 (sm_90), so those tiles run 8 warps. The M=1 default is now
+# 16x256 (clean, and 18-26 SASS instructions per weight against 26-33 for the old 32x128 4-warp
+# default and 30-41 for 32x128 with 8 warps: `python -m lowbit.kernels.cost`, docs/cost.md).
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
-    1: [C("gemv", 1, 32, 128, 4, 4, 3), C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3)],
+    1: [C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 32, 128, 4, 8, 3)],
     4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
-    16: [C("dot", 16, 64, 128, 4, 4, 3), C("dot", 16, 32, 128, 8, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
+    16: [C("dot", 16, 64, 128, 4, 8, 3), C("dot", 16, 32, 128, 8, 8, 3), C("dot", 16, 64, 64, 4, 4, 3)],
     64: [C("dot", 64, 64, 64, 1, 4, 3), C("dot", 64, 128, 32, 1, 4, 4)],
     256: [C("dot", 128, 128, 32, 1, 8, 3), C("dot", 64, 128, 32, 1, 4, 4), C("dot", 128, 64, 64, 1, 8, 3)],
     1 << 30: [C("dot", 128, 128, 64, 1, 8, 3), C("dot", 128, 128, 32, 1, 8, 4), C("dot", 64, 128, 32, 1, 4, 4)],
@@ -235,7 +239,8 @@ GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
     256: [G(64, 64, 64, 1, 4, 3), G(64, 128, 32, 1, 4, 3)],
     1 << 30: [G(128, 128, 32, 1, 8, 3), G(128, 64, 32, 1, 4, 3)],
 }
-GRAD_SCALE_CONFIGS = [S(64, 64, 64, 4, 3), S(128, 64, 64, 8, 3), S(64, 32, 64, 4, 3)]
+# 64x64x64 and 64x32x64 run 8 warps: with 4 they spill 8 B on sm_80 (int2/int3; 64x32x64 all widths).
+GRAD_SCALE_CONFIGS = [S(64, 64, 64, 8, 3), S(128, 64, 64, 8, 3), S(64, 32, 64, 8, 3)]
 GRAD_SCALE_CONFIGS_FP32 = [S(64, 32, 32, 4, 3), S(32, 64, 32, 4, 3)]  # fp32 tiles take twice the registers
 INTERPRETER_FORWARD = [C("gemv", 1, 32, 64, 2, 4, 1), C("dot", 16, 32, 64, 1, 4, 1), C("dot", 16, 32, 32, 2, 4, 1)]
 INTERPRETER_GRAD_X = [G(16, 64, 32, 2, 4, 1), G(16, 32, 32, 1, 4, 1)]
@@ -375,84 +380,79 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config: GradScale
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs (lowbit._aot)
+# Compile specs (kernels/_compile.py, `python -m lowbit._aot`, `python -m lowbit.kernels.cost`)
 # ----------------------------------------------------------------------------------------------
 
 _SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_W_SIG = {"codes_ptr": "*i32", "scale_ptr": "*fp32", "zero_ptr": "*u8"}
 
 
-def _mode_variants(bk: int) -> list[tuple[str, dict]]:
-    # rows; groups of 128 (tile inside a group when bk divides 128); groups of 32 (per element when bk > 32)
-    out = [("rows", {"GROUP": 32, "PER_ROW": True, "TILE_IN_GROUP": True}),
-           ("g128", {"GROUP": 128, "PER_ROW": False, "TILE_IN_GROUP": 128 % bk == 0})]
-    if bk > 32:
-        out.append(("g32", {"GROUP": 32, "PER_ROW": False, "TILE_IN_GROUP": False}))
-    return out
+def _group_variants(k: int, bk: int) -> list[tuple[str, int]]:
+    # rows; groups of 128 (tile inside a group when bk divides 128); groups of 32 (per 32-chunk
+    # scales when bk > 32; with bk = 32 it compiles the same path as g128)
+    out = [("rows", k), ("g128", 128)]
+    return out + ([("g32", 32)] if bk > 32 else [])
 
 
-def aot_specs() -> list[dict]:
-    """Every forward/grad_x config in bf16 for each bit width (rows and groups); fp16/fp32 once."""
+def aot_specs() -> list:
+    """Every forward/grad_x/grad_scale config, launched by its launcher on meta tensors (N = K =
+    4096, the largest M its buckets serve, capped at 4096) so that the compile tier builds what
+    the JIT builds: bf16 rows for each bit width; int3 also with groups; fp16 and fp32 rows for
+    the first config of each table."""
+    from ._compile import launch_spec, meta
+
+    n = k = 4096
+
+    def weights(bits: int, group_len: int):  # codes, scale, zeros
+        ng = k // group_len
+        return meta(n, k // 32, bits, dtype=torch.int32), meta(n, ng), meta(n, ng, dtype=torch.uint8)
+
+    def buckets(table: dict) -> dict:  # config -> the largest M bucket that lists it
+        return {c: b for b in sorted(table) for c in table[b]}
+
+    def variants(first: bool, bits: int, bk: int):  # (dtype, group name, group_len)
+        groups = _group_variants(k, bk) if bits == 3 else [("rows", k)]
+        other_dts = [torch.float16, torch.float32] if first and bits == 3 else []
+        return [(torch.bfloat16, gname, glen) for gname, glen in groups] + [(dt, "rows", k) for dt in other_dts]
+
+    def cost(kernel: str, bits: int, m_bucket: int, cfg, weights_per_iter: int) -> dict:
+        return {"kernel": kernel, "format": f"int{bits}", "m_bucket": m_bucket, "config": cfg,
+                "weights_per_iter": weights_per_iter, "bytes_per_weight": bits / 8 + 5 / k}  # + fp32 scale, u8 zero
+
     specs = []
-    fwd = list(dict.fromkeys(c for b in sorted(FORWARD_CONFIGS) for c in FORWARD_CONFIGS[b]))
-    for i, cfg in enumerate(fwd):
-        kind, bm, bn, bk, split, warps, stages = (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k, cfg.split_k,
-                                                  cfg.num_warps, cfg.num_stages)
+    for i, (cfg, m_bucket) in enumerate(buckets(FORWARD_CONFIGS).items()):
+        m = min(m_bucket, 4096)
         for bits in (2, 3, 4):
-            dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
-            modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
-            for dt in dts:
-                for mname, mode in modes:
-                    t = _SIG_DT[dt]
-                    out_t = "fp32" if (split > 1 or dt == torch.float32) else t
-                    specs.append({
-                        "name": f"{kind}_int{bits}[{t},{mname},{bm}x{bn}x{bk},split={split},w={warps},s={stages}]",
-                        "fn": gemv_int_kernel if kind == "gemv" else matmul_int_kernel,
-                        "signature": {"x_ptr": f"*{t}", **_W_SIG, "bias_ptr": f"*{t}", "y_ptr": f"*{out_t}",
-                                      "M": "i32", "N": "i32", "K": "i32", "NG": "i32", "stride_xm": "i32",
-                                      "stride_xk": "i32", "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
-                        "constexprs": {"BITS": bits, **mode, "HAS_BIAS": True, "BLOCK_M": bm, "BLOCK_N": bn,
-                                       "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8, "DOT_DTYPE": TL_DTYPE[dt],
-                                       "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
-                        "num_warps": warps, "num_stages": stages,
-                    })
-    gx = list(dict.fromkeys(c for b in sorted(GRAD_X_CONFIGS) for c in GRAD_X_CONFIGS[b]))
-    for i, cfg in enumerate(gx):
-        bm, bk, bn, split, warps, stages = (cfg.block_m, cfg.block_k, cfg.block_n, cfg.split_n, cfg.num_warps,
-                                            cfg.num_stages)
+            for dt, gname, glen in variants(i == 0, bits, cfg.block_k):
+                codes, scale, zeros = weights(bits, glen)
+                x, bias = meta(m, k, dtype=dt), meta(n, dtype=dt)
+                name = (f"{cfg.kind}_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_n}x{cfg.block_k},"
+                        f"split={cfg.split_k},w={cfg.num_warps},s={cfg.num_stages}]")
+                c = (cost(f"int.{cfg.kind}", bits, m_bucket, cfg, cfg.block_n * cfg.block_k)
+                     if (dt, gname) == (torch.bfloat16, "rows") else None)
+                specs.append(launch_spec(name, lambda: matmul_int(x, codes, scale, zeros, bits, glen, n, bias,
+                                                                  config=cfg), c))
+    for i, (cfg, m_bucket) in enumerate(buckets(GRAD_X_CONFIGS).items()):
+        m = min(m_bucket, 4096)
         for bits in (2, 3, 4):
-            dts = [torch.bfloat16] + ([torch.float16, torch.float32] if i == 0 and bits == 3 else [])
-            modes = _mode_variants(bk) if bits == 3 else _mode_variants(bk)[:1]
-            for dt in dts:
-                for mname, mode in modes:
-                    t = _SIG_DT[dt]
-                    out_t = "fp32" if (split > 1 or dt == torch.float32) else t
-                    specs.append({
-                        "name": f"grad_x_int{bits}[{t},{mname},{bm}x{bk}x{bn},split={split},w={warps},s={stages}]",
-                        "fn": matmul_int_grad_x_kernel,
-                        "signature": {"g_ptr": f"*{t}", **_W_SIG, "gx_ptr": f"*{out_t}", "M": "i32", "N": "i32",
-                                      "K": "i32", "NG": "i32", "stride_gm": "i32", "stride_gn": "i32",
-                                      "stride_s": "i32", "stride_om": "i32", "stride_ok": "i32"},
-                        "constexprs": {"BITS": bits, **mode, "BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn,
-                                       "SPLIT_N": split, "GROUP_M": 8, "DOT_DTYPE": TL_DTYPE[dt],
-                                       "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
-                        "num_warps": warps, "num_stages": stages,
-                    })
-    gs_variants = [(cfg, bits, dt) for i, cfg in enumerate(GRAD_SCALE_CONFIGS) for bits in (2, 3, 4)
-                   for dt in [torch.bfloat16] + ([torch.float16] if i == 0 and bits == 3 else [])]
-    gs_variants += [(cfg, 3, torch.float32) for cfg in GRAD_SCALE_CONFIGS_FP32]
-    for cfg, bits, dt in gs_variants:
-        bn, bk, bm, warps, stages = cfg.block_n, cfg.block_k, cfg.block_m, cfg.num_warps, cfg.num_stages
-        t = _SIG_DT[dt]
-        specs.append({
-            "name": f"grad_scale_int{bits}[{t},{bn}x{bk}x{bm},w={warps},s={stages}]",
-            "fn": matmul_int_grad_scale_kernel,
-            "signature": {"g_ptr": f"*{t}", "x_ptr": f"*{t}", "codes_ptr": "*i32", "zero_ptr": "*u8",
-                          "gs_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "NG": "i32",
-                          "stride_gm": "i32", "stride_gn": "i32", "stride_xm": "i32", "stride_xk": "i32",
-                          "stride_s": "i32"},
-            "constexprs": {"BITS": bits, "BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_M": bm, "SPLIT_M": 4,
-                           "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee"},
-            "num_warps": warps, "num_stages": stages,
-        })
+            for dt, gname, glen in variants(i == 0, bits, cfg.block_k):
+                codes, scale, zeros = weights(bits, glen)
+                g = meta(m, n, dtype=dt)
+                name = (f"grad_x_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_k}x{cfg.block_n},"
+                        f"split={cfg.split_n},w={cfg.num_warps},s={cfg.num_stages}]")
+                c = (cost("int.grad_x", bits, m_bucket, cfg, cfg.block_n * cfg.block_k)
+                     if (dt, gname) == (torch.bfloat16, "rows") else None)
+                specs.append(launch_spec(name, lambda: matmul_int_grad_x(g, codes, scale, zeros, bits, glen, k,
+                                                                         config=cfg), c))
+    # grad_scale: a training-step shape, M = 4096 tokens; its loop computes g^T x tiles and streams
+    # no weights, so the cost report shows its loop but no per-weight figures.
+    gs = [(cfg, bits, dt) for i, cfg in enumerate(GRAD_SCALE_CONFIGS) for bits in (2, 3, 4)
+          for dt in [torch.bfloat16] + ([torch.float16] if i == 0 and bits == 3 else [])]
+    gs += [(cfg, 3, torch.float32) for cfg in GRAD_SCALE_CONFIGS_FP32]
+    for cfg, bits, dt in gs:
+        codes, _, zeros = weights(bits, k)
+        g, x = meta(4096, n, dtype=dt), meta(4096, k, dtype=dt)
+        name = (f"grad_scale_int{bits}[{_SIG_DT[dt]},{cfg.block_n}x{cfg.block_k}x{cfg.block_m},"
+                f"w={cfg.num_warps},s={cfg.num_stages}]")
+        c = cost("int.grad_scale", bits, 1 << 30, cfg, 0) if dt != torch.float16 else None
+        specs.append(launch_spec(name, lambda: matmul_int_grad_scale(g, x, codes, zeros, bits, k, config=cfg), c))
     return specs

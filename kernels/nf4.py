@@ -36,7 +36,6 @@ import triton.language as tl
 
 from ._common import (
     DEQUANT,
-    TL_DTYPE,
     GradXConfig,
     MatmulConfig,
     alloc_output,
@@ -374,8 +373,11 @@ FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 128, 64, 4, 4, 3)],
     16: [C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 256, 64, 2, 8, 3), C("dot", 16, 128, 64, 4, 4, 3),
          C("dot", 16, 64, 64, 4, 4, 4)],
-    64: [C("dot", 64, 128, 64, 1, 4, 3), C("dot", 32, 128, 64, 2, 4, 3), C("dot", 64, 256, 64, 1, 8, 3)],
-    1 << 30: [C("dot", 128, 256, 64, 1, 8, 3), C("dot", 64, 128, 64, 1, 4, 4)],
+    # 64x256 and 128x256 tiles take BLOCK_K 32: with BLOCK_K 64 they spill (sm_90: 255 registers and
+    # an 8 B (64x256) / 24 B (128x256) stack; sm_80 128x256: 32 registers, 3.5 KB stack), and the
+    # compile tier fails on any stack frame (AOT compile, Triton 3.9, 2026-11-27).
+    64: [C("dot", 64, 128, 64, 1, 4, 3), C("dot", 32, 128, 64, 2, 4, 3), C("dot", 64, 256, 32, 1, 8, 3)],
+    1 << 30: [C("dot", 128, 256, 32, 1, 8, 3), C("dot", 64, 128, 64, 1, 4, 4)],
 }
 GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
     16: [G(16, 64, 128, 4, 4, 3), G(16, 128, 64, 2, 4, 3)],
@@ -423,10 +425,9 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
 
     def run(cfg: MatmulConfig):
         if cfg.kind == "dequant":
-            count_launch("nf4.dequantize")
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, x.dtype)
-            return torch.nn.functional.linear(x, w, bias).to(out_dtype)
+            return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype)).to(out_dtype)
         split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)
@@ -469,7 +470,6 @@ def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nest
 
     def run(cfg):
         if cfg == DEQUANT:
-            count_launch("nf4.dequantize")
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, g.dtype)
             return (g @ w).to(out_dtype)
@@ -547,83 +547,73 @@ def dequantize_4bit(
 
 
 # ----------------------------------------------------------------------------------------------
-# Compile specs (lowbit._aot)
+# Compile specs (kernels/_compile.py, `python -m lowbit._aot`, `python -m lowbit.kernels.cost`)
 # ----------------------------------------------------------------------------------------------
 
-_SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+# Bytes per weight streamed by a forward/grad_x call with double quantization: 4-bit codes, one
+# uint8 scale code per 64 weights, one fp32 nested scale per 256 blocks.
+_DQ_BYTES_PER_WEIGHT = 0.5 + 1 / 64 + 4 / (64 * 256)
 
 
-def _w_sig(dq: bool) -> dict:
-    return {"codes_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "nested_absmax_ptr": "*fp32",
-            "nested_code_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32"}
+def aot_specs() -> list:
+    """Every config of the tables, launched by its launcher on meta tensors (N = K = 4096, the
+    largest M its buckets serve, capped at 4096) so that the compile tier builds what the JIT
+    builds: bf16 with double quant for each config; fp16, fp32 and plain scales for the first
+    one; the quantize and dequantize kernels."""
+    from ._compile import launch_spec, meta
 
+    n = k = 4096
+    code = meta(16)
 
-def aot_specs() -> list[dict]:
-    """Every config of the tables, in bf16 with double quant; fp16, fp32 and plain scales once each."""
+    def weights(dq: bool):  # codes, absmax, nested_absmax, nested_code, offset
+        codes = meta(n * k // 2, dtype=torch.uint8)
+        if dq:
+            return codes, meta(n * k // 64, dtype=torch.uint8), meta(n * k // 64 // 256), meta(256), meta(1)
+        return codes, meta(n * k // 64), None, None, None
+
+    def buckets(table: dict) -> dict:  # config -> the largest M bucket that lists it
+        return {c: b for b in sorted(table) for c in table[b]}
+
     specs = []
-    variants = [(torch.bfloat16, True)]
-    fwd = [c for b in sorted(FORWARD_CONFIGS) for c in FORWARD_CONFIGS[b]]
-    for i, cfg in enumerate(dict.fromkeys(fwd)):
-        vs = variants + ([(torch.float16, True), (torch.float32, True), (torch.bfloat16, False)] if i == 0 else [])
-        for dt, dq in vs:
-            kind, bm, bn, bk, split, warps, stages, decode = (cfg.kind, cfg.block_m, cfg.block_n, cfg.block_k,
-                                                             cfg.split_k, cfg.num_warps, cfg.num_stages, cfg.decode)
-            t = _SIG_DT[dt]
-            out_t = "fp32" if (split > 1 or dt == torch.float32) else t
-            specs.append({
-                "name": f"{kind}_4bit[{t},dq={dq},{bm}x{bn}x{bk},split={split},w={warps},s={stages},dec={decode}]",
-                "fn": gemv_4bit_kernel if kind == "gemv" else matmul_4bit_kernel,
-                "signature": {"x_ptr": f"*{t}", **_w_sig(dq), "bias_ptr": f"*{t}", "y_ptr": f"*{out_t}",
-                              "M": "i32", "N": "i32", "K": "i32", "stride_wn": "i32", "stride_xm": "i32", "stride_xk": "i32",
-                              "stride_ys": "i32", "stride_ym": "i32", "stride_yn": "i32"},
-                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "HAS_BIAS": True,
-                               "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": split, "GROUP_M": 8,
-                               "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
-                               "DECODE": decode},
-                "num_warps": warps, "num_stages": stages,
-            })
-    gx = [c for b in sorted(GRAD_X_CONFIGS) for c in GRAD_X_CONFIGS[b]]
-    for i, cfg in enumerate(dict.fromkeys(gx)):
-        vs = variants + ([(torch.float16, True), (torch.float32, False)] if i == 0 else [])
-        for dt, dq in vs:
-            bm, bk, bn, split, warps, stages, decode = (cfg.block_m, cfg.block_k, cfg.block_n, cfg.split_n,
-                                                        cfg.num_warps, cfg.num_stages, cfg.decode)
-            t = _SIG_DT[dt]
-            out_t = "fp32" if (split > 1 or dt == torch.float32) else t
-            specs.append({
-                "name": f"grad_x_4bit[{t},dq={dq},{bm}x{bk}x{bn},split={split},w={warps},s={stages},dec={decode}]",
-                "fn": matmul_4bit_grad_x_kernel,
-                "signature": {"g_ptr": f"*{t}", **_w_sig(dq), "gx_ptr": f"*{out_t}", "M": "i32", "N": "i32",
-                              "K": "i32", "stride_wn": "i32", "stride_gm": "i32", "stride_gn": "i32", "stride_s": "i32",
-                              "stride_om": "i32", "stride_ok": "i32"},
-                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK_M": bm,
-                               "BLOCK_K": bk, "BLOCK_N": bn, "SPLIT_N": split, "GROUP_M": 8,
-                               "DOT_DTYPE": TL_DTYPE[dt], "PRECISION": "tf32" if dt == torch.float32 else "ieee",
-                               "DECODE": decode},
-                "num_warps": warps, "num_stages": stages,
-            })
-    specs += _aot_specs_quant()
-    return specs
-
-
-def _aot_specs_quant() -> list[dict]:
-    specs = []
-    for xt in ("fp32", "fp16", "bf16"):
+    for i, (cfg, m_bucket) in enumerate(buckets(FORWARD_CONFIGS).items()):
+        extra = [(torch.float16, True), (torch.float32, True), (torch.bfloat16, False)] if i == 0 else []
+        for dt, dq in [(torch.bfloat16, True)] + extra:
+            m = min(m_bucket, 4096)
+            codes, absmax, nested_absmax, nested_code, offset = weights(dq)
+            x, bias = meta(m, k, dtype=dt), meta(n, dtype=dt)
+            name = (f"{cfg.kind}_4bit[{_SIG_DT[dt]},dq={dq},{cfg.block_m}x{cfg.block_n}x{cfg.block_k},"
+                    f"split={cfg.split_k},w={cfg.num_warps},s={cfg.num_stages},dec={cfg.decode}]")
+            cost = None
+            if (dt, dq) == (torch.bfloat16, True):
+                cost = {"kernel": f"nf4.{cfg.kind}", "format": "nf4", "m_bucket": m_bucket, "config": cfg,
+                        "weights_per_iter": cfg.block_n * cfg.block_k, "bytes_per_weight": _DQ_BYTES_PER_WEIGHT}
+            specs.append(launch_spec(name, lambda: matmul_4bit(x, codes, absmax, code, 64, n, nested_absmax,
+                                                               nested_code, offset, 256, bias, config=cfg), cost))
+    for i, (cfg, m_bucket) in enumerate(buckets(GRAD_X_CONFIGS).items()):
+        extra = [(torch.float16, True), (torch.float32, False)] if i == 0 else []
+        for dt, dq in [(torch.bfloat16, True)] + extra:
+            m = min(m_bucket, 4096)
+            codes, absmax, nested_absmax, nested_code, offset = weights(dq)
+            g = meta(m, n, dtype=dt)
+            name = (f"grad_x_4bit[{_SIG_DT[dt]},dq={dq},{cfg.block_m}x{cfg.block_k}x{cfg.block_n},"
+                    f"split={cfg.split_n},w={cfg.num_warps},s={cfg.num_stages},dec={cfg.decode}]")
+            cost = None
+            if (dt, dq) == (torch.bfloat16, True):
+                cost = {"kernel": "nf4.grad_x", "format": "nf4", "m_bucket": m_bucket, "config": cfg,
+                        "weights_per_iter": cfg.block_n * cfg.block_k, "bytes_per_weight": _DQ_BYTES_PER_WEIGHT}
+            specs.append(launch_spec(name, lambda: matmul_4bit_grad_x(g, codes, absmax, code, 64, k, nested_absmax,
+                                                                      nested_code, offset, 256, config=cfg), cost))
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
         for bs in (64, 4096):
-            specs.append({
-                "name": f"quantize_4bit[{xt},bs={bs}]", "fn": quantize_4bit_kernel,
-                "signature": {"x_ptr": f"*{xt}", "packed_ptr": "*u8", "absmax_ptr": "*fp32", "bounds_ptr": "*fp32",
-                              "order_ptr": "*i32", "n": "i32"},
-                "constexprs": {"BLOCKSIZE": bs, "BLOCKS_PER_PROG": max(1, 2048 // bs)},
-            })
-    for ot in ("fp32", "fp16", "bf16"):
+            flat = meta(n * k, dtype=dt)
+            specs.append(launch_spec(f"quantize_4bit[{_SIG_DT[dt]},bs={bs}]",
+                                     lambda: quantize_4bit(flat, bs, meta(15), meta(16, dtype=torch.int32))))
         for dq in (False, True):
-            specs.append({
-                "name": f"dequantize_4bit[{ot},dq={dq}]", "fn": dequantize_4bit_kernel,
-                "signature": {"packed_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "code_ptr": "*fp32",
-                              "nested_absmax_ptr": "*fp32", "nested_code_ptr": "*fp32", "offset_ptr": "*fp32",
-                              "out_ptr": f"*{ot}", "n": "i32"},
-                "constexprs": {"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": 256, "DOUBLE_QUANT": dq, "BLOCK": 1024},
-                "options": {"enable_fp_fusion": False},
-            })
+            codes, absmax, nested_absmax, nested_code, offset = weights(dq)
+            specs.append(launch_spec(f"dequantize_4bit[{_SIG_DT[dt]},dq={dq}]",
+                                     lambda: dequantize_4bit(codes, absmax, code, 64, n * k, dt, nested_absmax,
+                                                             nested_code, offset, 256)))
     return specs
+
+
+_SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

@@ -89,17 +89,21 @@ def sz_decode(
     return out
 
 
-def aot_specs() -> list[dict]:
-    """Kernel variants for the ahead-of-time compile tier (lowbit._aot)."""
+def aot_specs() -> list:
+    """The decoder as sz_decode launches it (kernels/_compile.py) for a 4096 x 4096 tensor at about
+    4 bits per symbol: fp32/fp16/bf16 outputs x chunks of 1024/4096 symbols."""
+    from ._compile import launch_spec, meta
+
+    numel, max_len, radius = 4096 * 4096, 12, 511
     specs = []
-    for ot in ("fp32", "fp16", "bf16"):
+    for dt, name in ((torch.float32, "fp32"), (torch.float16, "fp16"), (torch.bfloat16, "bf16")):
         for chunk in (1024, 4096):
-            specs.append({
-                "name": f"sz_decode[{ot},chunk={chunk}]", "fn": sz_decode_kernel,
-                "signature": {"payload_ptr": "*u8", "offsets_ptr": "*i64", "table_ptr": "*i32", "step_ptr": "*fp32",
-                              "out_ptr": f"*{ot}", "n": "i64", "n_chunks": "i32", "payload_len": "i64",
-                              "radius": "i32"},
-                "constexprs": {"CHUNK": chunk, "MAX_LEN": 12, "LANES": 32},
-                "num_warps": 1,
-            })
+            n_chunks = numel // chunk
+            args = (meta(numel // 2, dtype=torch.uint8), meta(n_chunks + 1, dtype=torch.int64),
+                    meta(1 << max_len, dtype=torch.int32), meta(1), meta(0, dtype=torch.int64), meta(0),
+                    numel, chunk, max_len, radius, dt)
+            # one symbol per lane per iteration; bytes per symbol: the output element + ~4 payload bits
+            cost = {"kernel": "sz.decode", "format": "sz", "m_bucket": None, "config": {"out": name, "chunk": chunk, "lanes": 32},
+                    "weights_per_iter": 32, "bytes_per_weight": torch.finfo(dt).bits / 8 + 0.5}
+            specs.append(launch_spec(f"sz_decode[{name},chunk={chunk}]", lambda: sz_decode(*args), cost))
     return specs

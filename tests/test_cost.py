@@ -1,0 +1,157 @@
+"""The static cost report (kernels/cost.py): its method on hand-written SASS and PTX, its budget
+formula against the research note, and one real run (the nf4 M=1 default GEMV and one SZ decoder
+on sm_90, compiled as the JIT would, in a subprocess with the interpreter off)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+from lowbit.kernels import cost, nf4  # noqa: E402  (decorated under the interpreter here: nothing compiles in-process)
+
+# nvdisasm's layout: an outer loop .L_x_0 around an inner one .L_x_1, and the `BRA .` after EXIT.
+SASS = """
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+.L_x_0:
+	//## File ".nv_debug_ptx_txt", line 7
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+.L_x_1:
+	//## File "/k.py", line 3
+	//## File ".nv_debug_ptx_txt", line 9
+        /*0020*/              @!P2 LDG.E.U8 R8, desc[UR4][R6.64] ;
+        /*0030*/                   SHFL.BFLY PT, R9, R8, 0x1, 0x1f ;
+        /*0040*/               @P0 BRA `(.L_x_1) ;
+        /*0050*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
+        /*0060*/               @P1 BRA `(.L_x_0) ;
+        /*0070*/                   EXIT ;
+.L_x_2:
+        /*0080*/                   BRA `(.L_x_2);
+"""
+
+
+def test_find_loop_takes_the_innermost_loop():
+    instrs, labels = cost.parse_sass(SASS)
+    assert labels == {".L_x_0": 0x10, ".L_x_1": 0x20, ".L_x_2": 0x80}
+    loop = cost.find_loop(instrs, labels)
+    assert [i.addr for i in loop] == [0x20, 0x30, 0x40]
+    assert loop[0].ptx_line == 9
+    stats = cost.loop_stats(loop, {9: frozenset({"codes_ptr"})})
+    assert stats["loop_instructions"] == 3
+    assert stats["loads"] == {"codes": [8]}
+    assert (stats["shuffles_per_iter"], stats["barriers_per_iter"]) == (1, 0)
+
+
+def test_load_widths():
+    widths = {op: cost.load_bits(op) for op in ("LDG.E.U8", "LDG.E.S16", "LDG.E", "LDG.E.64", "LDG.E.128.CONSTANT",
+                                                 "LDGSTS.E.BYPASS.LTC128B.128")}
+    assert list(widths.values()) == [8, 16, 32, 64, 128, 128]
+    assert all(map(cost.is_global_load, widths)) and not cost.is_global_load("LDGDEPBAR")  # cp.async commit
+
+
+def test_ceiling_matches_the_budget_of_the_research_note():
+    # ../shared/research/gpu-gemv.md: nf4 + double quant moves 0.516 B/weight; ~5.2 SASS instructions
+    # per weight at 100% of the H100's copy bandwidth, ~7.4 at 70%; int2 rows (0.254 B/w) ~3.6 at 70%.
+    assert cost.ceiling_fraction(5.16, 0.516) == pytest.approx(1.0, abs=0.01)
+    assert cost.ceiling_fraction(7.37, 0.516) == pytest.approx(0.70, abs=0.01)
+    assert cost.ceiling_fraction(3.63, 0.254) == pytest.approx(0.70, abs=0.01)
+    assert cost.ceiling_fraction(1.0, 0.516) == 1.0  # capped: issue is then not the limit
+
+
+PTX = """\
+.visible .entry k(
+	.param .u64 .ptr .global .align 1 k_param_0,
+	.param .u64 .ptr .global .align 1 k_param_1,
+	.param .u32 k_param_2
+)
+{
+	ld.param.b64 	%rd1, [k_param_0];
+	ld.param.b64 	%rd2, [k_param_1];
+	ld.param.b32 	%r1, [k_param_2];
+	mul.wide.s32 	%rd3, %r1, 4;
+	add.s64 	%rd4, %rd1, %rd3;
+	ld.global.b32 { %r2 }, [ %rd4 + 0 ];
+	mad.wide.s32 	%rd5, %r2, 4, %rd2;
+	@%p1 ld.global.b32 { %r3 }, [ %rd5 + 0 ];
+}
+"""
+
+
+def test_loads_are_attributed_by_the_address_not_by_the_data():
+    # The second load indexes b_ptr with a value read through a_ptr (as the nested scale code
+    # indexes its table): it reads b, not a. The stride (a u32 parameter) is no pointer.
+    pointers = cost.ptx_load_pointers(PTX, ["a_ptr", "b_ptr", None])
+    assert pointers == {12: frozenset({"a_ptr"}), 14: frozenset({"b_ptr"})}
+
+
+REQUIRED = {"kernel", "format", "m_bucket", "arch", "weights_per_thread_per_iter", "instr_per_weight",
+            "code_load_bits", "barriers_per_iter", "shuffles_per_iter", "registers", "spill_bytes", "stack_bytes",
+            "ceiling_fraction_of_bandwidth"}
+
+
+def _gemv_default_name() -> str:
+    c = nf4.FORWARD_CONFIGS[1][0]
+    return f"gemv_4bit[bf16,dq=True,{c.block_m}x{c.block_n}x{c.block_k},split={c.split_k},w={c.num_warps},"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    dump = tmp_path_factory.mktemp("cost")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cost", "--arch", "90", "--json", "--jobs", "1",
+                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,chunk=1024]"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
+    records = json.loads(out.stdout)
+    gemv = [r for r in records if r["kernel"] == "nf4.gemv"]
+    sz = [r for r in records if r["kernel"] == "sz.decode"]
+    assert len(gemv) == 1 and len(sz) == 1, [r["name"] for r in records]
+    return gemv[0], sz[0], dump
+
+
+def test_records_carry_the_keys_and_sane_values(report):
+    gemv, sz, _ = report
+    for r in (gemv, sz):
+        assert REQUIRED <= set(r), REQUIRED - set(r)
+        assert r["arch"] == 90
+        assert r["instr_per_weight"] > 0 and r["registers"] > 0
+        assert r["instr_per_weight"] == pytest.approx(r["loop_instructions"] / r["weights_per_thread_per_iter"],
+                                                      abs=0.01)
+        assert 0 < r["ceiling_fraction_of_bandwidth"] <= 1
+        assert r["ceiling_fraction_of_bandwidth"] == pytest.approx(
+            cost.ceiling_fraction(r["instr_per_weight"], r["bytes_per_weight"]), abs=0.001)
+        assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0
+    cfg = nf4.FORWARD_CONFIGS[1][0]
+    assert (gemv["format"], gemv["m_bucket"]) == ("nf4", 1)
+    assert gemv["weights_per_thread_per_iter"] == cfg.block_n * cfg.block_k / (32 * cfg.num_warps)
+    assert (sz["format"], sz["m_bucket"], sz["instr_per_symbol"]) == ("sz", None, sz["instr_per_weight"])
+
+
+def test_nf4_gemv_loop_streams_codes_scales_and_x(report):
+    gemv, _, _ = report
+    loads = gemv["loads"]
+    assert set(loads) == {"codes", "scales", "x"}, loads  # every global load in the loop is accounted for
+    # Each thread loads its own share of the code tile once: 4 bits per weight it handles.
+    assert sum(loads["codes"]) == 4 * gemv["weights_per_thread_per_iter"]
+    assert gemv["code_load_bits"] == max(loads["codes"]) and gemv["x_load_bits"] == max(loads["x"])
+    assert 8 in loads["scales"]  # the uint8 double-quantized scale code
+
+
+def test_sz_loop_peeks_three_payload_bytes_per_symbol(report):
+    _, sz, _ = report
+    assert sz["stores_per_iter"] >= 1  # one output element per symbol (more if ptxas unrolled)
+    assert sz["loads"]["codes"] == [8] * 3 * sz["stores_per_iter"]
+    assert sz["loads"]["table"] == [32] * sz["stores_per_iter"]
+
+
+def test_dump_writes_each_cubin_and_its_sass(report):
+    gemv, sz, dump = report
+    files = sorted(p.name for p in dump.iterdir())
+    assert len(files) == 4 and sum(f.endswith(".sm90.cubin") for f in files) == 2
+    sass = next(p for p in dump.iterdir() if p.name.startswith("gemv") and p.suffix == ".sass").read_text()
+    assert "LDG" in sass and ".nv_debug_ptx_txt" in sass
