@@ -145,7 +145,7 @@ def load_bits(opcode: str) -> int:
 
 # Which operand a load reads, by the pointer argument its address is computed from.
 ROLE = {
-    "codes_ptr": "codes", "payload_ptr": "codes",
+    "codes_ptr": "codes", "words_ptr": "codes", "payload_ptr": "codes",
     "absmax_ptr": "scales", "nested_absmax_ptr": "scales", "nested_code_ptr": "scales", "offset_ptr": "scales",
     "scale_ptr": "scales", "zero_ptr": "scales",
     "x_ptr": "x", "g_ptr": "x",

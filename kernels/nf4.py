@@ -317,6 +317,138 @@ def gemv_4bit_kernel(
 
 
 @triton.jit
+def _table_value(w, table_base, SHIFT: tl.constexpr):
+    """table[(w >> SHIFT) & 15] for the 16-entry fp32 code table at `table_base` (64-byte aligned).
+
+    The byte offset (w >> (SHIFT - 2)) & 60 is OR-ed into the table's address instead of added:
+    the high address word never changes, so the address costs one shift and one LOP3 (no 64-bit
+    add), and the 64-byte table stays in L1 (one wavefront per warp-wide gather)."""
+    if SHIFT >= 2:
+        off = (w >> (SHIFT - 2)) & 0x3C
+    else:
+        off = (w << (2 - SHIFT)) & 0x3C
+    return tl.load((table_base | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
+
+
+@triton.jit
+def _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, blk, mask, DOUBLE_QUANT: tl.constexpr,
+                NESTED_BLOCKSIZE: tl.constexpr):
+    if DOUBLE_QUANT:
+        qa = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        s = tl.load(nested_code_ptr + qa) * tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        s = s + tl.load(offset_ptr)
+    else:
+        s = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+    return s
+
+
+@triton.jit
+def _words_store_row(y_ptr, ws_ptr, bias_ptr, y, m, offs_n, n_mask, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(ws_ptr + (pid_k * 4 + m) * N + offs_n[:, None], y, mask=n_mask)
+
+
+@triton.jit
+def _words_reduce_row(y_ptr, ws_ptr, bias_ptr, m, offs_n, n_mask, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    y = tl.zeros(offs_n[:, None].shape, dtype=tl.float32)
+    for s_ in tl.static_range(SPLIT_K):  # in split order: deterministic
+        y += tl.load(ws_ptr + (s_ * 4 + m) * N + offs_n[:, None], mask=n_mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def gemv_4bit_words_kernel(
+    x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
+    ws_ptr, count_ptr,
+    N, K, stride_wn,
+    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ W^T (+ bias) for M <= 4, in one launch, without tensor cores.
+
+    Loop shape (each choice removes instructions the SASS of the previous GEMV spent; the cost
+    report, python -m lowbit.kernels.cost, counts them):
+    - W is read as int32 words of 8 codes, a [BLOCK_N, BLOCK_K/8] tile per step with BLOCK_K = 32:
+      one 128-bit load per row and thread, each thread owning whole rows of the step, so every
+      sum below stays inside a thread (no shuffles) and every tensor keeps the word tile's layout
+      (no conversion through shared memory, no barriers);
+    - the 8 codes of a word are decoded one shift at a time by an L1-resident table gather
+      (`_table_value`), multiplied by the matching x element and summed in fp32 registers; the
+      step's per-row partial is scaled once (BLOCK_K <= BLOCKSIZE: one block per step);
+    - the rows of x share every decoded weight (M accumulators);
+    - split-K writes fp32 partials to a workspace and the last program of each row tile (a
+      counter per tile, reset by that program) sums them in split order, adds the bias, casts
+      and stores: one launch, deterministic, no memset.
+    Byte b of a word holds elements 2b (high nibble) and 2b+1 (low nibble): element j is at shift
+    8 * (j // 2) + 4 * (1 - j % 2).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = (offs_n < N)[:, None]
+    WORDS: tl.constexpr = BLOCK_K // 8
+    cols = tl.arange(0, WORDS)[None, :]
+    rows64 = offs_n.to(tl.int64)[:, None]
+    table_base = code_ptr.to(tl.int64, bitcast=True)
+    k_len = K // SPLIT_K
+    acc0 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    for kk in range(0, k_len, BLOCK_K):
+        k0 = pid_k * k_len + kk
+        w = tl.load(words_ptr + rows64 * stride_wn + (tl.multiple_of(k0 // 8, WORDS) + cols), mask=n_mask, other=0,
+                    eviction_policy="evict_first")
+        p0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        p1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        p2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        p3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
+        for j in tl.static_range(8):
+            v = _table_value(w, table_base, 8 * (j // 2) + 4 * (1 - j % 2))
+            xk = x_ptr + k0 + 8 * cols + j  # [1, WORDS]: in the tile's layout
+            p0 += v * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
+            if M > 1:
+                p1 += v * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
+            if M > 2:
+                p2 += v * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
+            if M > 3:
+                p3 += v * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
+        s = _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
+                        rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
+        acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
+        if M > 1:
+            acc1 += tl.sum(p1, axis=1, keep_dims=True) * s
+        if M > 2:
+            acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
+        if M > 3:
+            acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
+    _words_store_row(y_ptr, ws_ptr, bias_ptr, acc0, 0, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 1:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc1, 1, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 2:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc2, 2, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 3:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc3, 3, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partial is written before the program counts itself done
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 0, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 1:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 1, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 2:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 2, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 3:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 3, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
 def matmul_4bit_grad_x_kernel(
     g_ptr, codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, gx_ptr,
     M, N, K, stride_wn,
@@ -366,11 +498,20 @@ G = GradXConfig
 # benchmarks/results/2026-11-26-h100-sweep.log (H100): decode=2 (tl.gather from a register
 # table) beat the global-memory gather and the select tree everywhere, and BLOCK_K=64 beat 128/256.
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
-    1: [C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
+    # "words" (gemv_4bit_words_kernel): 6.1 SASS instructions per weight on sm_90 at 4 rows per
+    # thread (block_n = 128 per warp), 0 barriers, 0 shuffles, 128-bit code loads, against 12.4-15.2
+    # for the "gemv" configs (python -m lowbit.kernels.cost, 2026-11-27; never timed on a GPU yet: the
+    # tuner times every candidate of the bucket on first use). Fewer rows per thread (32 per warp)
+    # cost 8.7 instructions per weight but put more warps in flight at small N.
+    1: [C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1), C("words", 1, 32, 32, 16, 1, 1),
+        C("words", 1, 256, 32, 8, 2, 1),
+        C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
         C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 128, 64, 2, 4, 3),
         # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
         C("gemv", 1, 64, 32, 4, 4, 3), C("gemv", 1, 128, 32, 4, 4, 3)],
-    4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 128, 64, 4, 4, 3)],
+    # dot first: 9.4 instructions per weight against 33.8 for the M<=4 "gemv" (cost report)
+    4: [C("dot", 16, 128, 64, 2, 4, 3), C("words", 4, 128, 32, 8, 1, 1), C("gemv", 4, 32, 64, 4, 4, 3),
+        C("dot", 16, 128, 64, 4, 4, 3)],
     16: [C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 256, 64, 2, 8, 3), C("dot", 16, 128, 64, 4, 4, 3),
          C("dot", 16, 64, 64, 4, 4, 4)],
     # 64x256 and 128x256 tiles take BLOCK_K 32: with BLOCK_K 64 they spill (sm_90: 255 registers and
@@ -384,7 +525,7 @@ GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
     1 << 30: [G(128, 64, 64, 1, 4, 4), G(64, 64, 128, 1, 4, 3)],
 }
 # Small tiles for the interpreter; together they cover every decode method and both GEMV and dot.
-INTERPRETER_FORWARD = [C("gemv", 1, 32, 64, 2, 4, 1, 2), C("dot", 16, 32, 32, 2, 4, 1, 2),
+INTERPRETER_FORWARD = [C("words", 1, 32, 32, 2, 1, 1), C("gemv", 1, 32, 64, 2, 4, 1, 2), C("dot", 16, 32, 32, 2, 4, 1, 2),
                        C("dot", 32, 32, 64, 1, 4, 1, 0), C("gemv", 4, 16, 64, 1, 4, 1, 1),
                        C("dot", 16, 16, 128, 1, 4, 1, 1)]
 INTERPRETER_GRAD_X = [G(16, 32, 32, 2, 4, 1, 2), G(32, 64, 32, 1, 4, 1, 1), G(16, 128, 16, 1, 4, 1, 0)]
@@ -396,7 +537,48 @@ FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1, 1)
 
 
 def _fits_forward(cfg: MatmulConfig, m: int, k: int) -> bool:
-    return cfg.kind != "dequant" and (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
+    return (cfg.kind != "dequant" and (cfg.kind not in ("gemv", "words") or m <= cfg.block_m)
+            and k % (cfg.block_k * cfg.split_k) == 0)
+
+
+# Split-K workspaces of the "words" GEMV: fp32 partials [SPLIT, 4, N] and one arrival counter per
+# row tile. The counters start at zero and the last program of each tile resets its own, so the
+# buffers are reused across calls (and CUDA-graph replays) without a memset. One per (device,
+# stream, shape): two streams never share one.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _words_workspace(device: torch.device, split: int, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if split == 1 or device.type == "meta":
+        return (torch.empty((split, 4, n) if split > 1 else (1,), dtype=torch.float32, device=device),
+                torch.zeros(max(tiles, 1), dtype=torch.int32, device=device))
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, split, n, tiles)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.empty((split, 4, n), dtype=torch.float32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
+
+
+def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg: MatmulConfig, out_dtype):
+    """One launch of gemv_4bit_words_kernel: y [M, n] in x's dtype (fp32 under the interpreter for
+    bf16, which it cannot store)."""
+    m, k = x.shape
+    words = codes.view(torch.int32)
+    if code.data_ptr() % 64:  # _table_value ORs offsets into the table's address
+        code = code.clone()
+    tiles = triton.cdiv(n, cfg.block_n)
+    ws, count = _words_workspace(x.device, cfg.split_k, n, tiles)
+    y = alloc_output((m, n), x.dtype, x.device)
+    count_launch("nf4.words")
+    gemv_4bit_words_kernel[(tiles, cfg.split_k)](
+        x, words, *scales, code, bias if bias is not None else x, y, ws, count,
+        n, k, k // 8,
+        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None,
+        M=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def _fits_grad_x(cfg: GradXConfig, k: int) -> bool:
@@ -428,6 +610,9 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, x.dtype)
             return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype)).to(out_dtype)
+        if cfg.kind == "words":
+            return _words_gemv(x.contiguous(), codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg,
+                               out_dtype)
         split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)

@@ -44,7 +44,7 @@ def test_matmul_4bit_cuda_against_float64(m, dtype):
     x = torch.randn(m, k, device="cuda", dtype=dtype, requires_grad=True)
     b = torch.randn(n, device="cuda", dtype=dtype)
     # The tuner may pick the dequantize + cuBLAS candidate: any lowbit launch proves the Triton path.
-    with expect_launches("nf4.gemv|nf4.dot|nf4.dequantize", "nf4.grad_x|nf4.dequantize"):
+    with expect_launches("nf4.words|nf4.gemv|nf4.dot|nf4.dequantize", "nf4.grad_x|nf4.dequantize"):
         y = lowbit.matmul_4bit(x, q, b)
         gy = torch.randn_like(y)
         (gx,) = torch.autograd.grad(y, x, gy)
@@ -80,7 +80,7 @@ def test_linear4bit_module_on_cuda():
     layer = lowbit.Linear4bit.from_linear(lin).cuda().bfloat16()
     x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16)
     ref = x.double() @ layer.dequantized_weight(torch.float32).double().t() + lin.bias.double().cuda()
-    with expect_launches("nf4.gemv|nf4.dot|nf4.dequantize"):
+    with expect_launches("nf4.words|nf4.gemv|nf4.dot|nf4.dequantize"):
         y = layer(x)
     assert rel_err(y, ref) <= TOL[torch.bfloat16]
 

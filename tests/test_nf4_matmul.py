@@ -76,7 +76,7 @@ def test_every_config_of_the_interpreter_table():
     args = (q.codes, q.absmax, q.code, 64)
     dq = (q.nested_absmax, q.nested_code, q.offset, 256)
     for cfg in K.INTERPRETER_FORWARD:
-        m = 1 if cfg[0] == "gemv" else 20
+        m = 1 if cfg.kind in ("gemv", "words") else 20
         x = torch.randn(m, k)
         with expect_launches(f"nf4.{cfg.kind}"):
             y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
@@ -86,6 +86,38 @@ def test_every_config_of_the_interpreter_table():
         with expect_launches("nf4.grad_x"):
             gx = K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg)
         assert rel_err(gx, g.double() @ lowbit.dequantize_4bit(q, torch.float32).double()) <= TOL[torch.float32], cfg
+
+
+@interp
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,split,block_n", [(1, 1, 32), (1, 4, 64), (2, 2, 32), (3, 1, 64), (4, 8, 32)])
+@pytest.mark.parametrize("double_quant,blocksize,bias", [(True, 64, True), (False, 32, False), (True, 128, False)])
+def test_words_gemv_against_float64(dtype, m, split, block_n, double_quant, blocksize, bias):
+    """The one-launch GEMV (int32 words, L1 table gather, counter-reduced split-K): M = 1..4, odd
+    N, every split, bias or not; twice in a row (the split counters must reset themselves)."""
+    import lowbit.kernels.nf4 as K
+
+    n, k = 70, 256
+    q = lowbit.quantize_4bit(torch.randn(n, k), blocksize, "nf4", double_quant)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    cfg = K.MatmulConfig("words", 4, block_n, 32, split, 1, 1)
+    for _ in range(2):
+        x = torch.randn(m, k, dtype=dtype)
+        with expect_launches("nf4.words"):
+            y = K.matmul_4bit(x, q.codes, q.absmax, q.code, blocksize, n, q.nested_absmax, q.nested_code, q.offset,
+                              256, b, config=cfg)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert rel_err(y, _ref64(x.float(), q, None if b is None else b.float())) <= TOL[dtype]
+    assert all(int(c.abs().sum()) == 0 for _, c in K._WORKSPACES.values())
+
+
+@interp
+def test_public_decode_path_uses_the_words_gemv():
+    layer = lowbit.Linear4bit.from_linear(nn.Linear(256, 40))
+    x = torch.randn(1, 256)
+    with triton_on_cpu("nf4.words", absent=("nf4.dequantize",)):
+        y = layer(x)
+    assert rel_err(y, _ref64(x, layer.quantized_weight, layer.bias)) <= TOL[torch.float32]
 
 
 # ---------------------------------------------------------------- autograd (reference path)
