@@ -272,3 +272,24 @@ def test_demo_measurement_on_toy_model():
 def test_demo_formats_cover_every_format():
     assert {qt for _, _, qt, _ in _demo.DEMO_FORMATS} == set(cli.FORMATS)
     assert set(cli.FORMATS) == set(lowbit.nn.quant_types())
+
+
+def test_export_hf_bnb_folder_loads_in_transformers_bitsandbytes(tmp_path):
+    """`lowbit export MODEL_DIR OUT_DIR --to hf-bnb`: bnb's keys and config; refuses to overwrite."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("bitsandbytes")
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    src, out = tmp_path / "fp", tmp_path / "bnb"
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(src)
+    assert cli.main(["export", str(src), str(out), "--to", "hf-bnb"]) == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["bnb_4bit_quant_type"] == "nf4"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.endswith("q_proj.weight.quant_state.bitsandbytes__nf4") for k in keys)
+    assert cli.main(["export", str(src), str(out), "--to", "hf-bnb"]) == 2  # exists: needs --force
+    assert cli.main(["export", str(src), str(out), "--to", "gguf", "--force"]) == 2
+    assert cli.main(["export", str(src), str(out), "--to", "hf-bnb", "--format", "int3", "--force"]) == 2

@@ -11,6 +11,9 @@
         config.json. Load it back with lowbit.load_quantized(model, OUT_DIR).
     lowbit bench    [--json] [--device cpu|cuda] [--quick]
         Kernel timings against torch's dense matmul on this device (ratios from the same run).
+    lowbit export   MODEL_DIR OUT_DIR --to hf-bnb [--format nf4|fp4] [--blocksize N] [--no-double-quant] [--force]
+        Write a folder transformers + bitsandbytes load (and vLLM serves): bnb key names and a
+        bitsandbytes quantization_config. MODEL_DIR: full precision, or saved with a LowbitConfig.
     lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--compare]
         QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
         before/after, the adapter in DIR, memory vs dense LoRA with --compare (docs/training.md).
@@ -25,6 +28,7 @@ import sys
 
 from ._bench import _bench
 from ._demo import _demo
+from ._export import _export
 from ._finetune import _finetune
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
 from ._tools import UsageError
@@ -65,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     b.add_argument("--quick", action="store_true", help="tiny shapes (also LOWBIT_BENCH_QUICK=1)")
     b.add_argument("--threads", type=_positive_int, help="torch CPU threads (default: torch's; 1 on a busy machine)")
+    e = sub.add_parser("export", help="write a model folder in another library's format")
+    e.add_argument("model_dir", metavar="MODEL_DIR")
+    e.add_argument("out_dir", metavar="OUT_DIR")
+    e.add_argument("--to", required=True, help="hf-bnb: transformers + bitsandbytes 4-bit")
+    e.add_argument("--format", default="nf4", help="nf4 (default) or fp4")
+    e.add_argument("--blocksize", type=_positive_int, default=64)
+    e.add_argument("--no-double-quant", action="store_true")
+    e.add_argument("--force", action="store_true", help="write into OUT_DIR even if it exists")
     f = sub.add_parser("finetune", help="QLoRA fine-tune of a causal-LM folder on a text file")
     f.add_argument("model_dir", metavar="MODEL_DIR")
     f.add_argument("text", metavar="TEXT", nargs="?", default=None, help="a UTF-8 text file (default: a sample)")
@@ -82,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
-        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune}[a.cmd](a)
+        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export}[a.cmd](a)
     except UsageError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
