@@ -52,12 +52,24 @@ def matmul_4bit(x: Tensor, q: Quant4bit, bias: Optional[Tensor] = None) -> Tenso
     n, k = q.shape
     bias = check_matmul_args(x, n, k, bias)
     check_same_device(x=x, codes=q.codes, bias=bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
     absmax, nabs, ncode, off = q.scale_tensors()
-    y = Matmul4bit.apply(x2d, bias, q.codes, absmax, q.code, q.blocksize, n, nabs, ncode, off, q.nested_blocksize)
-    # 2-D x: return the Function's output itself, not a view of it (FSDP2 warns on views)
-    return y if x.dim() == 2 else y.reshape(*lead, n)
+    return matmul_4bit_unchecked(x, q.codes, absmax, q.code, q.blocksize, n, k, nabs, ncode, off, q.nested_blocksize,
+                                 bias)
+
+
+def matmul_4bit_unchecked(x, codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
+                          nested_blocksize, bias) -> Tensor:
+    """matmul_4bit on arguments already checked (Linear4bit's own buffers): the decode-time path,
+    where each microsecond of Python is a sizeable part of the call. Without a gradient to compute
+    it calls the op directly (an autograd.Function costs ~5 us even under no_grad)."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    args = (codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize)
+    if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+        y = Matmul4bit.apply(x2d, bias, *args)
+    else:
+        y = _ops.matmul_4bit(x2d, *args, bias)
+    # 2-D x: return the op's output itself, not a view of it (FSDP2 warns on views)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 class MatmulInt(torch.autograd.Function):
