@@ -668,6 +668,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new work after this many seconds (330; 170 with --quick; none with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="CPU rehearsal on tiny shapes; nothing is timed")
+    p.add_argument("--tune", action="store_true", help="last: `lowbit tune` for M in 1, 4, 16 on the Llama shapes, "
+                   "writing OUT/<card>.json (commit it to kernels/_configs/)")
     p.add_argument("--interpret", action="store_true", help="with --dry-run: the Triton launchers in the interpreter")
     a = p.parse_args(argv)
     if a.interpret and not a.dry_run:
@@ -740,6 +742,17 @@ def main(argv=None) -> int:
     run.section("timing: sz decode", lambda r, c, until: time_sz(r, c, until, streams), ctx, until=0.95)
     if not a.quick:
         run.section("timing: every shipped config", time_configs, ctx, until=1.0)
+    if a.tune and not a.dry_run:
+        def tune_section(r, c, until):
+            from lowbit._tune import tune
+            from lowbit.kernels._common import card_name
+
+            table = tune(ms=(1, 4, 16), log=r.log)
+            path = os.path.join(a.out, card_name() + ".json")
+            with open(path, "w") as f:
+                json.dump(table, f, indent=1)
+            r.log(f"  wrote {path} ({len(table['entries'])} entries)")
+        run.section("tune: per-card config table", tune_section, ctx, until=1.0)
     summary(run)
     run.save()
     crashed = any(s["status"].startswith("error") for s in run.res["sections"].values())

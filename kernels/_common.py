@@ -113,16 +113,90 @@ def tune_m(m: int) -> int:
 
 _tuned: dict[tuple, NamedTuple] = {}
 
+# Shipped per-card tables (gemlite's idea): kernels/_configs/<card>.json, written by `lowbit tune`
+# on that card, map tuner keys to the config measured fastest there. A key found in the table (or
+# the nearest shape of the same kernel, M, dtype and format) is used without timing anything; a
+# card without a table falls back to the first-call tuner (LOWBIT_AUTOTUNE=1, the default) or to
+# the bucket's first config (LOWBIT_AUTOTUNE=0). LOWBIT_CONFIG_DIR points at another folder.
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "_configs")
+TABLE_VERSION = 1
+_RECORDS = {"MatmulConfig": MatmulConfig, "GradXConfig": GradXConfig, "GradScaleConfig": GradScaleConfig}
+_tables: dict[str, dict] = {}
+
+
+def card_name(device=None) -> str:
+    """The file stem of a card's table: its CUDA name, lower case, runs of other characters as '-'."""
+    import re
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def key_to_json(key: tuple) -> list:
+    return [str(v).replace("torch.", "") if isinstance(v, torch.dtype) else v for v in key]
+
+
+def config_to_json(cfg: NamedTuple) -> dict:
+    return {"record": type(cfg).__name__, **cfg._asdict()}
+
+
+def config_from_json(d: dict) -> NamedTuple:
+    d = dict(d)
+    return _RECORDS[d.pop("record")](**d)
+
+
+def load_table(card: str) -> dict:
+    """{tuple(json key): config} of the shipped table for `card` ({} if there is none)."""
+    if card not in _tables:
+        import json
+
+        path = os.path.join(os.environ.get("LOWBIT_CONFIG_DIR", CONFIG_DIR), card + ".json")
+        table = {}
+        if os.path.isfile(path):
+            with open(path) as f:
+                data = json.load(f)
+            if data.get("version") != TABLE_VERSION:
+                raise ValueError(f"{path}: config table version {data.get('version')!r}, this lowbit reads "
+                                 f"{TABLE_VERSION}; re-run `lowbit tune` on this card")
+            table = {tuple(e["key"]): config_from_json(e["config"]) for e in data["entries"]}
+        _tables[card] = table
+    return _tables[card]
+
+
+def _from_table(key: tuple, candidates: list) -> NamedTuple | None:
+    """The shipped config for `key`: the exact key, else the nearest N, K (log distance) among the
+    keys that agree on everything else; only configs that are candidates here (fit this shape)."""
+    import math
+
+    if not torch.cuda.is_available():
+        return None
+    table = load_table(card_name())
+    if not table:
+        return None
+    jkey = tuple(key_to_json(key))
+    cfg = table.get(jkey)
+    if cfg in candidates:
+        return cfg
+    # key layout: (kernel, M, N, K, dtype, ...format fields): N and K at positions 2 and 3
+    same = [(k, c) for k, c in table.items() if len(k) == len(jkey) and k[:2] == jkey[:2] and k[4:] == jkey[4:]
+            and c in candidates]
+    if not same:
+        return None
+    return min(same, key=lambda kc: abs(math.log(kc[0][2] / jkey[2])) + abs(math.log(kc[0][3] / jkey[3])))[1]
+
 
 def autotune_enabled() -> bool:
     return os.environ.get("LOWBIT_AUTOTUNE", "1") == "1"
 
 
 def pick(key: tuple, candidates: list, run: Callable) -> NamedTuple:
-    """The candidate config for `key`: the first one, or with autotuning on the fastest of a short
-    timed run of each (once per key per process)."""
+    """The config for `key` (once per key per process): the shipped table's for this card, else the
+    fastest of a short timed run of each candidate (autotuning on), else the first candidate."""
     if key in _tuned:
         return _tuned[key]
+    shipped = _from_table(key, candidates)
+    if shipped is not None:
+        _tuned[key] = shipped
+        return shipped
     if len(candidates) == 1 or not autotune_enabled():
         _tuned[key] = candidates[0]
         return candidates[0]

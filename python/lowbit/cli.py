@@ -14,6 +14,9 @@
     lowbit export   MODEL_DIR OUT_DIR --to hf-bnb [--format nf4|fp4] [--blocksize N] [--no-double-quant] [--force]
         Write a folder transformers + bitsandbytes load (and vLLM serves): bnb key names and a
         bitsandbytes quantization_config. MODEL_DIR: full precision, or saved with a LowbitConfig.
+    lowbit tune     --out FILE [--shapes NxK,...] [--quick] [--force]
+        On a CUDA card: time every candidate config for those shapes and write the card's table
+        (kernels/_configs/<card>.json), used at run time instead of timing on first call.
     lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--compare]
         QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
         before/after, the adapter in DIR, memory vs dense LoRA with --compare (docs/training.md).
@@ -32,6 +35,7 @@ from ._export import _export
 from ._finetune import _finetune
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
 from ._tools import UsageError
+from ._tune import _tune
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--blocksize", type=_positive_int, default=64)
     e.add_argument("--no-double-quant", action="store_true")
     e.add_argument("--force", action="store_true", help="write into OUT_DIR even if it exists")
+    t = sub.add_parser("tune", help="time the kernel configs on this CUDA card and write its config table")
+    t.add_argument("--out", required=True, help="the table to write, e.g. kernels/_configs/<card>.json")
+    t.add_argument("--shapes", default=None, help="N x K list, e.g. 4096x4096,8192x28672")
+    t.add_argument("--quick", action="store_true", help="M in 1, 4, 16 only")
+    t.add_argument("--force", action="store_true", help="overwrite --out")
     f = sub.add_parser("finetune", help="QLoRA fine-tune of a causal-LM folder on a text file")
     f.add_argument("model_dir", metavar="MODEL_DIR")
     f.add_argument("text", metavar="TEXT", nargs="?", default=None, help="a UTF-8 text file (default: a sample)")
@@ -94,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
-        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export}[a.cmd](a)
+        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune}[a.cmd](a)
     except UsageError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
