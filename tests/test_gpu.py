@@ -98,3 +98,41 @@ def test_sz_decode_cuda_bit_identical():
         assert torch.equal(got, ref)
         if dt == torch.float32:
             assert float((got - w).abs().max()) <= 1e-3
+
+
+@pytest.mark.parametrize("split", [1, 8])
+def test_words_gemv_on_cuda_and_in_a_cuda_graph(split):
+    """The one-launch decode GEMV at a real size (every split reduced by its counter), then a
+    Linear4bit decode step captured in a CUDA graph and replayed with new inputs."""
+    import lowbit.kernels.nf4 as K
+
+    n, k = 4096 + 96, 4096
+    lin = torch.nn.Linear(k, n, device="cuda")
+    layer = lowbit.Linear4bit.from_linear(lin).to(torch.bfloat16)
+    q = layer.quantized_weight
+    w64 = lowbit.dequantize_4bit(q, torch.float32).double()
+    cfg = K.MatmulConfig("words", 4, 128, 32, split, 1, 1)
+    for m in (1, 3):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        with expect_launches("nf4.words"):
+            y = K.matmul_4bit(x, q.codes, q.absmax, q.code, 64, n, q.nested_absmax, q.nested_code, q.offset, 256,
+                              layer.bias, config=cfg)
+        ref = x.double() @ w64.t() + layer.bias.double()
+        assert rel_err(y, ref) <= TOL[torch.bfloat16]
+    # CUDA graph: warm up (the tuner times candidates) on a side stream, capture, replay.
+    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():
+        static_y = layer(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = static_x.double() @ w64.t() + layer.bias.double()
+        assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
