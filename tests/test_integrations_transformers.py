@@ -333,3 +333,42 @@ def test_minilm_from_pretrained_equals_replace_linear():
     a, b = embed(model, tok), embed(ref, tok)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert torch.equal(a, b), cos
+
+
+def test_from_pretrained_bnb_reads_bitsandbytes_folders(quantized, tokens, tmp_path):
+    """A bnb 4-bit folder (written by save_pretrained_bnb, and by transformers + bitsandbytes when
+    it can load on this machine) loads into lowbit Linear4bit layers with the same logits."""
+    from lowbit.integrations.transformers import from_pretrained_bnb
+
+    model = quantized("nf4")
+    save_pretrained_bnb(model, tmp_path / "bnb")
+    ours = from_pretrained_bnb(tmp_path / "bnb")
+    assert sum(isinstance(m, Linear4bit) for m in ours.modules()) == sum(
+        isinstance(m, Linear4bit) for m in model.modules()) > 0
+    assert torch.equal(logits(ours, tokens), logits(model, tokens))
+    with pytest.raises(ValueError, match="not bitsandbytes 4-bit"):
+        from_pretrained_bnb(_plain_folder(tmp_path))
+
+
+def test_from_pretrained_bnb_reads_a_folder_transformers_bitsandbytes_wrote(quantized, tokens, tmp_path):
+    from lowbit.integrations.transformers import from_pretrained_bnb
+
+    model = quantized("nf4")
+    save_pretrained_bnb(model, tmp_path / "bnb")
+    pytest.importorskip("bitsandbytes")
+    try:
+        bnb_model = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb", device_map={"": "cpu"})
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"transformers + bitsandbytes cannot load 4-bit models here: {e}")
+    try:
+        bnb_model.save_pretrained(tmp_path / "bnb2")  # written by transformers + bitsandbytes themselves
+    except NotImplementedError as e:  # transformers 5.24 cannot re-save a bnb 4-bit model on CPU
+        pytest.skip(f"transformers + bitsandbytes cannot save a 4-bit folder here: {e!r}")
+    again = from_pretrained_bnb(tmp_path / "bnb2")
+    assert torch.equal(logits(again, tokens), logits(model, tokens))
+
+
+def _plain_folder(tmp_path):
+    path = tmp_path / "fp-plain"
+    LlamaForCausalLM(tiny_config()).save_pretrained(path)
+    return path

@@ -479,3 +479,70 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
 
 
 __all__ = ["LowbitConfig", "LowbitHfQuantizer", "LowbitQuantize", "QUANT_METHOD", "save_pretrained_bnb"]
+
+
+def from_pretrained_bnb(model_dir, auto_class=None, **kwargs):
+    """Load a folder written by transformers + bitsandbytes in 4 bits (config.json with
+    `quant_method: bitsandbytes`, `load_in_4bit`, nf4/fp4) into lowbit Linear4bit layers, on any
+    device and without bitsandbytes: the model is built from its config on the meta device, every
+    nn.Linear bitsandbytes quantized becomes a Linear4bit of the same format (the bytes are the
+    same, so nothing is re-quantized), and the checkpoint's bnb keys load as they are.
+
+    auto_class: e.g. AutoModelForCausalLM (default: that class when config.architectures names a
+    causal LM, else AutoModel). kwargs go to `auto_class.from_config`. Raises ValueError naming the
+    key when the folder is not a 4-bit bitsandbytes folder."""
+    import glob
+    import json
+
+    from safetensors.torch import load_file
+
+    path = os.path.join(os.fspath(model_dir), "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: not a Hugging Face model folder")
+    with open(path) as f:
+        qc = json.load(f).get("quantization_config") or {}
+    if qc.get("quant_method") != "bitsandbytes" or not qc.get("load_in_4bit"):
+        raise ValueError(f"{path}: quantization_config is not bitsandbytes 4-bit (quant_method="
+                         f"{qc.get('quant_method')!r}, load_in_4bit={qc.get('load_in_4bit')!r})")
+    quant_type = qc.get("bnb_4bit_quant_type", "fp4")
+    if quant_type not in ("nf4", "fp4"):
+        raise ValueError(f"{path}: quantization_config.bnb_4bit_quant_type={quant_type!r}: lowbit reads nf4/fp4")
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if auto_class is None:
+        causal = any(str(a).endswith("ForCausalLM") for a in getattr(config, "architectures", None) or ())
+        auto_class = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    files = sorted(glob.glob(os.path.join(os.fspath(model_dir), "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {os.fspath(model_dir)!r}")
+    sd = {}
+    for file in files:
+        sd.update(load_file(file))
+    # Built on the CPU, not on the meta device: non-persistent buffers (rotary frequencies, ...) are
+    # not in the checkpoint and must be computed. Peak memory: the model in its config's dtype.
+    model = auto_class.from_config(config, **kwargs)
+    # The Linear layers bitsandbytes quantized are exactly those whose weight has a bnb quant_state.
+    quantized = {k.split(".weight.quant_state.")[0] for k in sd if ".weight.quant_state.bitsandbytes__" in k}
+    compute = getattr(torch, str(qc.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""), None)
+    for name in sorted(quantized):
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            lin = None
+        if type(lin) is not nn.Linear:
+            raise ValueError(f"{name}.weight.quant_state: {name!r} is not an nn.Linear in {type(model).__name__}")
+        layer = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=quant_type,
+                           double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+                           compute_dtype=compute if isinstance(compute, torch.dtype) else None)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    result = model.load_state_dict(sd, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {params[k].data_ptr() for k in sd if k in params}
+    # A key the checkpoint lacks is fine only when it is tied to one it has (lm_head to the embedding).
+    missing = [k for k in result.missing_keys if not (k in params and params[k].data_ptr() in loaded)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{os.fspath(model_dir)}: the checkpoint does not fit {type(model).__name__}: missing "
+                         f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.eval()
