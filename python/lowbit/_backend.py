@@ -1,8 +1,10 @@
 """Which implementation runs an op: the Triton kernels or the pure-torch reference.
 
-CUDA tensors go to Triton (when it imports); everything else goes to the reference. Tests may
-route CPU tensors through the Triton kernels under `TRITON_INTERPRET=1` with
-`LOWBIT_CPU_BACKEND=triton`. Nothing here runs at import time: Triton is imported on first use.
+CUDA tensors go to Triton (when it imports). CPU tensors go to the backend named by
+`LOWBIT_CPU_BACKEND`: "fast" (default; lowbit._cpu, which falls back to the reference when it
+can not build), "reference" (the pure-torch spec in lowbit.formats), or "triton" (the Triton
+kernels under `TRITON_INTERPRET=1`, tests only). Nothing here runs at import time: Triton is
+imported on first use.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return (
         t.device.type == "cpu"
         and interpreter_enabled()
-        and os.environ.get("LOWBIT_CPU_BACKEND", "reference") == "triton"
+        and os.environ.get("LOWBIT_CPU_BACKEND", "fast") == "triton"
     )
 
 

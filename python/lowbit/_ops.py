@@ -2,8 +2,9 @@
 
 Each op has one implementation function: it runs the Triton kernel (lowbit.kernels.<family>)
 when `_backend.use_triton` says so for the input's device (CUDA, or CPU under the interpreter in
-tests) and the family's reference (lowbit.formats.<family>) otherwise, so the reference serves
-every device and is the spec. The ops take plain tensors and ints; the validated public API sits
+tests), the CPU backend (lowbit._cpu: C kernels built once per machine, LOWBIT_CPU_BACKEND=fast,
+the default) on CPU tensors, and the family's reference (lowbit.formats.<family>) otherwise: the
+reference serves every device and is the spec the other two are tested against. The ops take plain tensors and ints; the validated public API sits
 above, in functional.py, autograd.py and nn.py.
 
 `Op` pairs the registered custom op with its implementation: eager callers skip the custom-op
@@ -18,6 +19,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import _cpu
 from ._backend import kernels, use_triton
 from .formats import intq as intq_ref
 from .formats import nf4 as nf4_ref
@@ -50,6 +52,8 @@ class Op:
 def _quantize_4bit(flat: Tensor, blocksize: int, bounds: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
     if use_triton(flat):
         return kernels().nf4.quantize_4bit(flat, blocksize, bounds, order)
+    if _cpu.enabled(flat):
+        return _cpu.quantize_4bit(flat, blocksize, bounds, order)
     return nf4_ref.quantize_flat(flat, blocksize, bounds, order)
 
 
@@ -64,6 +68,9 @@ def _dequantize_4bit(codes: Tensor, absmax: Tensor, code: Tensor, blocksize: int
     if use_triton(codes):
         return kernels().nf4.dequantize_4bit(codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code,
                                              offset, nested_blocksize)
+    if _cpu.enabled(codes):
+        return _cpu.dequantize_4bit(codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset,
+                                    nested_blocksize)
     scales = nf4_ref.block_scales(absmax, nested_absmax, nested_code, offset, nested_blocksize)
     return nf4_ref.dequantize_flat(codes, scales, code, blocksize, numel, dtype)
 
@@ -86,6 +93,9 @@ def _matmul_4bit(x: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, blocksi
     if use_triton(x) and _rows_ok(k, blocksize) and x.shape[0] > 0:
         return kernels().nf4.matmul_4bit(x.contiguous(), codes, absmax, code, blocksize, n, nested_absmax,
                                          nested_code, offset, nested_blocksize, bias)
+    if _cpu.enabled(x):
+        return _cpu.matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset,
+                                nested_blocksize, bias)
     w = _dequantize_4bit(codes, absmax, code, blocksize, n * k, torch.float32, nested_absmax, nested_code, offset,
                          nested_blocksize).view(n, k)
     return nf4_ref.matmul_dequantized(x, w, bias)
@@ -104,6 +114,9 @@ def _matmul_4bit_grad_x(g: Tensor, codes: Tensor, absmax: Tensor, code: Tensor, 
     if use_triton(g) and _rows_ok(k, blocksize) and g.shape[0] > 0:
         return kernels().nf4.matmul_4bit_grad_x(g.contiguous(), codes, absmax, code, blocksize, k, nested_absmax,
                                                 nested_code, offset, nested_blocksize)
+    if _cpu.enabled(g):
+        return _cpu.matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
+                                       nested_blocksize)
     w = _dequantize_4bit(codes, absmax, code, blocksize, n * k, torch.float32, nested_absmax, nested_code, offset,
                          nested_blocksize).view(n, k)
     return (g.float() @ w).to(g.dtype)
@@ -127,7 +140,9 @@ matmul_4bit_grad_x = Op("matmul_4bit_grad_x", _matmul_4bit_grad_x, _matmul_4bit_
 
 def _int_dequantize(codes: Tensor, scale: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int,
                     dtype: torch.dtype) -> Tensor:
-    # No kernel: dequantizing is a training-time/export path, and the reference is one fused expression.
+    # No Triton kernel: dequantizing is a training-time/export path, and the reference is one fused expression.
+    if _cpu.enabled(codes):
+        return _cpu.int_dequantize(codes, scale, zeros, bits, group_len, n, k, dtype)
     return intq_ref.reference_weight(codes, scale, zeros, bits, group_len, n, k).to(dtype)
 
 
@@ -140,6 +155,8 @@ def _int_matmul(x: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, bits: in
     """y = x @ W^T + bias for x [M, K], W [n, K] stored as bits-bit integers."""
     if use_triton(x) and x.shape[0] > 0:
         return kernels().intq.matmul_int(x.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, n, bias)
+    if _cpu.enabled(x):
+        return _cpu.int_matmul(x, codes, scale, zeros, bits, group_len, n, bias)
     return intq_ref.reference_matmul(x, codes, scale, zeros, bits, group_len, n, bias)
 
 
@@ -153,6 +170,8 @@ def _int_matmul_grad_x(g: Tensor, codes: Tensor, scale: Tensor, zeros: Tensor, b
     n = g.shape[1]
     if use_triton(g) and g.shape[0] > 0:
         return kernels().intq.matmul_int_grad_x(g.contiguous(), codes, scale.contiguous(), zeros, bits, group_len, k)
+    if _cpu.enabled(g):
+        return _cpu.int_matmul_grad_x(g, codes, scale, zeros, bits, group_len, k)
     w = intq_ref.reference_weight(codes, scale, zeros, bits, group_len, n, k)
     return (g.float() @ w).to(g.dtype)
 
@@ -169,6 +188,8 @@ def _int_matmul_grad_scale(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, b
         return torch.zeros((n, k // group_len), dtype=torch.float32, device=g.device)
     if use_triton(g):
         return kernels().intq.matmul_int_grad_scale(g.contiguous(), x.contiguous(), codes, zeros, bits, group_len)
+    if _cpu.enabled(g):
+        return _cpu.int_matmul_grad_scale(g, x, codes, zeros, bits, group_len)
     return intq_ref.reference_grad_scale(g, x, codes, zeros, bits, group_len, n, k)
 
 

@@ -1,0 +1,734 @@
+/* lowbit CPU kernels: lowbit/_cpu.py builds this once per machine with the system C compiler
+   (-O3 -march=native -fopenmp -ffp-contract=off) and calls it through ctypes; docs/cpu.md.
+   Plain C, plus AVX-512 intrinsics where the compiler targets them. -ffp-contract=off: products and sums
+   round as written, so quantize and dequantize are bit-identical to the pure-torch reference in
+   lowbit.formats (fp32 arithmetic, then round to nearest even); the matmuls accumulate in fp32.
+   Contents: threads; fp32 -> bf16/fp16; the 4-bit LUT family (dequantize, quantize, fused GEMV and its
+   transpose); the integer family (dequantize, fused GEMV and its transpose, the grad_scale reduction). */
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && !defined(LB_GENERIC)
+#include <immintrin.h>
+#define LB_AVX512 1
+#else
+#define LB_AVX512 0
+#endif
+
+typedef int64_t i64;
+#define INLINE static inline __attribute__((always_inline))
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+#define MAX(a, b) ((a) > (b) ? (a) : (b))
+
+int lb_isa(void) { return LB_AVX512; }
+
+/* ---- threads: [0, n) in nt contiguous ranges (multiples of grain) ----
+   With OpenMP (-fopenmp): torch's own OpenMP runtime, already loaded under the same soname, so that lowbit
+   and torch's BLAS share one pool of workers (two pools would fight: libgomp's idle workers spin for
+   milliseconds after every torch op). Without: pthreads started per call, the calling thread runs the first. */
+typedef void (*range_fn)(const void *ctx, i64 lo, i64 hi);
+#ifdef _OPENMP
+#include <omp.h>
+int lb_openmp(void) { return 1; }
+static void parallel(range_fn fn, const void *ctx, i64 n, i64 grain, int nt) {
+    const i64 units = (n + grain - 1) / grain;
+    nt = (int)MIN((i64)nt, units);
+    if (nt <= 1) { if (n > 0) fn(ctx, 0, n); return; }
+#pragma omp parallel num_threads(nt)
+    {
+        const i64 t = omp_get_thread_num(), T = omp_get_num_threads();
+        const i64 lo = units * t / T * grain, hi = MIN(units * (t + 1) / T * grain, n);
+        if (lo < hi) fn(ctx, lo, hi);
+    }
+}
+#else
+int lb_openmp(void) { return 0; }
+typedef struct { range_fn fn; const void *ctx; i64 lo, hi; } task_t;
+static void *task_main(void *p) {
+    task_t *t = (task_t *)p;
+    if (t->lo < t->hi) t->fn(t->ctx, t->lo, t->hi);
+    return NULL;
+}
+static void parallel(range_fn fn, const void *ctx, i64 n, i64 grain, int nt) {
+    i64 units = (n + grain - 1) / grain;
+    nt = (int)MIN(MIN((i64)nt, units), 64);
+    if (nt <= 1) { if (n > 0) fn(ctx, 0, n); return; }
+    pthread_t th[64]; task_t tk[64]; int ok[64];
+    for (int t = 0; t < nt; t++)
+        tk[t] = (task_t){fn, ctx, units * t / nt * grain, MIN(units * (t + 1) / nt * grain, n)};
+    for (int t = 1; t < nt; t++) ok[t] = pthread_create(&th[t], NULL, task_main, &tk[t]) == 0;
+    task_main(&tk[0]);
+    for (int t = 1; t < nt; t++) { if (ok[t]) pthread_join(th[t], NULL); else task_main(&tk[t]); }
+}
+#endif
+
+/* ---- fp32 -> dtype (0 fp32, 1 bf16, 2 fp16), round to nearest even as torch does ---- */
+INLINE uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+INLINE float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+INLINE uint16_t to_bf16(float f) {
+    uint32_t u = f2u(f);
+    return f != f ? 0x7fc0 : (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+INLINE uint16_t to_fp16(float f) { /* the FP16 library's fp16_ieee_from_fp32_value, as c10 */
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    uint32_t w = f2u(f), shl1_w = w + w, sign = w & 0x80000000u, bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = u2f((bias >> 1) + 0x07800000u) + base;
+    uint32_t bits = f2u(base), nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+INLINE void store1(void *out, i64 i, float v, int dt) {
+    if (dt == 0) ((float *)out)[i] = v;
+    else ((uint16_t *)out)[i] = dt == 1 ? to_bf16(v) : to_fp16(v);
+}
+#if LB_AVX512
+INLINE __m256i half16(__m512 v, int dt) { /* 16 floats -> 16 bf16 (dt 1) or fp16 (dt 2) */
+    if (dt == 2) return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512i u = _mm512_castps_si512(v);
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)),
+                                 _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+    r = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), _mm512_set1_epi32(0x7fc0),
+                                _mm512_srli_epi32(r, 16));
+    return _mm512_cvtepi32_epi16(r);
+}
+INLINE void store16(void *out, i64 i, __m512 v, int dt) {
+    if (dt == 0) _mm512_storeu_ps((float *)out + i, v);
+    else _mm256_storeu_si256((__m256i *)((uint16_t *)out + i), half16(v, dt));
+}
+static const uint16_t ZIP16[64] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42,
+    11, 43, 12, 44, 13, 45, 14, 46, 15, 47, 16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55, 24, 56,
+    25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+#endif
+
+/* =============================== 4-bit LUT family (nf4 / fp4 / optimal) ===============================
+   Element i: nibble of codes[i / 2] (high first), value table[nibble] * scale[i / bs]. A double-quantized
+   scale is ncode[qabs[b]] * nabs[b / nbs] + offset, rounded after each step (bitsandbytes' order). */
+typedef struct {
+    const float *absmax; const uint8_t *qabs; const float *ncode, *nabs; float offset; i64 nbs; int shift;
+} scales_t;
+static scales_t mk_scales(const float *absmax, const uint8_t *qabs, const float *ncode, const float *nabs,
+                          float offset, i64 nbs) {
+    int shift = -1; /* b / nbs as a shift when nbs is a power of two: a division per block costs ~30 cycles */
+    for (int i = 0; i < 62; i++) if (((i64)1 << i) == nbs) shift = i;
+    return (scales_t){absmax, qabs, ncode, nabs, offset, nbs, shift};
+}
+INLINE float scale_at(const scales_t *s, i64 b) {
+    if (s->absmax) return s->absmax[b];
+    float v = s->ncode[s->qabs[b]] * s->nabs[s->shift >= 0 ? b >> s->shift : b / s->nbs];
+    return v + s->offset;
+}
+/* out[j] = scale of block first + j, j < count */
+static __attribute__((unused)) void scales_run(const scales_t *s, i64 first, i64 count, float *out) {
+    i64 j = 0;
+#if LB_AVX512
+    if (!s->absmax && s->shift >= 0 && first + count < ((i64)1 << 31)) {
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512 off = _mm512_set1_ps(s->offset);
+        for (; j + 16 <= count; j += 16) {
+            __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(s->qabs + first + j)));
+            __m512i ni = _mm512_srli_epi32(_mm512_add_epi32(_mm512_set1_epi32((int)(first + j)), lane), s->shift);
+            __m512 v = _mm512_mul_ps(_mm512_i32gather_ps(q, s->ncode, 4), _mm512_i32gather_ps(ni, s->nabs, 4));
+            _mm512_storeu_ps(out + j, _mm512_add_ps(v, off));
+        }
+    }
+#endif
+    for (; j < count; j++) out[j] = scale_at(s, first + j);
+}
+INLINE float nib(const uint8_t *codes, const float *table, i64 i) {
+    uint8_t b = codes[i >> 1];
+    return table[(i & 1) ? (b & 15) : (b >> 4)];
+}
+#if LB_AVX512
+/* 16 bytes -> the 16 high-nibble values (even elements) and 16 low-nibble values (odd elements) */
+INLINE void dec32(const uint8_t *p, __m512 tbl, __m512 *wh, __m512 *wl) {
+    __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *wh = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), tbl); /* permutexvar reads the low 4 bits */
+    *wl = _mm512_permutexvar_ps(v, tbl);
+}
+#endif
+
+/* rectangle: out[r, c] = w[n0 + r, k0 + c] (flat element (n0 + r) * K + k0 + c), r < nr, c < kc */
+typedef struct {
+    const uint8_t *codes; scales_t sc; const float *table; i64 bs, K, n0, k0, nr, kc; void *out; int dt, bsh;
+} dq4_t;
+#define DQ_CHUNK 8192
+static void dq4_range(const void *p, i64 u0, i64 u1) {
+    const dq4_t *a = (const dq4_t *)p;
+    const i64 per_row = (a->kc + DQ_CHUNK - 1) / DQ_CHUNK;
+    for (i64 u = u0; u < u1; u++) {
+        i64 r = u / per_row, c0 = (u % per_row) * DQ_CHUNK, c1 = MIN(a->kc, c0 + DQ_CHUNK);
+        i64 base = (a->n0 + r) * a->K + a->k0, i = base + c0, end = base + c1;
+        char *out = (char *)a->out + (r * a->kc - base) * (a->dt ? 2 : 4); /* out + (flat index - base) */
+        while (i < end) {
+            i64 b = i >> a->bsh, seg = MIN(end, (b + 1) * a->bs);
+            float s = scale_at(&a->sc, b);
+            if (i & 1) { store1(out, i, nib(a->codes, a->table, i) * s, a->dt); i++; }
+#if LB_AVX512
+            /* the block's 16 values table * s, each rounded as the reference rounds it; then lookups */
+            const __m512 ts = _mm512_mul_ps(_mm512_loadu_ps(a->table), _mm512_set1_ps(s));
+            if (a->dt) { /* 64 elements per step: 16-bit lookups (vpermw reads 5 index bits: table twice) */
+                const __m512i t = _mm512_broadcast_i64x4(half16(ts, a->dt));
+                const __m512i z0 = _mm512_loadu_si512(ZIP16), z1 = _mm512_loadu_si512(ZIP16 + 32);
+                for (; i + 64 <= seg; i += 64) {
+                    __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(a->codes + (i >> 1))));
+                    __m512i eh = _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), t);
+                    __m512i el = _mm512_permutexvar_epi16(v, t);
+                    _mm512_storeu_si512((uint16_t *)out + i, _mm512_permutex2var_epi16(eh, z0, el));
+                    _mm512_storeu_si512((uint16_t *)out + i + 32, _mm512_permutex2var_epi16(eh, z1, el));
+                }
+            }
+            const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+            for (; i + 32 <= seg; i += 32) {
+                __m512 wh, wl;
+                dec32(a->codes + (i >> 1), ts, &wh, &wl);
+                store16(out, i, _mm512_permutex2var_ps(wh, lo, wl), a->dt);
+                store16(out, i + 16, _mm512_permutex2var_ps(wh, hi, wl), a->dt);
+            }
+#endif
+            for (; i < seg; i++) store1(out, i, nib(a->codes, a->table, i) * s, a->dt);
+        }
+    }
+}
+void lb_dq4(const uint8_t *codes, const float *absmax, const uint8_t *qabs, const float *ncode, const float *nabs,
+            float offset, i64 nbs, const float *table, i64 bs, i64 K, i64 n0, i64 nr, i64 k0, i64 kc, void *out,
+            int dt, int nt) {
+    int bsh = 0; /* blocksize is a power of two */
+    while (((i64)1 << bsh) < bs) bsh++;
+    dq4_t a = {codes, mk_scales(absmax, qabs, ncode, nabs, offset, nbs), table, bs, K, n0, k0, nr, kc, out, dt, bsh};
+    parallel(dq4_range, &a, nr * ((kc + DQ_CHUNK - 1) / DQ_CHUNK), 1, nt);
+}
+
+/* quantize (formats.nf4.quantize_flat, bit for bit): per block absmax = max |x|, d = max(absmax, 1e-38),
+   s = x * (1 / d) (x / d in a short last block), clamped to [-1, 1]; code order[#(bounds < s)]; element 2i
+   in the high nibble of byte i; an odd tail is padded with the code of 0. x: fp32, bf16 or fp16 (dt). */
+INLINE float from_fp16(uint16_t h) { /* the FP16 library's fp16_ieee_to_fp32_value, as c10 */
+    const uint32_t w = (uint32_t)h << 16, sign = w & 0x80000000u, two_w = w + w;
+    const float normalized = u2f((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = u2f((two_w >> 17) | (126u << 23)) - 0.5f;
+    return u2f(sign | (two_w < (1u << 27) ? f2u(denormalized) : f2u(normalized)));
+}
+INLINE float load_any(const void *x, int dt, i64 i) {
+    if (dt == 0) return ((const float *)x)[i];
+    uint16_t h = ((const uint16_t *)x)[i];
+    return dt == 1 ? u2f((uint32_t)h << 16) : from_fp16(h);
+}
+typedef struct {
+    const void *x; int dt, nbounds; i64 n, bs; const float *bounds; const uint8_t *order; uint8_t *packed;
+    float *absmax;
+} q4_t;
+static void q4_range(const void *p, i64 b0, i64 b1) {
+    const q4_t *a = (const q4_t *)p;
+    float v[64];
+    uint8_t c[64];
+    for (i64 b = b0; b < b1; b++) {
+        const i64 i0 = b * a->bs, i1 = MIN(a->n, i0 + a->bs);
+        float amax = 0.0f;
+        for (i64 i = i0; i < i1; i++) { float t = fabsf(load_any(a->x, a->dt, i)); amax = t > amax ? t : amax; }
+        a->absmax[b] = amax;
+        const float d = amax < 1e-38f ? 1e-38f : amax, r = 1.0f / d;
+        const int whole = i1 - i0 == a->bs;
+        for (i64 j0 = i0; j0 < i1; j0 += 64) { /* 64 elements (32 bytes) at a time; bs is even */
+            const int len = (int)MIN(64, i1 - j0);
+            for (int l = 0; l < len; l++) {
+                float x = load_any(a->x, a->dt, j0 + l), t = whole ? x * r : x / d;
+                v[l] = t < -1.0f ? -1.0f : (t > 1.0f ? 1.0f : t);
+            }
+            for (int l = len; l < 64; l++) v[l] = 0.0f; /* the pad element of an odd tail quantizes 0 */
+            for (int l = 0; l < 64; l++) c[l] = 0;
+            for (int j = 0; j < a->nbounds; j++) {
+                const float bd = a->bounds[j];
+                for (int l = 0; l < 64; l++) c[l] += bd < v[l];
+            }
+            for (int l = 0; l < (len + 1) / 2; l++)
+                a->packed[(j0 >> 1) + l] = (uint8_t)((a->order[c[2 * l]] << 4) | a->order[c[2 * l + 1]]);
+        }
+    }
+}
+void lb_q4(const void *x, int dt, i64 n, i64 bs, const float *bounds, int nbounds, const uint8_t *order,
+           uint8_t *packed, float *absmax, int nt) {
+    q4_t a = {x, dt, nbounds, n, bs, bounds, order, packed, absmax};
+    parallel(q4_range, &a, (n + bs - 1) / bs, MAX(1, 65536 / bs), nt);
+}
+
+/* fused y[m, n] = sum_k x[m, k] w[n, k], fp32, rows of whole blocks (K % bs == 0, bs % 32 == 0).
+   K is walked in tiles of kt (a multiple of bs) so that the tile of x stays in L1; partial sums go to y.
+   AVX-512: x arrives split per 32 elements into its 16 even then 16 odd elements (the high and low
+   nibbles of 16 bytes), so a row decodes with two permutes and is never re-interleaved. */
+typedef struct {
+    const float *x; i64 M, K, kt; const uint8_t *codes; scales_t sc; const float *table; i64 bs, N; float *y;
+} mv4_t;
+#if LB_AVX512
+/* MM rows of x against weight rows [n0, n1), columns [k0, k1) (at most 256 blocks). The row's block
+   scales are decoded first, in a loop of their own (dependent loads stay out of the FMA loop). */
+INLINE void mv4_rows(const mv4_t *a, const int MM, const int BS, const float *x, float *y, i64 n0, i64 n1,
+                     i64 k0, i64 k1) { /* BS: the block size as a constant to unroll for (64), or 0 */
+    const __m512 tbl = _mm512_loadu_ps(a->table);
+    const i64 K = a->K, bs = BS ? BS : a->bs, nb = K / bs, b0 = k0 / bs, b1 = k1 / bs;
+    float sc[256];
+    for (i64 n = n0; n < n1; n++) {
+        scales_run(&a->sc, n * nb + b0, b1 - b0, sc);
+        __m512 racc[4];
+        for (int m = 0; m < MM; m++) racc[m] = _mm512_setzero_ps();
+        for (i64 b = b0; b < b1; b++) {
+            __m512 ah[4], al[4];
+            for (int m = 0; m < MM; m++) ah[m] = al[m] = _mm512_setzero_ps();
+            const uint8_t *p = a->codes + n * (K / 2) + b * (bs / 2);
+            for (i64 s = 0; s < bs / 32; s++) {
+                __m512 wh, wl;
+                dec32(p + 16 * s, tbl, &wh, &wl);
+                const float *xs = x + b * bs + 32 * s;
+                for (int m = 0; m < MM; m++) {
+                    ah[m] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xs + m * K), ah[m]);
+                    al[m] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xs + m * K + 16), al[m]);
+                }
+            }
+            __m512 vs = _mm512_set1_ps(sc[b - b0]);
+            for (int m = 0; m < MM; m++) racc[m] = _mm512_fmadd_ps(_mm512_add_ps(ah[m], al[m]), vs, racc[m]);
+        }
+        for (int m = 0; m < MM; m++) {
+            float t = _mm512_reduce_add_ps(racc[m]);
+            y[m * a->N + n] = k0 ? y[m * a->N + n] + t : t;
+        }
+    }
+}
+#endif
+static void mv4_range(const void *p, i64 n0, i64 n1) {
+    const mv4_t *a = (const mv4_t *)p;
+    const i64 K = a->K, bs = a->bs, nb = K / bs;
+    (void)bs; (void)nb;
+    for (i64 k0 = 0; k0 < K; k0 += a->kt) {
+        i64 k1 = MIN(K, k0 + a->kt);
+        for (i64 m0 = 0; m0 < a->M; m0 += 4) {
+            const float *x = a->x + m0 * K;
+            float *y = a->y + m0 * a->N;
+            int mm = (int)MIN(4, a->M - m0);
+#if LB_AVX512
+            if (bs == 64) {
+                if (mm == 1) mv4_rows(a, 1, 64, x, y, n0, n1, k0, k1);
+                else if (mm == 2) mv4_rows(a, 2, 64, x, y, n0, n1, k0, k1);
+                else if (mm == 3) mv4_rows(a, 3, 64, x, y, n0, n1, k0, k1);
+                else mv4_rows(a, 4, 64, x, y, n0, n1, k0, k1);
+            } else {
+                if (mm == 1) mv4_rows(a, 1, 0, x, y, n0, n1, k0, k1);
+                else if (mm == 2) mv4_rows(a, 2, 0, x, y, n0, n1, k0, k1);
+                else if (mm == 3) mv4_rows(a, 3, 0, x, y, n0, n1, k0, k1);
+                else mv4_rows(a, 4, 0, x, y, n0, n1, k0, k1);
+            }
+#else
+            float w[64];
+            for (i64 n = n0; n < n1; n++) {
+                float racc[4][16] = {{0}};
+                for (i64 b = k0 / bs; b < k1 / bs; b++) {
+                    float acc[4][16] = {{0}};
+                    const int ch = bs < 64 ? 32 : 64;
+                    for (i64 j = b * bs; j < (b + 1) * bs; j += ch) {
+                        const uint8_t *pb = a->codes + n * (K / 2) + j / 2;
+                        for (int i = 0; i < ch / 2; i++) {
+                            w[2 * i] = a->table[pb[i] >> 4];
+                            w[2 * i + 1] = a->table[pb[i] & 15];
+                        }
+                        for (int m = 0; m < mm; m++)
+                            for (int t = 0; t < ch; t += 16)
+                                for (int l = 0; l < 16; l++) acc[m][l] += w[t + l] * x[m * K + j + t + l];
+                    }
+                    float s = scale_at(&a->sc, n * nb + b);
+                    for (int m = 0; m < mm; m++)
+                        for (int l = 0; l < 16; l++) racc[m][l] += acc[m][l] * s;
+                }
+                for (int m = 0; m < mm; m++) {
+                    float t = 0.0f;
+                    for (int l = 0; l < 16; l++) t += racc[m][l];
+                    y[m * a->N + n] = k0 ? y[m * a->N + n] + t : t;
+                }
+            }
+#endif
+        }
+    }
+}
+void lb_mv4(const float *x, i64 M, i64 K, const uint8_t *codes, const float *absmax, const uint8_t *qabs,
+            const float *ncode, const float *nabs, float offset, i64 nbs, const float *table, i64 bs, i64 N,
+            float *y, int nt) {
+    i64 kt = MIN(256 * bs, MAX(bs, (8192 / MIN(M, 4)) / bs * bs)); /* x tile <= 32 KiB, <= 256 blocks */
+    mv4_t a = {x, M, K, kt, codes, mk_scales(absmax, qabs, ncode, nabs, offset, nbs), table, bs, N, y};
+#if LB_AVX512
+    float *xd = (float *)malloc(sizeof(float) * M * K);
+    for (i64 i = 0; i < M * K; i += 32)
+        for (int l = 0; l < 16; l++) { xd[i + l] = x[i + 2 * l]; xd[i + 16 + l] = x[i + 2 * l + 1]; }
+    a.x = xd;
+#endif
+    parallel(mv4_range, &a, N, 8, nt);
+#if LB_AVX512
+    free(xd);
+#endif
+}
+
+/* fused gx[m, k] = sum_n g[m, n] w[n, k] (the input gradient), fp32, rows of whole blocks. Threads own
+   column ranges; each walks all rows for a tile of columns held in L1, summing 64 rows at a time before
+   adding to the tile's total (two-level summation). w = table * scale is rounded as the reference rounds it. */
+typedef struct {
+    const float *g; i64 M, N, kt; const uint8_t *codes; scales_t sc; const float *table; i64 bs, K; float *gx;
+} mv4t_t;
+static void mv4t_range(const void *p, i64 c0, i64 c1) {
+    const mv4t_t *a = (const mv4t_t *)p;
+    const i64 K = a->K, bs = a->bs, nb = K / bs, M = a->M, kt = a->kt;
+    float *tot = (float *)malloc(sizeof(float) * M * kt * 2), *part = tot + M * kt;
+    for (i64 k0 = c0; k0 < c1; k0 += kt) {
+        const i64 kw = MIN(kt, c1 - k0);
+        memset(tot, 0, sizeof(float) * M * kt * 2);
+        for (i64 n = 0; n < a->N; n++) {
+            for (i64 b = k0 / bs; b < (k0 + kw) / bs; b++) {
+                const float s = scale_at(&a->sc, n * nb + b);
+                const uint8_t *pb = a->codes + n * (K / 2) + b * (bs / 2);
+                const i64 off = b * bs - k0;
+#if LB_AVX512
+                const __m512 tbl = _mm512_loadu_ps(a->table), vs = _mm512_set1_ps(s);
+                for (i64 j = 0; j < bs; j += 32) {
+                    __m512 wh, wl;
+                    dec32(pb + j / 2, tbl, &wh, &wl);
+                    wh = _mm512_mul_ps(wh, vs);
+                    wl = _mm512_mul_ps(wl, vs);
+                    for (i64 m = 0; m < M; m++) {
+                        __m512 gm = _mm512_set1_ps(a->g[m * a->N + n]);
+                        float *q = part + m * kt + off + j; /* [16 even | 16 odd] per 32 columns */
+                        _mm512_storeu_ps(q, _mm512_fmadd_ps(wh, gm, _mm512_loadu_ps(q)));
+                        _mm512_storeu_ps(q + 16, _mm512_fmadd_ps(wl, gm, _mm512_loadu_ps(q + 16)));
+                    }
+                }
+#else
+                float w[64];
+                const int ch = bs < 64 ? 32 : 64;
+                for (i64 j = 0; j < bs; j += ch) {
+                    for (int i = 0; i < ch / 2; i++) {
+                        w[2 * i] = a->table[pb[j / 2 + i] >> 4] * s;
+                        w[2 * i + 1] = a->table[pb[j / 2 + i] & 15] * s;
+                    }
+                    for (i64 m = 0; m < M; m++) {
+                        float gm = a->g[m * a->N + n], *q = part + m * kt + off + j;
+                        for (int l = 0; l < ch; l++) q[l] += w[l] * gm;
+                    }
+                }
+#endif
+            }
+            if ((n & 63) == 63 || n == a->N - 1) {
+                for (i64 i = 0; i < M * kt; i++) { tot[i] += part[i]; part[i] = 0.0f; }
+            }
+        }
+        for (i64 m = 0; m < M; m++) {
+            float *dst = a->gx + m * K + k0;
+            const float *src = tot + m * kt;
+#if LB_AVX512
+            for (i64 j = 0; j < kw; j += 32)
+                for (int l = 0; l < 16; l++) { dst[j + 2 * l] = src[j + l]; dst[j + 2 * l + 1] = src[j + 16 + l]; }
+#else
+            memcpy(dst, src, sizeof(float) * kw);
+#endif
+        }
+    }
+    free(tot);
+}
+void lb_mv4t(const float *g, i64 M, i64 N, const uint8_t *codes, const float *absmax, const uint8_t *qabs,
+             const float *ncode, const float *nabs, float offset, i64 nbs, const float *table, i64 bs, i64 K,
+             float *gx, int nt) {
+    i64 kt = MAX(bs, (2048 / M) / bs * bs);
+    mv4t_t a = {g, M, N, kt, codes, mk_scales(absmax, qabs, ncode, nabs, offset, nbs), table, bs, K, gx};
+    parallel(mv4t_range, &a, K, kt, nt);
+}
+
+/* =============================== integer family (int2 / int3 / int4) ===============================
+   Element (n, k): code Q = bits of codes[n, k / 32, j] at bit k % 32 (j = plane), value s[n, g] * (Q - z[n, g]),
+   g = k / L. The kernels decode (Q - z) exactly as a float and scale per group. */
+typedef struct { const int32_t *codes; const float *scale; const uint8_t *zeros; int bits; i64 L, N, K; } qint_t;
+INLINE void qdec_generic(const int32_t *w, int bits, int z, float *v /* 32 */) {
+    for (int l = 0; l < 32; l++) {
+        int q = 0;
+        for (int j = 0; j < bits; j++) q |= (int)(((uint32_t)w[j] >> l) & 1u) << j;
+        v[l] = (float)(q - z);
+    }
+}
+#if LB_AVX512
+/* 16 lanes of (Q - z): start at -z, add 2^j where plane j has the lane's bit (exact small integers) */
+INLINE __m512 qdec16(const int32_t *w, const int bits, int shift, __m512 negz) {
+    __m512 v = negz;
+    for (int j = 0; j < bits; j++) {
+        __mmask16 bit = _load_mask16((__mmask16 *)((const uint16_t *)(w + j) + (shift >> 4))); /* plane j */
+        v = _mm512_mask_add_ps(v, bit, v, _mm512_set1_ps((float)(1 << j)));
+    }
+    return v;
+}
+#endif
+
+#if LB_AVX512 && defined(__GFNI__) && defined(__AVX512VBMI__)
+#define LB_GFNI 1
+/* Up to 4 chunks of bit planes (128 codes) -> 64 bytes: byte i < 32 holds Q[chunk 0, lane i] in its low and
+   Q[chunk 1, lane i] in its high nibble, bytes 32.. the same for chunks 2 and 3. One byte gather (vpermb)
+   puts the planes of 8 lanes of two chunks in one qword; one GF(2) affine transform per qword transposes
+   its 8x8 bit matrix (output bit i of byte b = bit b of input byte 7 - i). Then codes decode like 4-bit ones. */
+typedef struct { __m512i idx; __mmask64 keep; } gfperm_t;
+static gfperm_t gf_perm(int bits) {
+    uint8_t idx[64];
+    uint64_t keep = 0;
+    for (int o = 0; o < 64; o++) {
+        int qw = o / 8, r = o % 8, pair = qw / 4, t = qw % 4;
+        int cc = r >= 4 ? 0 : 1, j = r >= 4 ? 7 - r : 3 - r; /* bit j <- chunk 2*pair, bit 4 + j <- the next */
+        idx[o] = (uint8_t)(j < bits ? ((pair * 2 + cc) * bits + j) * 4 + t : 0);
+        if (j < bits) keep |= (uint64_t)1 << o;
+    }
+    return (gfperm_t){_mm512_loadu_si512(idx), keep};
+}
+INLINE void gf_nibbles(const int32_t *w, int bits, int nc, const gfperm_t *p, uint8_t *out64) {
+    const int nbytes = nc * bits * 4;
+    const __mmask64 lm = nbytes >= 64 ? ~(__mmask64)0 : (((__mmask64)1 << nbytes) - 1);
+    __m512i g = _mm512_maskz_permutexvar_epi8(p->keep, p->idx, _mm512_maskz_loadu_epi8(lm, w));
+    _mm512_store_si512(out64, _mm512_gf2p8affine_epi64_epi8(_mm512_set1_epi64(0x8040201008040201LL), g, 0));
+}
+#endif
+
+/* rectangle dequantize: out[r, c] = W[n0 + r, k0 + c], k0 and kc multiples of 32 */
+typedef struct { qint_t q; i64 n0, k0, kc; void *out; int dt; } dqi_t;
+static void dqi_range(const void *p, i64 r0, i64 r1) {
+    const dqi_t *a = (const dqi_t *)p;
+    const qint_t *q = &a->q;
+    const i64 G = q->K / q->L;
+    for (i64 r = r0; r < r1; r++) {
+        const i64 n = a->n0 + r;
+        for (i64 c = 0, g = a->k0 / q->L, gk = g * q->L; c < a->kc; c += 32) { /* gk: start of group g */
+            const i64 k = a->k0 + c;
+            if (k >= gk + q->L) { g++; gk += q->L; }
+            const int32_t *w = q->codes + (n * (q->K / 32) + k / 32) * q->bits;
+            const float s = q->scale[n * G + g];
+            const int z = q->zeros[n * G + g];
+#if LB_AVX512
+            const __m512 nz = _mm512_set1_ps((float)-z), vs = _mm512_set1_ps(s);
+            __m512 lo, hi;
+            if (q->bits == 2) { lo = qdec16(w, 2, 0, nz); hi = qdec16(w, 2, 16, nz); }
+            else if (q->bits == 3) { lo = qdec16(w, 3, 0, nz); hi = qdec16(w, 3, 16, nz); }
+            else { lo = qdec16(w, 4, 0, nz); hi = qdec16(w, 4, 16, nz); }
+            store16(a->out, r * a->kc + c, _mm512_mul_ps(lo, vs), a->dt);
+            store16(a->out, r * a->kc + c + 16, _mm512_mul_ps(hi, vs), a->dt);
+#else
+            float v[32];
+            qdec_generic(w, q->bits, z, v);
+            for (int l = 0; l < 32; l++) store1(a->out, r * a->kc + c + l, v[l] * s, a->dt);
+#endif
+        }
+    }
+}
+void lb_dqi(const int32_t *codes, const float *scale, const uint8_t *zeros, int bits, i64 L, i64 N, i64 K,
+            i64 n0, i64 nr, i64 k0, i64 kc, void *out, int dt, int nt) {
+    dqi_t a = {{codes, scale, zeros, bits, L, N, K}, n0, k0, kc, out, dt};
+    parallel(dqi_range, &a, nr, MAX(1, 16384 / kc), nt);
+}
+
+/* fused y[m, n] = sum_g s[n, g] sum_{k in g} (Q - z)[n, k] x[m, k], fp32, K in L1-sized tiles */
+typedef struct { const float *x; i64 M, kt; qint_t q; float *y; } mvi_t;
+#if LB_GFNI
+INLINE void mvi_rows(const mvi_t *a, const int MM, const int bits, const float *x, float *y, i64 n0, i64 n1,
+                     i64 k0, i64 k1) {
+    const qint_t *q = &a->q;
+    const i64 K = q->K, L = q->L, G = K / L;
+    const gfperm_t perm = gf_perm(bits);
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    uint8_t buf[64] __attribute__((aligned(64)));
+    for (i64 n = n0; n < n1; n++) {
+        __m512 racc[4];
+        for (int m = 0; m < MM; m++) racc[m] = _mm512_setzero_ps();
+        for (i64 s0 = k0, g = k0 / L; s0 < k1; g++) { /* one group's part of the tile */
+            const i64 s1 = MIN(k1, (g + 1) * L);
+            const __m512 tq = _mm512_sub_ps(iota, _mm512_set1_ps((float)q->zeros[n * G + g])); /* Q -> Q - z */
+            __m512 alo[4], ahi[4];
+            for (int m = 0; m < MM; m++) alo[m] = ahi[m] = _mm512_setzero_ps();
+            for (i64 k = s0; k < s1; k += 128) {
+                const int nc = (int)MIN(4, (s1 - k) / 32);
+                gf_nibbles(q->codes + (n * (K / 32) + k / 32) * bits, bits, nc, &perm, buf);
+                for (int c = 0; c < nc; c++) {
+                    __m512i v0 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(buf + (c >> 1) * 32)));
+                    __m512i v1 = _mm512_cvtepu8_epi32(_mm_load_si128((const __m128i *)(buf + (c >> 1) * 32 + 16)));
+                    if (c & 1) { v0 = _mm512_srli_epi32(v0, 4); v1 = _mm512_srli_epi32(v1, 4); }
+                    const __m512 lo = _mm512_permutexvar_ps(v0, tq), hi = _mm512_permutexvar_ps(v1, tq);
+                    const float *xk = x + k + 32 * c;
+                    for (int m = 0; m < MM; m++) {
+                        alo[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xk + m * K), alo[m]);
+                        ahi[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xk + m * K + 16), ahi[m]);
+                    }
+                }
+            }
+            const __m512 vs = _mm512_set1_ps(q->scale[n * G + g]);
+            for (int m = 0; m < MM; m++) racc[m] = _mm512_fmadd_ps(_mm512_add_ps(alo[m], ahi[m]), vs, racc[m]);
+            s0 = s1;
+        }
+        for (int m = 0; m < MM; m++) {
+            float t = _mm512_reduce_add_ps(racc[m]);
+            y[m * q->N + n] = k0 ? y[m * q->N + n] + t : t;
+        }
+    }
+}
+#elif LB_AVX512
+INLINE void mvi_rows(const mvi_t *a, const int MM, const int bits, const float *x, float *y, i64 n0, i64 n1,
+                     i64 k0, i64 k1) {
+    const qint_t *q = &a->q;
+    const i64 K = q->K, L = q->L, G = K / L;
+    for (i64 n = n0; n < n1; n++) {
+        __m512 racc[4];
+        for (int m = 0; m < MM; m++) racc[m] = _mm512_setzero_ps();
+        for (i64 s0 = k0, g = k0 / L; s0 < k1; g++) { /* one group's part of the tile */
+            const i64 s1 = MIN(k1, (g + 1) * L);
+            const __m512 nz = _mm512_set1_ps((float)-(int)q->zeros[n * G + g]);
+            __m512 alo[4], ahi[4]; /* two chains per row of x: one FMA each per 32 codes */
+            for (int m = 0; m < MM; m++) alo[m] = ahi[m] = _mm512_setzero_ps();
+            for (i64 k = s0; k < s1; k += 32) {
+                const int32_t *w = q->codes + (n * (K / 32) + k / 32) * bits;
+                __m512 lo = qdec16(w, bits, 0, nz), hi = qdec16(w, bits, 16, nz);
+                for (int m = 0; m < MM; m++) {
+                    alo[m] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + m * K + k), alo[m]);
+                    ahi[m] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + m * K + k + 16), ahi[m]);
+                }
+            }
+            const __m512 vs = _mm512_set1_ps(q->scale[n * G + g]);
+            for (int m = 0; m < MM; m++) racc[m] = _mm512_fmadd_ps(_mm512_add_ps(alo[m], ahi[m]), vs, racc[m]);
+            s0 = s1;
+        }
+        for (int m = 0; m < MM; m++) {
+            float t = _mm512_reduce_add_ps(racc[m]);
+            y[m * q->N + n] = k0 ? y[m * q->N + n] + t : t;
+        }
+    }
+}
+#endif
+#define MVI_BITS(MM) \
+    if (bits == 2) mvi_rows(a, MM, 2, x, y, n0, n1, k0, k1); \
+    else if (bits == 3) mvi_rows(a, MM, 3, x, y, n0, n1, k0, k1); \
+    else mvi_rows(a, MM, 4, x, y, n0, n1, k0, k1);
+static void mvi_range(const void *p, i64 n0, i64 n1) {
+    const mvi_t *a = (const mvi_t *)p;
+    const qint_t *q = &a->q;
+    const i64 K = q->K, L = q->L, G = K / L;
+    const int bits = q->bits;
+    (void)L; (void)G;
+    for (i64 k0 = 0; k0 < K; k0 += a->kt) {
+        const i64 k1 = MIN(K, k0 + a->kt);
+        for (i64 m0 = 0; m0 < a->M; m0 += 4) {
+            const float *x = a->x + m0 * K;
+            float *y = a->y + m0 * q->N;
+            const int mm = (int)MIN(4, a->M - m0);
+#if LB_AVX512
+            if (mm == 1) { MVI_BITS(1) }
+            else if (mm == 2) { MVI_BITS(2) }
+            else if (mm == 3) { MVI_BITS(3) }
+            else { MVI_BITS(4) }
+#else
+            for (i64 n = n0; n < n1; n++) {
+                float racc[4][16] = {{0}};
+                for (i64 s0 = k0, g = k0 / L; s0 < k1; g++) {
+                    const i64 s1 = MIN(k1, (g + 1) * L);
+                    float acc[4][16] = {{0}}, v[32];
+                    for (i64 k = s0; k < s1; k += 32) {
+                        qdec_generic(q->codes + (n * (K / 32) + k / 32) * bits, bits, q->zeros[n * G + g], v);
+                        for (int m = 0; m < mm; m++)
+                            for (int l = 0; l < 16; l++)
+                                acc[m][l] += v[l] * x[m * K + k + l] + v[16 + l] * x[m * K + k + 16 + l];
+                    }
+                    const float s = q->scale[n * G + g];
+                    for (int m = 0; m < mm; m++)
+                        for (int l = 0; l < 16; l++) racc[m][l] += acc[m][l] * s;
+                    s0 = s1;
+                }
+                for (int m = 0; m < mm; m++) {
+                    float t = 0.0f;
+                    for (int l = 0; l < 16; l++) t += racc[m][l];
+                    y[m * q->N + n] = k0 ? y[m * q->N + n] + t : t;
+                }
+            }
+#endif
+        }
+    }
+}
+void lb_mvi(const float *x, i64 M, const int32_t *codes, const float *scale, const uint8_t *zeros, int bits, i64 L,
+            i64 N, i64 K, float *y, int nt) {
+    mvi_t a = {x, M, MAX(32, (8192 / MIN(M, 4)) / 32 * 32), {codes, scale, zeros, bits, L, N, K}, y};
+    parallel(mvi_range, &a, N, 8, nt);
+}
+
+/* fused gx[m, k] = sum_n g[m, n] s[n, k / L] (Q - z)[n, k]: as lb_mv4t (column tiles, two-level sums) */
+typedef struct { const float *g; i64 M, kt; qint_t q; float *gx; } mvit_t;
+static void mvit_range(const void *p, i64 c0, i64 c1) {
+    const mvit_t *a = (const mvit_t *)p;
+    const qint_t *q = &a->q;
+    const i64 K = q->K, L = q->L, G = K / L, M = a->M, kt = a->kt;
+    float *tot = (float *)malloc(sizeof(float) * M * kt * 2), *part = tot + M * kt;
+    for (i64 k0 = c0; k0 < c1; k0 += kt) {
+        const i64 kw = MIN(kt, c1 - k0);
+        memset(tot, 0, sizeof(float) * M * kt * 2);
+        for (i64 n = 0; n < q->N; n++) {
+            for (i64 k = k0, g = k0 / L, gk = g * L; k < k0 + kw; k += 32) {
+                if (k >= gk + L) { g++; gk += L; }
+                const int32_t *w = q->codes + (n * (K / 32) + k / 32) * q->bits;
+                const float s = q->scale[n * G + g];
+                const int z = q->zeros[n * G + g];
+#if LB_AVX512
+                const __m512 nz = _mm512_set1_ps((float)-z), vs = _mm512_set1_ps(s);
+                __m512 lo, hi;
+                if (q->bits == 2) { lo = qdec16(w, 2, 0, nz); hi = qdec16(w, 2, 16, nz); }
+                else if (q->bits == 3) { lo = qdec16(w, 3, 0, nz); hi = qdec16(w, 3, 16, nz); }
+                else { lo = qdec16(w, 4, 0, nz); hi = qdec16(w, 4, 16, nz); }
+                lo = _mm512_mul_ps(lo, vs);
+                hi = _mm512_mul_ps(hi, vs);
+                for (i64 m = 0; m < M; m++) {
+                    __m512 gm = _mm512_set1_ps(a->g[m * q->N + n]);
+                    float *t = part + m * kt + (k - k0);
+                    _mm512_storeu_ps(t, _mm512_fmadd_ps(lo, gm, _mm512_loadu_ps(t)));
+                    _mm512_storeu_ps(t + 16, _mm512_fmadd_ps(hi, gm, _mm512_loadu_ps(t + 16)));
+                }
+#else
+                float v[32];
+                qdec_generic(w, q->bits, z, v);
+                for (int l = 0; l < 32; l++) v[l] *= s;
+                for (i64 m = 0; m < M; m++) {
+                    float gm = a->g[m * q->N + n], *t = part + m * kt + (k - k0);
+                    for (int l = 0; l < 32; l++) t[l] += v[l] * gm;
+                }
+#endif
+            }
+            if ((n & 63) == 63 || n == q->N - 1) {
+                for (i64 i = 0; i < M * kt; i++) { tot[i] += part[i]; part[i] = 0.0f; }
+            }
+        }
+        for (i64 m = 0; m < M; m++) memcpy(a->gx + m * K + k0, tot + m * kt, sizeof(float) * kw);
+    }
+    free(tot);
+}
+void lb_mvit(const float *g, i64 M, const int32_t *codes, const float *scale, const uint8_t *zeros, int bits, i64 L,
+             i64 N, i64 K, float *gx, int nt) {
+    mvit_t a = {g, M, MAX(32, (2048 / M) / 32 * 32), {codes, scale, zeros, bits, L, N, K}, gx};
+    parallel(mvit_range, &a, K, a.kt, nt);
+}
+
+/* grad_scale helper: out[r, g] = sum_{k in g} (Q - z)[n0 + r, k] d[r, k] for d = (g^T x) rows [n0, n0 + nr) */
+typedef struct { const float *d; qint_t q; i64 n0; float *out; } rdi_t;
+static void rdi_range(const void *p, i64 r0, i64 r1) {
+    const rdi_t *a = (const rdi_t *)p;
+    const qint_t *q = &a->q;
+    const i64 K = q->K, L = q->L, G = K / L;
+    for (i64 r = r0; r < r1; r++) {
+        const i64 n = a->n0 + r;
+        for (i64 g = 0; g < G; g++) {
+            const int z = q->zeros[n * G + g];
+            float acc[16] = {0}, v[32];
+            for (i64 k = g * L; k < (g + 1) * L; k += 32) {
+                qdec_generic(q->codes + (n * (K / 32) + k / 32) * q->bits, q->bits, z, v);
+                const float *d = a->d + r * K + k;
+                for (int l = 0; l < 16; l++) acc[l] += v[l] * d[l] + v[16 + l] * d[16 + l];
+            }
+            float t = 0.0f;
+            for (int l = 0; l < 16; l++) t += acc[l];
+            a->out[n * G + g] = t;
+        }
+    }
+}
+void lb_rdi(const float *d, const int32_t *codes, const uint8_t *zeros, int bits, i64 L, i64 N, i64 K, i64 n0,
+            i64 nr, float *out, int nt) {
+    rdi_t a = {d, {codes, NULL, zeros, bits, L, N, K}, n0, out};
+    parallel(rdi_range, &a, nr, 8, nt);
+}

@@ -1,0 +1,408 @@
+"""The CPU backend: fused decode-matmul kernels in C for CPU tensors (the default on CPU).
+
+The kernels are one C file beside this one (`_cpu.c`), built once per machine with the system C
+compiler (-O3 -march=native -fopenmp; ~1-2 s, cached on disk under `cache_dir()`) and called through
+ctypes. They take sizes at run time, so nothing recompiles across batch sizes, layers or shapes.
+AVX-512 intrinsics where the compiler targets them (a 16-entry table lookup is one `vpermps`; int bit
+planes are transposed with GFNI), plain C elsewhere. With OpenMP they run on torch's own OpenMP
+workers. Why not torch.compile: inductor turns the 16-entry table gather into a scalar loop and
+specialises on shapes (the 4096x4096 NF4 GEMV: 44 ms static, 520 ms dynamic, 2-10 s of compiling
+per shape, against 1.5-2 ms here).
+
+Dispatch, per call, by M (the rows of x or of the output gradient; thresholds measured, docs/cpu.md):
+* M small: fused decode-GEMV (`lb_mv4`, `lb_mvi`; grad_x `lb_mv4t`, `lb_mvit`), fp32 accumulation;
+* M large: the weight dequantized CHUNK_BYTES at a time into a buffer, each chunk one BLAS call: a
+  bf16 GEMM for bf16 activations (the weight rounded to bf16, as bitsandbytes and a bf16 model
+  have it; fp32 accumulation), an fp32 GEMM otherwise (as the reference);
+* quantize and dequantize: bit-identical to the reference in lowbit.formats.nf4 / intq.
+
+`LOWBIT_CPU_BACKEND`: "fast" (default) | "reference" (the pure-torch spec) | "triton" (the Triton
+kernels under TRITON_INTERPRET=1, tests only). When the kernels can not be built (no compiler), one
+warning, then every op takes the reference. `CALLS` counts the fast paths that ran (for tests).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+BACKENDS = ("fast", "reference", "triton")
+CALLS: collections.Counter = collections.Counter()  # fast-path launches by name, e.g. CALLS["nf4.gemv"]
+
+# Dispatch thresholds (rows of x or of the output gradient), measured on a 2-core Xeon (AVX-512,
+# AMX); see docs/cpu.md and benchmarks/cpu_backend.py.
+FUSED_M = {torch.bfloat16: 8, torch.float16: 16, torch.float32: 16}
+FUSED_M_GRAD = {torch.bfloat16: 8, torch.float16: 16, torch.float32: 16}
+CHUNK_BYTES = 16 << 20  # dequantized weight per BLAS call (a reused buffer; 8-24 MiB measure alike)
+PARALLEL_MIN = 1 << 20  # weight elements below which one thread works (waking threads costs ~20-50 us)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build once per machine (cached on disk), load with ctypes
+# ----------------------------------------------------------------------------------------------
+
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SCALES = [_P, _P, _P, _P, _F, _I]  # absmax, qabs, nested_code, nested_absmax, offset, nested_blocksize
+_SIGNATURES = {
+    "lb_dq4": [_P, *_SCALES, _P, _I, _I, _I, _I, _I, _I, _P, _C, _C],
+    "lb_q4": [_P, _C, _I, _I, _P, _C, _P, _P, _P, _C],
+    "lb_mv4": [_P, _I, _I, _P, *_SCALES, _P, _I, _I, _P, _C],
+    "lb_mv4t": [_P, _I, _I, _P, *_SCALES, _P, _I, _I, _P, _C],
+    "lb_dqi": [_P, _P, _P, _C, _I, _I, _I, _I, _I, _I, _I, _P, _C, _C],
+    "lb_mvi": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
+    "lb_mvit": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
+    "lb_rdi": [_P, _P, _P, _C, _I, _I, _I, _I, _I, _P, _C],
+}  # lb_isa() and lb_openmp() take nothing and return int: 1 when built with AVX-512 / OpenMP
+_LOCK = threading.Lock()
+_STATE: dict = {"tried": False, "lib": None}
+
+
+def backend() -> str:
+    """The CPU backend named by LOWBIT_CPU_BACKEND ("fast" when unset)."""
+    name = os.environ.get("LOWBIT_CPU_BACKEND", "fast")
+    if name not in BACKENDS:
+        raise ValueError(f"LOWBIT_CPU_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def enabled(t: Tensor) -> bool:
+    """Whether this backend runs an op on `t`: a CPU tensor, LOWBIT_CPU_BACKEND=fast, the kernels built."""
+    return t.device.type == "cpu" and backend() == "fast" and library() is not None
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernels, built on first use; None (after one warning) when they can not be built."""
+    if not _STATE["tried"]:
+        with _LOCK:
+            if not _STATE["tried"]:
+                try:
+                    lib = ctypes.CDLL(str(build()))
+                    for name, args in _SIGNATURES.items():
+                        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+                    _STATE["lib"] = lib
+                except Exception as e:  # no compiler, a failed compile, an unloadable library
+                    warnings.warn(f"lowbit: the fast CPU backend could not be built ({e}); CPU ops run the pure-torch "
+                                  "reference instead (same results, slower). Point CC at a C compiler to enable it, "
+                                  "or set LOWBIT_CPU_BACKEND=reference to silence this.", RuntimeWarning, stacklevel=2)
+                _STATE["tried"] = True
+    return _STATE["lib"]
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: $LOWBIT_CACHE_DIR, else $XDG_CACHE_HOME/lowbit or ~/.cache/lowbit."""
+    if os.environ.get("LOWBIT_CACHE_DIR"):
+        return Path(os.environ["LOWBIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
+
+
+def _source() -> str:
+    """The kernels' C source, lowbit/_cpu.c (package data)."""
+    return resources.files("lowbit").joinpath("_cpu.c").read_text()
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc or not shutil.which(cc):
+        raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC')!r}, and no cc, gcc or clang on PATH)")
+    return shutil.which(cc)
+
+
+def _machine() -> str:
+    """What -march=native depends on: the CPU's feature flags (Linux), else the platform's names."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags}"
+
+
+_VARIANTS = {"native": [], "generic": ["-DLB_GENERIC"], "no-gfni": ["-mno-gfni"]}
+
+
+def build(variant: str = "native") -> Path:
+    """Compile the kernels (or find them built) and return the library's path. The tests also build
+    "generic" (plain C: what CPUs without AVX-512 run) and "no-gfni" (AVX-512 without GFNI, e.g. Skylake-X)."""
+    cc = _compiler()
+    st = os.stat(cc)
+    extra = _VARIANTS[variant]  # after -march=native, which they amend
+    source = _source()
+    key = "\0".join([source, cc, str(st.st_size), str(st.st_mtime_ns), _machine(), sys.platform, *extra])
+    name = f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
+    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"lowbit-{os.getuid() if hasattr(os, 'getuid') else 0}"):
+        if (folder / name).exists():
+            return folder / name
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            src = folder / f"{name}.{os.getpid()}.c"
+            src.write_text(source)
+            break
+        except OSError:
+            continue
+    else:
+        raise RuntimeError("no writable folder for the built kernels (set LOWBIT_CACHE_DIR)")
+    tmp, err = folder / f"{name}.{os.getpid()}.tmp", ""
+    try:
+        base = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
+        # -fopenmp: share torch's OpenMP runtime (see parallel() in the source); not every compiler has
+        # OpenMP or knows -march=native, so each is dropped in turn before giving up
+        for arch in (["-march=native", "-fopenmp"], ["-march=native"], []):
+            cmd = [cc, *base, *arch, *extra, str(src), "-o", str(tmp), "-lm"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode == 0:
+                if err:
+                    dropped = " and ".join(a for a in ("-march=native", "-fopenmp") if a not in arch)
+                    warnings.warn(f"lowbit: the CPU kernels built without {dropped} (slower): {err}", RuntimeWarning,
+                                  stacklevel=2)
+                os.replace(tmp, folder / name)  # atomic: concurrent builders each write their own tmp
+                return folder / name
+            err = r.stderr.strip()[-400:]
+        raise RuntimeError(f"{cc} failed: {err}")
+    finally:
+        src.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers: check sizes (the kernels read raw pointers), pick the path by M, allocate, call
+# ----------------------------------------------------------------------------------------------
+
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def _p(t: Optional[Tensor]) -> Optional[int]:
+    return None if t is None else t.data_ptr()
+
+
+def _threads(work: int) -> int:
+    return 1 if work < PARALLEL_MIN else torch.get_num_threads()
+
+
+def _need(ok: bool, what: str) -> None:
+    if not ok:
+        raise ValueError(f"lowbit CPU backend: {what}")
+
+
+def _gemm_dtype(t: Tensor) -> torch.dtype:
+    # bf16 activations: a bf16 GEMM (fp32 accumulation; the weight rounded to bf16, as bitsandbytes
+    # and a bf16 model do). Everything else: fp32, as the reference.
+    return torch.bfloat16 if t.dtype == torch.bfloat16 else torch.float32
+
+
+class _W4:
+    """A 4-bit weight [n, k] (flat element i = row * k + col) as the kernels take it."""
+
+    def __init__(self, codes, absmax, code, blocksize, n, k, nabs, ncode, offset, nbs):
+        numel, nblocks = n * k, -(-n * k // blocksize)
+        self.codes, self.table = codes.contiguous(), code.float().contiguous()
+        _need(codes.dtype == torch.uint8 and codes.numel() >= (numel + 1) // 2, "codes must hold ceil(numel/2) bytes")
+        _need(self.table.numel() == 16, "code must have 16 values")
+        _need(absmax.numel() >= nblocks, f"absmax must have {nblocks} values")
+        if nabs is None:
+            self._keep = (absmax.float().contiguous(),)  # the tensors behind the pointers live as long as self
+            self.scales = (_p(self._keep[0]), None, None, None, 0.0, nbs)
+        else:
+            _need(absmax.dtype == torch.uint8 and ncode.numel() == 256 and nabs.numel() >= -(-nblocks // nbs),
+                  "double-quantized scales must be uint8 codes, 256 nested values, one nested scale per "
+                  f"{nbs} blocks")
+            self._keep = (absmax.contiguous(), ncode.float().contiguous(), nabs.float().contiguous())
+            self.scales = (None, *(_p(t) for t in self._keep), float(offset), nbs)
+        self.bs, self.n, self.k = blocksize, n, k
+
+    def rect(self, n0: int, nr: int, k0: int, kc: int, out: Tensor) -> None:
+        """out[nr, kc] = W[n0:n0+nr, k0:k0+kc] in out's dtype, bit-identical to the reference."""
+        library().lb_dq4(_p(self.codes), *self.scales, _p(self.table), self.bs, self.k, n0, nr, k0, kc, _p(out),
+                         _DT[out.dtype], _threads(nr * kc))
+
+
+class _WI:
+    """An integer weight [n, k] (bit planes, scale and zero per group of group_len) as the kernels take it."""
+
+    def __init__(self, codes, scale, zeros, bits, group_len, n, k):
+        _need(bits in (2, 3, 4) and k % 32 == 0 and group_len % 32 == 0 and k % group_len == 0,
+              "bits in (2, 3, 4), K and group_len multiples of 32, group_len dividing K")
+        g = n * (k // group_len)
+        self.codes, self.zeros = codes.contiguous(), zeros.contiguous()
+        self.scale = None if scale is None else scale.float().contiguous()  # None: grad_scale needs no scale
+        _need(self.codes.dtype == torch.int32 and self.codes.numel() == n * k // 32 * bits, "codes: int32 bit planes")
+        _need(scale is None or self.scale.numel() == g, f"scale must have {g} values")
+        _need(self.zeros.numel() == g and self.zeros.dtype == torch.uint8, f"zeros must be uint8 with {g} values")
+        self.bits, self.L, self.n, self.k = bits, group_len, n, k
+
+    def args(self):
+        return _p(self.codes), _p(self.scale), _p(self.zeros), self.bits, self.L, self.n, self.k
+
+    def rect(self, n0: int, nr: int, k0: int, kc: int, out: Tensor) -> None:
+        library().lb_dqi(*self.args(), n0, nr, k0, kc, _p(out), _DT[out.dtype], _threads(nr * kc))
+
+
+def _matmul_chunked(x: Tensor, w, bias: Optional[Tensor]) -> Tensor:
+    """y = x @ W^T + bias with W dequantized CHUNK_BYTES of rows at a time, each chunk one BLAS call."""
+    cdt, m, n, k = _gemm_dtype(x), x.shape[0], w.n, w.k
+    xc = x.to(cdt)
+    rows = max(1, min(n, CHUNK_BYTES // (k * cdt.itemsize)))
+    buf = torch.empty(rows * k, dtype=cdt)
+    yt = torch.empty((n, m), dtype=cdt)  # y^T: each chunk's rows are contiguous
+    for n0 in range(0, n, rows):
+        nr = min(rows, n - n0)
+        wc = buf[: nr * k].view(nr, k)
+        w.rect(n0, nr, 0, k, wc)
+        torch.mm(wc, xc.t(), out=yt[n0:n0 + nr])
+    y = yt.t()
+    if bias is not None:
+        y = y.float() + bias.float()
+    return y.to(x.dtype).contiguous()
+
+
+def _grad_x_chunked(g: Tensor, w) -> Tensor:
+    """gx = g @ W with W dequantized CHUNK_BYTES of columns at a time."""
+    cdt, m, n, k = _gemm_dtype(g), g.shape[0], w.n, w.k
+    gc = g.to(cdt)
+    cols = max(32, min(k, CHUNK_BYTES // (n * cdt.itemsize)) // 32 * 32)
+    buf = torch.empty(n * min(cols, k), dtype=cdt)
+    gxt = torch.empty((k, m), dtype=cdt)
+    for k0 in range(0, k, cols):
+        kc = min(cols, k - k0)
+        wc = buf[: n * kc].view(n, kc)
+        w.rect(0, n, k0, kc, wc)
+        torch.mm(wc.t(), gc.t(), out=gxt[k0:k0 + kc])
+    return gxt.t().to(g.dtype).contiguous()
+
+
+# 4-bit LUT family ------------------------------------------------------------------------------
+
+
+def quantize_4bit(flat: Tensor, blocksize: int, bounds: Tensor, order: Tensor) -> tuple[Tensor, Tensor]:
+    """(packed uint8 [ceil(n/2)], absmax fp32 [ceil(n/blocksize)]): formats.nf4.quantize_flat, bit for bit."""
+    x = flat.contiguous().reshape(-1)
+    n = x.numel()
+    b, o = bounds.float().contiguous(), order.to(torch.uint8).contiguous()
+    _need(x.dtype in _DT and o.numel() == b.numel() + 1 <= 256, "flat must be fp32/bf16/fp16; order = bounds + 1")
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    if n:
+        library().lb_q4(_p(x), _DT[x.dtype], n, blocksize, _p(b), b.numel(), _p(o), _p(packed), _p(absmax),
+                        _threads(n))
+    CALLS["nf4.quantize"] += 1
+    return packed, absmax
+
+
+def dequantize_4bit(codes, absmax, code, blocksize, numel, dtype, nested_absmax, nested_code, offset,
+                    nested_blocksize) -> Tensor:
+    w = _W4(codes, absmax, code, blocksize, 1, numel, nested_absmax, nested_code, offset, nested_blocksize)
+    out = torch.empty(numel, dtype=dtype)
+    if numel:
+        w.rect(0, 1, 0, numel, out)
+    CALLS["nf4.dequantize"] += 1
+    return out
+
+
+def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize,
+                bias) -> Tensor:
+    m, k = x.shape
+    w = _W4(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset, nested_blocksize)
+    if m == 0 or n == 0:
+        return x.new_zeros((m, n))
+    if k % blocksize or m > FUSED_M[x.dtype]:  # blocks across rows, or enough rows for BLAS
+        CALLS["nf4.dequant_gemm"] += 1
+        return _matmul_chunked(x, w, bias)
+    xf = x.float().contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    library().lb_mv4(_p(xf), m, k, _p(w.codes), *w.scales, _p(w.table), blocksize, n, _p(y), _threads(n * k))
+    CALLS["nf4.gemv"] += 1
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
+                       nested_blocksize) -> Tensor:
+    m, n = g.shape
+    w = _W4(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset, nested_blocksize)
+    if m == 0 or n == 0:
+        return g.new_zeros((m, k))
+    if k % blocksize or m > FUSED_M_GRAD[g.dtype]:
+        CALLS["nf4.grad_x_gemm"] += 1
+        return _grad_x_chunked(g, w)
+    gf = g.float().contiguous()
+    gx = torch.empty((m, k), dtype=torch.float32)
+    library().lb_mv4t(_p(gf), m, n, _p(w.codes), *w.scales, _p(w.table), blocksize, k, _p(gx), _threads(n * k))
+    CALLS["nf4.grad_x"] += 1
+    return gx.to(g.dtype)
+
+
+# integer family --------------------------------------------------------------------------------
+
+
+def int_dequantize(codes, scale, zeros, bits, group_len, n, k, dtype) -> Tensor:
+    w = _WI(codes, scale, zeros, bits, group_len, n, k)
+    out = torch.empty((n, k), dtype=dtype)
+    if n * k:
+        w.rect(0, n, 0, k, out)
+    CALLS["int.dequantize"] += 1
+    return out
+
+
+def int_matmul(x, codes, scale, zeros, bits, group_len, n, bias) -> Tensor:
+    m, k = x.shape
+    w = _WI(codes, scale, zeros, bits, group_len, n, k)
+    if m == 0 or n == 0:
+        return x.new_zeros((m, n))
+    if m > FUSED_M[x.dtype]:
+        CALLS["int.dequant_gemm"] += 1
+        return _matmul_chunked(x, w, bias)
+    xf = x.float().contiguous()
+    y = torch.empty((m, n), dtype=torch.float32)
+    library().lb_mvi(_p(xf), m, *w.args(), _p(y), _threads(n * k))
+    CALLS["int.gemv"] += 1
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)
+
+
+def int_matmul_grad_x(g, codes, scale, zeros, bits, group_len, k) -> Tensor:
+    m, n = g.shape
+    w = _WI(codes, scale, zeros, bits, group_len, n, k)
+    if m == 0 or n == 0:
+        return g.new_zeros((m, k))
+    if m > FUSED_M_GRAD[g.dtype]:
+        CALLS["int.grad_x_gemm"] += 1
+        return _grad_x_chunked(g, w)
+    gf = g.float().contiguous()
+    gx = torch.empty((m, k), dtype=torch.float32)
+    library().lb_mvit(_p(gf), m, *w.args(), _p(gx), _threads(n * k))
+    CALLS["int.grad_x"] += 1
+    return gx.to(g.dtype)
+
+
+def int_matmul_grad_scale(g, x, codes, zeros, bits, group_len) -> Tensor:
+    """dL/ds [n, k / group_len] fp32: d = g^T x by BLAS in row chunks, then sum (Q - z) * d per group in C."""
+    m, n = g.shape
+    k = x.shape[1]
+    w = _WI(codes, None, zeros, bits, group_len, n, k)
+    out = torch.empty((n, k // group_len), dtype=torch.float32)
+    gf, xf = g.float(), x.float().contiguous()
+    rows = max(1, min(n, CHUNK_BYTES // (4 * k)))
+    d = torch.empty(rows * k, dtype=torch.float32)
+    for r0 in range(0, n, rows):
+        nr = min(rows, n - r0)
+        dc = d[: nr * k].view(nr, k)
+        torch.mm(gf[:, r0:r0 + nr].t(), xf, out=dc)
+        library().lb_rdi(_p(dc), _p(w.codes), _p(w.zeros), bits, group_len, n, k, r0, nr, _p(out), _threads(nr * k))
+    CALLS["int.grad_scale"] += 1
+    return out
