@@ -9,8 +9,12 @@ import time
 
 from ._tools import UsageError, _threads
 
-def _cpu_time(fn, budget_s: float = 0.25, max_reps: int = 50) -> float:
-    """Median seconds of fn() after one warmup call, repeated until budget_s or max_reps."""
+NOISY = 0.20  # a spread above this (of the median) makes a timing untrustworthy
+
+
+def _cpu_time(fn, budget_s: float = 0.25, max_reps: int = 50, spreads: list | None = None) -> float:
+    """Median seconds of fn() after one warmup call, repeated until budget_s or max_reps; the
+    spread (max - min) / median of the repeats is appended to `spreads`."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
@@ -22,7 +26,10 @@ def _cpu_time(fn, budget_s: float = 0.25, max_reps: int = 50) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     times.sort()
-    return times[len(times) // 2]
+    med = times[len(times) // 2]
+    if spreads is not None and len(times) >= 3:
+        spreads.append((times[-1] - times[0]) / med)
+    return med
 
 
 def _bnb_4bit(w):
@@ -98,9 +105,12 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
         log(f"device-to-device copy bandwidth: {bw:.0f} GB/s")
     else:
         def timer(fn):
-            return _cpu_time(fn, 0.05 if quick else 0.15, 10 if quick else 40)
+            spreads.clear()
+            return _cpu_time(fn, 0.05 if quick else 0.15, 10 if quick else 40, spreads)
         bw = None
 
+    spreads: list = []  # the last CPU timing's spread (empty on CUDA)
+    noisy: list = []
     gen = torch.Generator().manual_seed(0)
     for k, n in shapes:
         w32 = torch.randn(n, k, generator=gen) * 0.02
@@ -156,13 +166,22 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
                 if name == "dense":
                     t_dense = t
                 r = {"kernel": name, "M": m, "K": k, "N": n, "ms": t * 1e3, "vs_dense": t / t_dense}
+                if spreads:
+                    r["spread"] = spreads[-1]
+                    if spreads[-1] > NOISY:
+                        noisy.append(f"{name} M={m} K={k} N={n}")
                 if cuda:
                     r["gbs"] = (wbytes[name] + (m * k + m * n) * x.element_size()) / t / 1e9
                     r["frac_copy_bw"] = r["gbs"] / bw
                 res["results"].append(r)
-                extra = f"  {r['gbs']:7.0f} GB/s ({r['frac_copy_bw']:.0%} of copy)" if cuda else ""
+                extra = (f"  {r['gbs']:7.0f} GB/s ({r['frac_copy_bw']:.0%} of copy)" if cuda
+                         else f"  spread {r['spread']:.0%}" if "spread" in r else "")
                 log(f"{name:20s} K={k:5d} N={n:5d} M={m:4d} {t * 1e3:9.3f} ms  x{t / t_dense:6.2f} vs dense{extra}")
     res["bitsandbytes"] = any(r["kernel"] == "bnb_nf4" for r in res["results"])
+    res["noisy"] = noisy
+    if noisy:
+        log(f"warning: {len(noisy)} timings spread over {NOISY:.0%} of their median (e.g. {noisy[0]}): this machine "
+            "is too noisy to trust them; rerun on a quiet machine or with --threads 1")
     return res
 
 
