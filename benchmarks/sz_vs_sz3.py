@@ -4,6 +4,9 @@ predictor study (none / per-row mean / 1-D and 2-D Lorenzo) on the same weights.
     pip install pysz          # SZ3's Python binding (optional: without it only lowbit is measured)
     python benchmarks/sz_vs_sz3.py [--steps 10] [--no-predictors]
 
+Then timings of lowbit alone, warm (each the least of 3 runs): compress and decompress of the 37
+weights at their bisected bounds, and of a 4096 x 4096 N(0, 0.02) fp32 tensor at eb = 2.5e-3.
+
 Per matrix: the RMSE of NF4 (blocksize 64, double quant, 4.127 bits/param) is the target. lowbit's
 abs bound is bisected (log scale) to the largest bound whose RMSE is <= that target; lowbit and
 every SZ3 predictor then run at exactly that bound. SZ3 is also bisected on its own to the NF4
@@ -199,7 +202,8 @@ def main() -> None:
     agg = {k: dict(bytes=0, sq=0.0, maxr=0.0, maxr16=0.0, maxrbf=0.0, tc=0.0, td=0.0) for k in names}
     agg_nf4 = dict(sq=0.0, tc=0.0, td=0.0, maxe=0.0)
     own = {a: dict(bytes=0, sq=0.0, eb=[]) for _, a in SZ3_ALGOS} if pysz else {}
-    out_stats = dict(outlier_bytes=0, payload_bytes=0, n_out=0, min_bytes=0)
+    out_stats = dict(outlier_bytes=0, payload_bytes=0, index_bytes=0, n_out=0, min_bytes=0)
+    streams = []  # lowbit's stream per matrix at its bisected bound
     for name, w in weights:
         wt = torch.from_numpy(w)
         t0 = time.perf_counter()
@@ -232,8 +236,11 @@ def main() -> None:
             if c is not None:
                 ob = _entropy.varint_len(_entropy.gaps(c.outlier_idx)) + len(c.outlier_idx) * c.outlier_val.element_size()
                 out_stats["outlier_bytes"] += ob
-                out_stats["payload_bytes"] += len(c.payload)
+                out_stats["payload_bytes"] += 4 * len(c.payload)
+                out_stats["index_bytes"] += c.index_nbytes
                 out_stats["n_out"] += len(c.outlier_idx)
+                streams.append((wt, eb, c))
+                row.insert(3, f"{c.lanes}x{c.lane_symbols}")
         rows.append(row)
         # lowbit's size is not monotone in the bound (bf16-rounding outliers): the smallest stream
         # among bounds up to 3 % below the bisected one, keeping RMSE <= NF4's (each meets that bound).
@@ -261,9 +268,11 @@ def main() -> None:
         a = agg[k]
         print(f"| {label[k]} | {8 * a['bytes'] / tot_n:.3f} | {math.sqrt(a['sq'] / tot_n):.4e} | {a['maxr']:.6f} | "
               f"{a['maxr16']:.4f} / {a['maxrbf']:.4f} | {a['tc']:.3f} | {a['td']:.3f} |")
-    print(f"\nlowbit stream breakdown (all 37): Huffman payload {8 * out_stats['payload_bytes'] / tot_n:.3f} "
-          f"bits/param, outliers {8 * out_stats['outlier_bytes'] / tot_n:.3f} bits/param "
-          f"({out_stats['n_out'] / tot_n:.3%} of weights), headers + tables + chunk offsets the rest")
+    print(f"\nlowbit stream breakdown (all 37): Huffman payload {8 * out_stats['payload_bytes'] / tot_n:.4f} "
+          f"bits/param, lane index {8 * out_stats['index_bytes'] / tot_n:.4f}, outliers "
+          f"{8 * out_stats['outlier_bytes'] / tot_n:.4f} ({out_stats['n_out'] / tot_n:.3%} of weights), headers and "
+          f"code-length tables the rest")
+    timings(streams)
 
     if pysz:
         print("\n### Each bisected to NF4's per-matrix RMSE, all 37 weights\n")
@@ -279,14 +288,37 @@ def main() -> None:
                   f"{min(o['eb']):.4f}..{max(o['eb']):.4f} |")
 
     print("\n### Per matrix, bits/param at the same bound\n")
-    print("| matrix | NF4 RMSE | bound | " + " | ".join(label[k] for k in names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+    print("| matrix | NF4 RMSE | bound | lowbit lanes x symbols/lane | " + " | ".join(label[k] for k in names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names))
     for r in rows:
         print("| " + " | ".join(r) + " |")
 
     if not args.no_predictors:
         predictor_study(weights, bounds)
     print(f"\ntotal runtime {time.perf_counter() - t_start:.1f} s")
+
+
+def timings(streams) -> None:
+    """lowbit compress / decompress, warm, the least of 3 runs: the 37 weights, then 4096 x 4096."""
+    def best(f, reps=3):
+        t = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - t0)
+        return min(t)
+
+    tc = best(lambda: [sz_compress(w, eb) for w, eb, _ in streams])
+    td = best(lambda: [sz_decompress(c) for _, _, c in streams])
+    n = sum(w.numel() for w, _, _ in streams)
+    print(f"\nlowbit, warm (least of 3 runs): the {len(streams)} weights ({n} params) compress {tc:.3f} s, "
+          f"decompress {td:.3f} s")
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
+    c = sz_compress(w, 2.5e-3)
+    tc = best(lambda: sz_compress(w, 2.5e-3))
+    td = best(lambda: sz_decompress(c))
+    print(f"lowbit 4096 x 4096 N(0, 0.02) fp32 at eb 2.5e-3 ({c.bits_per_param:.3f} bits/param, {c.n_lanes} lanes of "
+          f"{c.lane_symbols} symbols): compress {tc:.2f} s, decompress {td:.2f} s")
 
 
 def _pysz_version() -> str:

@@ -152,7 +152,7 @@ ROLE = {
     "code_ptr": "table", "table_ptr": "table",
 }
 
-_PTX_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.]*)\s+(.*?);")
+_PTX_INSTR = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+(.*?);")  # "::": ld.global.L1::evict_first
 _REG = re.compile(r"%[a-z]+\d+")
 
 

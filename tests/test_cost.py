@@ -95,8 +95,8 @@ REQUIRED = {"kernel", "format", "m_bucket", "arch", "weights_per_thread_per_iter
 
 
 def _gemv_default_name() -> str:
-    c = nf4.FORWARD_CONFIGS[1][0]
-    return f"gemv_4bit[bf16,dq=True,{c.block_m}x{c.block_n}x{c.block_k},split={c.split_k},w={c.num_warps},"
+    c = nf4.FORWARD_CONFIGS[1][0]  # the M=1 default: the "words" GEMV
+    return f"{c.kind}_4bit[bf16,dq=True,{c.block_m}x{c.block_n}x{c.block_k},split={c.split_k},w={c.num_warps},"
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +104,11 @@ def report(tmp_path_factory):
     dump = tmp_path_factory.mktemp("cost")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cost", "--arch", "90", "--json", "--jobs", "1",
-                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,chunk=1024]"],
+                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,4096x4096]"],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     records = json.loads(out.stdout)
-    gemv = [r for r in records if r["kernel"] == "nf4.gemv"]
+    gemv = [r for r in records if r["kernel"] == f"nf4.{nf4.FORWARD_CONFIGS[1][0].kind}"]
     sz = [r for r in records if r["kernel"] == "sz.decode"]
     assert len(gemv) == 1 and len(sz) == 1, [r["name"] for r in records]
     return gemv[0], sz[0], dump
@@ -132,26 +132,33 @@ def test_records_carry_the_keys_and_sane_values(report):
     assert (sz["format"], sz["m_bucket"], sz["instr_per_symbol"]) == ("sz", None, sz["instr_per_weight"])
 
 
-def test_nf4_gemv_loop_streams_codes_scales_and_x(report):
+def test_nf4_gemv_loop_streams_codes_scales_x_and_the_table(report):
     gemv, _, _ = report
     loads = gemv["loads"]
-    assert set(loads) == {"codes", "scales", "x"}, loads  # every global load in the loop is accounted for
-    # Each thread loads its own share of the code tile once: 4 bits per weight it handles.
+    # every global load in the loop is accounted for: the L1-resident code table is gathered per weight
+    assert set(loads) == {"codes", "scales", "x", "table"}, loads
+    # Each thread loads its own share of the code tile once, as 128-bit words: 4 bits per weight.
     assert sum(loads["codes"]) == 4 * gemv["weights_per_thread_per_iter"]
-    assert gemv["code_load_bits"] == max(loads["codes"]) and gemv["x_load_bits"] == max(loads["x"])
+    assert gemv["code_load_bits"] == max(loads["codes"]) == 128
+    assert gemv["x_load_bits"] == max(loads["x"])
+    assert len(loads["table"]) == gemv["weights_per_thread_per_iter"]  # one gather per weight
     assert 8 in loads["scales"]  # the uint8 double-quantized scale code
+    # the static goals of the M=1 loop: no barrier, no shuffle, no spill
+    assert gemv["barriers_per_iter"] == 0 and gemv["shuffles_per_iter"] == 0
 
 
-def test_sz_loop_peeks_three_payload_bytes_per_symbol(report):
+def test_sz_loop_refills_one_word_per_two_symbols(report):
+    """Stream v2: each lane reads its bits as 32-bit words into a 64-bit buffer (one refill per
+    two symbols) and looks each symbol up in a 16-bit table entry."""
     _, sz, _ = report
-    assert sz["stores_per_iter"] >= 1  # one output element per symbol (more if ptxas unrolled)
-    assert sz["loads"]["codes"] == [8] * 3 * sz["stores_per_iter"]
-    assert sz["loads"]["table"] == [32] * sz["stores_per_iter"]
+    assert sz["stores_per_iter"] >= 2  # one output element per symbol, two symbols per refill
+    assert sz["loads"]["codes"] == [32] * (sz["stores_per_iter"] // 2)
+    assert sz["loads"]["table"] == [16] * sz["stores_per_iter"]
 
 
 def test_dump_writes_each_cubin_and_its_sass(report):
     gemv, sz, dump = report
     files = sorted(p.name for p in dump.iterdir())
     assert len(files) == 4 and sum(f.endswith(".sm90.cubin") for f in files) == 2
-    sass = next(p for p in dump.iterdir() if p.name.startswith("gemv") and p.suffix == ".sass").read_text()
+    sass = next(p for p in dump.iterdir() if p.name.startswith(nf4.FORWARD_CONFIGS[1][0].kind) and p.suffix == ".sass").read_text()
     assert "LDG" in sass and ".nv_debug_ptx_txt" in sass

@@ -96,6 +96,16 @@ def sz_decode_cases():
         yield f"{dtype}", (*c.decoder_args(), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
 
 
+def sz_matmul_cases():
+    w = torch.randn(24, 64) * 0.05
+    w.view(-1)[torch.randint(0, w.numel(), (3,))] = 40.0  # outliers: the GEMV's sparse correction
+    c = sz_fmt.sz_compress(w, 1e-3, chunk_size=16)  # chunks of 8 rows, 32 lanes: the fused kernel's layout
+    for dtype, has_bias in ((torch.float32, True), (torch.bfloat16, False)):
+        bias = torch.randn(24).to(dtype) if has_bias else None
+        yield f"{dtype}-bias={has_bias}", (torch.randn(3, 64).to(dtype), *c.decoder_args(), 24, c.chunk_size,
+                                           c.max_len, c.radius, bias)
+
+
 # op name -> (input cases, the launcher that must run when routed to Triton; None: the op has no kernel)
 CASES = {
     "quantize_4bit": (quantize_4bit_cases, "nf4.quantize"),
@@ -107,6 +117,7 @@ CASES = {
     "int_matmul_grad_x": (int_matmul_grad_x_cases, "intq.grad_x"),
     "int_matmul_grad_scale": (int_matmul_grad_scale_cases, "intq.grad_scale"),
     "sz_decode": (sz_decode_cases, "sz.decode"),
+    "sz_matmul": (sz_matmul_cases, "sz.gemv"),
 }
 OPS = {op.name: op for op in _ops.ALL_OPS}
 

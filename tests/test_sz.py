@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.helpers import expect_launches, triton_on_cpu
+from tests.helpers import expect_launches, rel_err, triton_on_cpu
 from lowbit import SZLinear, sz_decompress
 from lowbit.formats import _entropy
 from lowbit.formats import sz
@@ -167,6 +167,24 @@ def test_triton_decoder_bit_identical_under_interpreter():
     assert torch.equal(_bits(out), _bits(sz.decode_reference(c, torch.bfloat16)))
 
 
+@pytest.mark.interp
+def test_triton_decoder_refuses_lying_lane_lengths():
+    import dataclasses
+
+    c = sz.sz_compress(torch.randn(16, 64) * 0.05, 2e-3, chunk_size=16)
+    lb = c.lane_bits.copy()
+    lb[1] += 3
+    lb[2] -= 3
+    c2 = sz.SZTensor.from_bytes(dataclasses.replace(c, lane_bits=lb).to_bytes())  # parses: the total is kept
+    with triton_on_cpu("sz.decode"):
+        with pytest.raises(ValueError, match="lanes do not end"):
+            sz_decompress(c2)
+        assert torch.equal(sz_decompress(c), sz.decode_reference(c))  # the checking kernel passes a good stream
+    m = SZLinear(64, 16, bias=False)
+    with pytest.raises(ValueError, match="lane"):
+        m.load_sz(c2)  # verified once on load, so forward decodes without checking
+
+
 # The op's schema, fake implementation and autograd registration: tests/test_ops.py (opcheck).
 
 
@@ -206,31 +224,147 @@ def _with_crc(body: bytes) -> bytes:
     return body + zlib.crc32(body).to_bytes(4, "little")
 
 
+def _fields(c: sz.SZTensor) -> dict:
+    """Byte offsets of the v2 fields of c.to_bytes() (docs/sz.md, "Byte layout")."""
+    head = 9 + 8 * len(c.shape)
+    n_words = len(c.payload)
+    index = (c.n_lanes * sz.lane_index(c)[1] + 7) // 8
+    return dict(version=4, max_len=8, params=head, lengths=head + 45, index=c.nbytes - 4 - 4 * n_words - index,
+                payload=c.nbytes - 4 - 4 * n_words)
+
+
 def test_inconsistent_content_with_valid_crc_raises():
     # Damage that a checksum does not catch (it is recomputed): the semantic checks must.
     w = torch.randn(30, 20)
     w[0, 0] = 1e4
-    c = sz.sz_compress(w, 1e-2, chunk_size=64)
+    c = sz.sz_compress(w, 1e-2, chunk_size=16)
+    assert c.n_lanes > 4 and len(c.outlier_idx)
     blob = c.to_bytes()
     body = blob[:-4]
+    at = _fields(c)
     with pytest.raises(ValueError, match="version"):
         sz.SZTensor.from_bytes(_with_crc(body[:4] + b"\x09" + body[5:]))
-    with pytest.raises(ValueError):  # max_len 13: the decoders peek at most 12 bits
+    with pytest.raises(ValueError, match="max_len"):  # 13: the decoders peek at most 12 bits
         sz.SZTensor.from_bytes(_with_crc(body[:8] + b"\x0d" + body[9:]))
-    # Chunk offsets: make the first end offset larger than the second (not non-decreasing).
-    n_off = 4 * c.n_chunks
-    off_at = len(body) - len(c.payload) - n_off
-    offs = np.frombuffer(body[off_at:off_at + n_off], dtype="<u4").copy()
-    offs[0] = offs[1] + 1
-    with pytest.raises(ValueError, match="offset"):
-        sz.SZTensor.from_bytes(_with_crc(body[:off_at] + offs.tobytes() + body[off_at + n_off:]))
     # Code lengths all set to 1: not a prefix code (Kraft sum > 1).
-    len_at = 9 + 8 * 2 + 29
     nlen = (2 * c.radius + 2) // 2
     with pytest.raises(ValueError, match="prefix"):
-        sz.SZTensor.from_bytes(_with_crc(body[:len_at] + b"\x11" * nlen + body[len_at + nlen:]))
+        sz.SZTensor.from_bytes(_with_crc(body[:at["lengths"]] + b"\x11" * nlen + body[at["lengths"] + nlen:]))
+    # A payload padding bit set, a trailing byte.
+    last = bytearray(body)
+    last[-1] |= 0x80
+    if c.payload_bits % 32:
+        with pytest.raises(ValueError, match="padding"):
+            sz.SZTensor.from_bytes(_with_crc(bytes(last)))
+    with pytest.raises(ValueError, match="trailing"):
+        sz.SZTensor.from_bytes(_with_crc(body + b"\0\0\0\0"))
     # Sanity: the untouched stream still parses.
     assert sz.SZTensor.from_bytes(_with_crc(body)).to_bytes() == blob
+
+
+def _relane(c: sz.SZTensor, lane_bits) -> sz.SZTensor:
+    import dataclasses
+
+    return dataclasses.replace(c, lane_bits=np.asarray(lane_bits, dtype=np.int64))
+
+
+def test_lane_lengths_that_lie_raise_never_decode():
+    # Lane lengths are the only offsets the stream has (their prefix sums): moving bits from one
+    # lane to another keeps the total, so parsing succeeds, and every decoder must then refuse.
+    w = torch.randn(40, 64) * 0.05
+    c = sz.sz_compress(w, 2e-3, chunk_size=16)
+    lb = c.lane_bits.copy()
+    a, b = next((i, i + 1) for i in range(len(lb) - 1) if lb[i] != lb[i + 1])
+    for moved in (lb[b] - lb[a], 1, -1, 5):
+        bad = lb.copy()
+        bad[a] += moved
+        bad[b] -= moved
+        if moved == lb[b] - lb[a]:
+            bad[a], bad[b] = lb[b], lb[a]  # two lanes' lengths swapped
+        c2 = sz.SZTensor.from_bytes(_relane(c, bad).to_bytes())
+        with pytest.raises(ValueError, match="lane"):
+            sz_decompress(c2)
+        with pytest.raises(ValueError, match="lane"):
+            sz.decode_reference(c2)
+    over = lb.copy()
+    over[0] = c.lane_symbols * 12 + 1  # longer than any lane of that many symbols can be
+    over[-1] -= over[0] - lb[0]
+    with pytest.raises(ValueError, match="overrun"):
+        _relane(c, over).validate()
+
+
+# A stream written by lowbit's stream-version-1 encoder (2026-11-26) for
+# w = 0.05 * sin(0.37 * arange(600)).view(30, 20), w[0, 0] = 40, w[7, 3] = -3, at 1e-2, chunk_size 64;
+# with the CRC32 of the bytes its own decoder produced in fp32, fp16 and bf16.
+V1_BLOB = bytes.fromhex(
+    "4c42535a010000020c1e0000000000000014000000000000007b14ae47e17a843f7b14ae47e17a843f0ad7a33c4000000002"
+    "000000072233200200000000000000030000000000000002008f01204240c0130000002500000037000000490000005b0000"
+    "006d0000007f00000092000000a5000000ac000000deaafb2003bd55f640077aabe5001deaaf940001deaaf940077aabe500"
+    "1deaaf940077aabe5001deaad940077aabe5001deaaf940077a8af940077aabe5001deaaf900077aabe4005cf557c800bbd5"
+    "5f2002ef557c800bbd55f200177aabe4005deaaf900177aabe4005deaaf900177aabe4005deaaf9001dbd55f2003b7aabe40"
+    "076f557c800edeaaf9001dbd55f2003bf0aabe40077f557c800efeaaf9001dfd55f2000077f557c800efea119ccb30"
+)
+V1_DECODED_CRC = {torch.float32: 2848746641, torch.float16: 2551098338, torch.bfloat16: 3066086775}
+
+
+def _v1_weight() -> torch.Tensor:
+    w = (torch.sin(torch.arange(600, dtype=torch.float32) * 0.37) * 0.05).view(30, 20)
+    w[0, 0], w[7, 3] = 40.0, -3.0
+    return w
+
+
+def test_version_1_stream_still_decodes_to_the_same_values():
+    import zlib
+
+    c = sz.SZTensor.from_bytes(V1_BLOB)  # re-packed as version 2: same codes, step and outliers
+    assert c.shape == (30, 20) and c.bound == 1e-2 and len(c.outlier_idx) == 2
+    for dtype, crc in V1_DECODED_CRC.items():
+        out = sz_decompress(c, dtype=dtype)
+        assert zlib.crc32(_bits(out).numpy().tobytes()) == crc, dtype
+    assert float((sz_decompress(c) - _v1_weight()).abs().max()) <= 1e-2
+    blob2 = c.to_bytes()
+    assert blob2[4] == sz.VERSION and sz.SZTensor.from_bytes(blob2).to_bytes() == blob2
+    bad = bytearray(V1_BLOB)
+    bad[40] ^= 1
+    with pytest.raises(ValueError, match="CRC"):
+        sz.SZTensor.from_bytes(bytes(bad))
+
+
+def test_version_1_szlinear_checkpoint_loads():
+    from lowbit.formats import _sz_v1
+
+    f = _sz_v1.parse(V1_BLOB)
+    v1_state = {  # the buffers an SZLinear of stream version 1 saved
+        "payload": torch.from_numpy(f["payload"]), "offsets": torch.from_numpy(f["offsets"]),
+        "lengths": torch.from_numpy(f["lengths"]), "outlier_idx": torch.from_numpy(f["outlier_idx"]),
+        "outlier_val": f["outlier_val"], "step": torch.tensor([f["step"]], dtype=torch.float32),
+        "meta": torch.tensor([f["chunk_size"], f["max_len"], f["radius"], 0, 0, f["dtype_mask"]]),
+        "bounds": torch.tensor([f["error_bound"], f["bound"]], dtype=torch.float64),
+    }
+    m = SZLinear(20, 30, bias=False)
+    m.load_state_dict(v1_state)
+    assert m.error_bound == 1e-2 and "offsets" not in m.state_dict()
+    assert torch.equal(m.dequantized_weight(torch.float32), sz_decompress(sz.SZTensor.from_bytes(V1_BLOB)))
+    broken = dict(v1_state)
+    del broken["lengths"]
+    with pytest.raises(ValueError, match="re-encode"):
+        SZLinear(20, 30, bias=False).load_state_dict(broken)
+
+
+@pytest.mark.parametrize("shape,chunk,lanes", [
+    ((4096, 4096), 4 * 4096, 32),  # 512 symbols per lane, 32768 lanes
+    ((8192, 8192), 4 * 8192, 32),  # 1024 per lane, 65536 lanes
+    ((4096, 11008), 2 * 11008, 32),  # 688 per lane, 65k lanes
+    ((1536, 384), 85 * 384, 32),  # small: 1020 per lane
+    ((300, 4097), 32 * 1024, 32),  # odd K far above the target: the flat layout
+    ((1000,), 1024, 1),
+])
+def test_layout(shape, chunk, lanes):
+    assert sz.choose_layout(shape) == (chunk, lanes)
+    numel = math.prod(shape)
+    n_lanes = -(-numel // chunk) * lanes
+    if numel >= sz.TARGET_LANES * 256:
+        assert n_lanes >= sz.TARGET_LANES and 256 <= chunk // lanes <= 1024
 
 
 def test_bad_input():
@@ -295,11 +429,61 @@ def test_szlinear_forward_backward():
 
 @pytest.mark.interp
 def test_szlinear_forward_decodes_with_the_kernel():
+    # 17 rows of x: past the fused GEMV, W is decoded by the kernel (bit-identical) and F.linear runs.
     lin, m = _linear_pair()
-    x = torch.randn(5, 40)
+    x = torch.randn(17, 40)
     y = m(x)
-    with triton_on_cpu("sz.decode"):
+    with triton_on_cpu("sz.decode", absent=("sz.gemv",)):
         assert torch.equal(m(x), y)
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("shape,m_rows,dtype", [((50, 64), 1, torch.float32), ((50, 64), 3, torch.bfloat16),
+                                                ((24, 96), 16, torch.float16), ((42, 24), 2, torch.float32)])
+def test_fused_decode_gemv_under_interpreter(shape, m_rows, dtype):
+    """x @ W^T + b for M <= 16 in one kernel (fp32 accumulation, outliers as a sparse correction),
+    against float64 with the fp32 weights; a short last chunk of rows and outliers included."""
+    n, k = shape
+    w = torch.randn(n, k) * 0.05
+    w[1, 2], w[n - 1, k - 1] = 30.0, -20.0
+    lin = nn.Linear(k, n)
+    lin.weight.data = w
+    layer = SZLinear.from_linear(lin, error_bound=1e-3, chunk_size=16)
+    c = layer.to_sz()
+    assert len(c.outlier_idx) >= 2 and c.chunk_size % k == 0 and n % (c.chunk_size // k)  # partial last chunk
+    x = torch.randn(m_rows, k).to(dtype)
+    ref = x.double() @ layer.dequantized_weight(torch.float32).double().t() + lin.bias.detach().double()
+    with triton_on_cpu("sz.gemv", absent=("sz.decode",)):
+        y = layer.to(dtype)(x)
+    assert y.dtype == dtype and y.shape == (m_rows, n)
+    assert rel_err(y, ref) <= {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+
+
+@pytest.mark.interp
+def test_fused_path_leaves_training_to_f_linear():
+    # The fused kernel has no backward: with a gradient wanted, W is decoded and F.linear runs.
+    lin = nn.Linear(64, 50)
+    layer = SZLinear.from_linear(lin, error_bound=1e-3, chunk_size=16)
+    x = torch.randn(2, 64, requires_grad=True)
+    with triton_on_cpu("sz.decode", absent=("sz.gemv",)):
+        layer(x).sum().backward()
+    assert torch.allclose(x.grad, layer.dequantized_weight(torch.float32).sum(0).expand(2, -1), atol=1e-5)
+    with triton_on_cpu("sz.gemv"), torch.no_grad():
+        layer(x)
+
+
+@pytest.mark.interp
+def test_flat_layout_is_not_fused():
+    lin = nn.Linear(33, 8)  # odd K: lanes do not divide the rows -> the flat layout when chunks span rows
+    layer = SZLinear.from_linear(lin, error_bound=1e-3, chunk_size=16)
+    x = torch.randn(1, 33)
+    y = layer(x)
+    from lowbit.kernels.sz import gemv_fits
+
+    c = layer.to_sz()
+    assert c.chunk_size % 33 and not gemv_fits(1, 33, c.numel, c.chunk_size, c.n_lanes)
+    with triton_on_cpu("sz.decode", absent=("sz.gemv",)):
+        assert torch.equal(layer(x), y)
 
 
 def test_szlinear_under_lora():

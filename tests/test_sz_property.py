@@ -54,3 +54,102 @@ def test_error_bound_holds_for_every_output_dtype(data, rel, mode):
         else:
             bad = err > bound
             assert torch.equal(out[bad], w[bad].to(dt))
+
+
+# ----------------------------------------------------------------------------- parser fuzz (stream v2)
+
+from lowbit.formats import sz as szf  # noqa: E402
+
+
+def _streams():
+    g = torch.Generator().manual_seed(7)
+    w1 = torch.randn(24, 64, generator=g) * 0.05
+    w1[3, 5] = 40.0  # an outlier
+    w2 = torch.randn(700, generator=g) * 0.2  # flat layout, a short last chunk
+    out = []
+    for w, eb in ((w1, 2e-3), (w2, 1e-2)):
+        c = szf.sz_compress(w, eb, chunk_size=16)  # many short lanes
+        blob = c.to_bytes()
+        head = 9 + 8 * len(c.shape)
+        n_words = len(c.payload)
+        index = (c.n_lanes * szf.lane_index(c)[1] + 7) // 8
+        # structural fields: layout (chunk, lanes, payload bits), lane index header and bytes
+        layout = list(range(head + 25, head + 45))
+        idx_at = len(blob) - 4 - 4 * n_words - index
+        structural = layout + list(range(idx_at - 5, idx_at + index))
+        out.append((blob, structural, sz_decompress(c)))
+    return out
+
+
+STREAMS = _streams()
+stream = st.integers(0, len(STREAMS) - 1)
+FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+def _with_crc(body: bytes) -> bytes:
+    import zlib
+
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+@FUZZ
+@given(which=stream, cut=st.integers(0, 1 << 20))
+def test_truncated_stream_raises(which, cut):
+    blob = STREAMS[which][0]
+    with pytest.raises(ValueError):
+        szf.SZTensor.from_bytes(blob[:cut % len(blob)])
+
+
+@FUZZ
+@given(which=stream, flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 7)), min_size=1, max_size=3))
+def test_flipped_bits_raise(which, flips):
+    bad = bytearray(STREAMS[which][0])
+    for pos, bit in flips:
+        bad[pos % len(bad)] ^= 1 << bit
+    if bytes(bad) == STREAMS[which][0]:
+        return  # the flips cancelled out
+    with pytest.raises(ValueError):
+        szf.SZTensor.from_bytes(bytes(bad))
+
+
+@FUZZ
+@given(which=stream, edits=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), min_size=1, max_size=3))
+def test_lane_index_and_layout_edits_with_a_valid_crc_never_decode_wrong(which, edits):
+    """Layout fields (chunk, lanes, payload bits) and lane lengths rewritten, the CRC recomputed:
+    parsing or decoding raises ValueError, or the stream still decodes to exactly the same values;
+    never other values, never an IndexError (an out-of-bounds read)."""
+    blob, structural, ref = STREAMS[which]
+    bad = bytearray(blob[:-4])
+    for pos, x in edits:
+        bad[structural[pos % len(structural)]] ^= x
+    try:
+        c = szf.SZTensor.from_bytes(_with_crc(bytes(bad)))
+        out = sz_decompress(c)
+    except ValueError:
+        return
+    assert out.shape == ref.shape and torch.equal(_bits(out), _bits(ref))
+    assert torch.equal(_bits(szf.decode_reference(c)), _bits(ref))
+
+
+@FUZZ
+@given(which=stream, a=st.integers(0, 1 << 20), b=st.integers(0, 1 << 20), moved=st.integers(-40, 40))
+def test_bits_moved_between_lanes_always_raise(which, a, b, moved):
+    """The lane lengths are the stream's only offsets (their prefix sums). Moving bits from one lane
+    to another keeps the total, so only the decoders can tell: the first lane whose length changed
+    starts where it should and decodes to its true end, which is not where its length says."""
+    import dataclasses
+
+    c = szf.SZTensor.from_bytes(STREAMS[which][0])
+    a, b = a % c.n_lanes, b % c.n_lanes
+    if a == b or moved == 0:
+        return
+    lb = c.lane_bits.copy()
+    lb[a] += moved
+    lb[b] -= moved
+    with pytest.raises(ValueError):
+        c2 = szf.SZTensor.from_bytes(dataclasses.replace(c, lane_bits=lb).to_bytes())
+        sz_decompress(c2)

@@ -208,22 +208,44 @@ int_matmul_grad_scale = Op("int_matmul_grad_scale", _int_matmul_grad_scale, _int
 # ----------------------------------------------------------------------------------------------
 
 
-def _sz_decode(payload: Tensor, offsets: Tensor, table: Tensor, step: Tensor, outlier_idx: Tensor,
+def _sz_decode(payload: Tensor, lane_start: Tensor, table: Tensor, step: Tensor, outlier_idx: Tensor,
                outlier_val: Tensor, numel: int, chunk_size: int, max_len: int, radius: int,
-               dtype: torch.dtype) -> Tensor:
+               dtype: torch.dtype, check: bool = False) -> Tensor:
+    """Decode an SZ stream (version 2, as SZTensor.decoder_args) to `numel` values in `dtype`.
+    check: the kernel also verifies every lane's length (one device sync; the CPU decoder always does)."""
     if use_triton(payload):
-        return kernels().sz.sz_decode(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size,
-                                      max_len, radius, dtype)
-    return sz_ref.decode_vectorized(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size,
+        return kernels().sz.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
+                                      max_len, radius, dtype, check)
+    return sz_ref.decode_vectorized(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
                                     max_len, radius, dtype)
 
 
-def _sz_decode_fake(payload, offsets, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius,
-                    dtype):
+def _sz_decode_fake(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius,
+                    dtype, check=False):
     return payload.new_empty(numel, dtype=dtype)
 
 
+def _sz_matmul(x: Tensor, payload: Tensor, lane_start: Tensor, table: Tensor, step: Tensor, outlier_idx: Tensor,
+               outlier_val: Tensor, n: int, chunk_size: int, max_len: int, radius: int,
+               bias: Optional[Tensor]) -> Tensor:
+    """y = x @ W^T + bias for x [M, K] and W [n, K] an SZ stream: the fused decode-GEMV (M <= 16, a
+    row-aligned layout, Triton), else W decoded in x's dtype and F.linear (the reference)."""
+    k = x.shape[1]
+    if use_triton(x) and kernels().sz.gemv_fits(x.shape[0], k, n * k, chunk_size, lane_start.numel() - 1):
+        return kernels().sz.sz_gemv(x.contiguous(), payload, lane_start, table, step, outlier_idx, outlier_val, n,
+                                    chunk_size, max_len, radius, bias)
+    w = _sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, n * k, chunk_size, max_len, radius,
+                   x.dtype)
+    return torch.nn.functional.linear(x, w.view(n, k), bias)
+
+
+def _sz_matmul_fake(x, payload, lane_start, table, step, outlier_idx, outlier_val, n, chunk_size, max_len, radius,
+                    bias):
+    return x.new_empty((x.shape[0], n))
+
+
 sz_decode = Op("sz_decode", _sz_decode, _sz_decode_fake)
+sz_matmul = Op("sz_matmul", _sz_matmul, _sz_matmul_fake)
 
 ALL_OPS = (quantize_4bit, dequantize_4bit, matmul_4bit, matmul_4bit_grad_x, int_dequantize, int_matmul,
-           int_matmul_grad_x, int_matmul_grad_scale, sz_decode)
+           int_matmul_grad_x, int_matmul_grad_scale, sz_decode, sz_matmul)

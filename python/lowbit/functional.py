@@ -151,7 +151,8 @@ def sz_decompress(c: SZTensor, device=None, dtype: Optional[torch.dtype] = None,
     device = check_device("device", device)
     check_sz_dtype(c, dtype, allow_unbounded)
     c.validate()
-    flat = _ops.sz_decode(*c.decoder_args(device), c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+    # check: a stream whose lane lengths were tampered with raises instead of decoding wrong values
+    flat = _ops.sz_decode(*c.decoder_args(device), c.numel, c.chunk_size, c.max_len, c.radius, dtype, True)
     return flat.view(c.shape)
 
 

@@ -59,7 +59,7 @@ from .formats import intq as intq_fmt
 from .formats import nf4 as nf4_fmt
 from .formats import sz as sz_fmt
 from .functional import check_sz_dtype, dequantize_4bit, dequantize_int, quantize_4bit
-from ._ops import sz_decode
+from ._ops import sz_decode, sz_matmul
 
 FORMAT_VERSION = 2
 EXTRA_STATE = "_extra_state"
@@ -528,7 +528,7 @@ class IntLinear(QuantLinear):
 # SZ family
 # ==============================================================================================
 
-_SZ_BUFFERS = ("payload", "offsets", "lengths", "outlier_idx", "outlier_val", "step", "meta", "bounds")
+_SZ_BUFFERS = ("payload", "lane_index", "lengths", "outlier_idx", "outlier_val", "step", "meta", "bounds")
 
 
 class SZLinear(QuantLinear):
@@ -539,7 +539,15 @@ class SZLinear(QuantLinear):
     dtype that cannot raises at forward rather than break the bound.
 
     error_bound / mode: the bound the layer was built for (checked against a checkpoint); None
-    (the default) takes whatever the loaded checkpoint holds.
+    (the default) takes whatever the loaded checkpoint holds. chunk_size: the most symbols per
+    lane (sz_compress).
+
+    Buffers (the stream, version 2): payload (int32 words), lane_index (uint8), lengths (uint8 code
+    lengths), outlier_idx, outlier_val, step, meta (int64: stream version, chunk_size, lanes,
+    max_len, radius, dtype code, mode code, dtype mask, payload bits, index rate, index width),
+    bounds (f64: error_bound, bound); rebuilt on load, not saved: the decode table and lane_start
+    (every lane's bit offset). Checkpoints of stream version 1 (buffer `offsets`) are re-packed
+    as version 2 when they load.
     """
 
     FAMILY = "sz"
@@ -558,17 +566,17 @@ class SZLinear(QuantLinear):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         z = dict(device=check_device("device", device))
-        self.register_buffer("payload", torch.zeros(0, dtype=torch.uint8, **z))
-        self.register_buffer("offsets", torch.zeros(1, dtype=torch.int64, **z))
+        self.register_buffer("payload", torch.zeros(0, dtype=torch.int32, **z))
+        self.register_buffer("lane_index", torch.zeros(0, dtype=torch.uint8, **z))
         self.register_buffer("lengths", torch.ones(1, dtype=torch.uint8, **z))
         self.register_buffer("outlier_idx", torch.zeros(0, dtype=torch.int64, **z))
         self.register_buffer("outlier_val", torch.zeros(0, dtype=torch.float32, **z))
         self.register_buffer("step", torch.ones(1, dtype=torch.float32, **z))
-        # chunk_size, max_len, radius, dtype code, mode code, dtype_mask
-        self.register_buffer("meta", torch.tensor([chunk_size, sz_fmt.MAX_LEN, 0, 0, sz_fmt.MODES.index(mode), 0],
-                                                  dtype=torch.int64, **z))
+        self.register_buffer("meta", torch.tensor([sz_fmt.VERSION, 1, 1, sz_fmt.MAX_LEN, 0, 0, sz_fmt.MODES.index(mode),
+                                                   0, 0, 0, 0], dtype=torch.int64, **z))
         self.register_buffer("bounds", torch.tensor([error_bound or 0.0, 0.0], dtype=torch.float64, **z))
-        self.register_buffer("table", torch.zeros(1 << sz_fmt.MAX_LEN, dtype=torch.int32, **z), persistent=False)
+        self.register_buffer("table", torch.zeros(1 << sz_fmt.MAX_LEN, dtype=torch.int16, **z), persistent=False)
+        self.register_buffer("lane_start", torch.zeros(1, dtype=torch.int32, **z), persistent=False)
         self._sync_meta()
 
     @classmethod
@@ -578,38 +586,39 @@ class SZLinear(QuantLinear):
         c = sz_fmt.sz_compress(linear.weight.detach(), error_bound, mode, chunk_size)
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, error_bound=error_bound, mode=mode, chunk_size=chunk_size)
-        m.load_sz(c)
+        m.load_sz(c, verify=False)  # just encoded
         m._copy_bias(linear)
         m.bias is not None and m.bias.requires_grad_(False)
         return m
 
-    def load_sz(self, c: sz_fmt.SZTensor) -> None:
-        """Take the stream `c` (an SZTensor of this layer's shape)."""
+    def load_sz(self, c: sz_fmt.SZTensor, *, verify: bool = True) -> None:
+        """Take the stream `c` (an SZTensor of this layer's shape). verify: decode it once, checking
+        every lane's length (ValueError for a tampered stream), so that forward need not."""
         if not isinstance(c, sz_fmt.SZTensor):
             raise TypeError(f"c must be a lowbit.SZTensor, got {type(c).__name__}")
         if c.shape != (self.out_features, self.in_features):
             raise ValueError(f"compressed weight shape {c.shape} != ({self.out_features}, {self.in_features})")
         dev = self.step.device
-        payload, offsets, table, step, oidx, oval = c.decoder_args(dev)
-        self.payload, self.offsets, self.table, self.step = payload, offsets, table, step
-        self.outlier_idx, self.outlier_val = oidx, oval
+        self.payload, self.lane_start, self.table, self.step, self.outlier_idx, self.outlier_val = c.decoder_args(dev)
+        rate, width, index = sz_fmt.lane_index(c)
+        self.lane_index = torch.from_numpy(index).to(dev)
         self.lengths = torch.from_numpy(c.lengths.copy()).to(dev)
-        self.meta = torch.tensor([c.chunk_size, c.max_len, c.radius, sz_fmt.DTYPE_CODES[c.dtype],
-                                  sz_fmt.MODES.index(c.mode), c.dtype_mask], dtype=torch.int64, device=dev)
+        self.meta = torch.tensor([sz_fmt.VERSION, c.chunk_size, c.lanes, c.max_len, c.radius, sz_fmt.DTYPE_CODES[c.dtype],
+                                  sz_fmt.MODES.index(c.mode), c.dtype_mask, c.payload_bits, rate, width],
+                                 dtype=torch.int64, device=dev)
         self.bounds = torch.tensor([c.error_bound, c.bound], dtype=torch.float64, device=dev)
-        self.error_bound, self.mode, self.chunk_size, self.weight_dtype = c.error_bound, c.mode, c.chunk_size, c.dtype
+        self.error_bound, self.mode, self.weight_dtype = c.error_bound, c.mode, c.dtype
         self._sync_meta()
+        if verify:
+            self._verify()
+
+    def _verify(self) -> None:
+        sz_decode(self.payload, self.lane_start, self.table, self.step, self.outlier_idx, self.outlier_val,
+                  self.out_features * self.in_features, self._chunk, self._max_len, self._radius, torch.float32, True)
 
     def to_sz(self) -> sz_fmt.SZTensor:
-        chunk, max_len, radius, dcode, mcode, mask = (int(v) for v in self.meta.cpu())
-        eb, bound = (float(v) for v in self.bounds.cpu())
-        c = sz_fmt.SZTensor((self.out_features, self.in_features), sz_fmt.CODE_DTYPES[dcode], sz_fmt.MODES[mcode],
-                            eb, bound, float(self.step.cpu()[0]), chunk, max_len, radius, mask,
-                            self.lengths.cpu().numpy().copy(), self.offsets.cpu().numpy().copy(),
-                            self.outlier_idx.cpu().numpy().copy(), self.outlier_val.cpu().clone(),
-                            self.payload.cpu().numpy().copy())
-        c.validate()
-        return c
+        return sz_fmt.from_buffers((self.out_features, self.in_features), *(getattr(self, n) for n in _SZ_BUFFERS),
+                                   self.lane_start)
 
     def format_fields(self) -> dict:
         return {"error_bound": self.error_bound, "mode": self.mode, "chunk_size": self.chunk_size}
@@ -621,6 +630,16 @@ class SZLinear(QuantLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if prefix + "offsets" in state_dict and prefix + "lane_index" not in state_dict:
+            # A stream-version-1 checkpoint: re-pack its buffers as version 2 (the same codes).
+            names = ("payload", "offsets") + _SZ_BUFFERS[2:]
+            v1 = [state_dict.pop(prefix + n) for n in names if prefix + n in state_dict]
+            if len(v1) != len(names):
+                raise ValueError(f"{prefix}: an SZ stream-version-1 checkpoint without all of {names}; re-encode it")
+            c = sz_fmt.from_v1_buffers((self.out_features, self.in_features), *v1)
+            tmp = SZLinear(self.in_features, self.out_features, bias=False)
+            tmp.load_sz(c, verify=False)  # verified in _rebuild below
+            state_dict.update({prefix + n: getattr(tmp, n) for n in _SZ_BUFFERS})
         # The compressed sizes depend on the data: take the incoming buffers' shapes and dtypes.
         for name in _SZ_BUFFERS:
             t = state_dict.get(prefix + name)
@@ -629,19 +648,26 @@ class SZLinear(QuantLinear):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if all(prefix + n in state_dict for n in _SZ_BUFFERS) and self.meta.device.type != "meta":
-            c = self.to_sz()
-            self.table = torch.from_numpy(sz_fmt.decode_table(c.lengths, c.max_len)).to(self.step.device)
-            self.error_bound, self.mode, self.chunk_size, self.weight_dtype = (c.error_bound, c.mode, c.chunk_size,
-                                                                               c.dtype)
-            self._sync_meta()
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        """The decode table and lane offsets from the loaded buffers (then validate the stream)."""
+        dev = self.step.device
+        start, table = sz_fmt.lane_start_and_table(self.out_features * self.in_features, self.lane_index, self.lengths,
+                                                   self.meta)
+        self.lane_start, self.table = start.to(dev), table.to(dev)
+        c = self.to_sz()
+        self.error_bound, self.mode, self.weight_dtype = c.error_bound, c.mode, c.dtype
+        self._sync_meta()
+        self._verify()
 
     def _sync_meta(self) -> None:
         # Python copies of the ints the decoder needs, so forward never reads a device tensor.
         if self.meta.device.type == "meta":
-            self._chunk, self._max_len, self._radius, self._mask = self.chunk_size, sz_fmt.MAX_LEN, 0, 0
+            self._chunk, self._max_len, self._radius, self._mask, self._loaded = 1, sz_fmt.MAX_LEN, 0, 0, False
             return
-        self._chunk, self._max_len, self._radius = (int(v) for v in self.meta[:3].cpu())
-        self._mask = int(self.meta[5].cpu())
+        _, self._chunk, _, self._max_len, self._radius, _, _, self._mask, nbits, _, _ = (int(v) for v in self.meta.cpu())
+        self._loaded = nbits > 0
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -652,20 +678,33 @@ class SZLinear(QuantLinear):
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None, *, allow_unbounded: bool = False) -> Tensor:
         """The decompressed weight [out_features, in_features] in `dtype` (default: the compute dtype,
         else the compressed one). A dtype that cannot hold the weight within the bound raises
-        ValueError unless allow_unbounded=True."""
+        ValueError unless allow_unbounded=True. A layer not loaded yet holds zeros."""
         dtype = self._default_dtype(dtype)
-        if not allow_unbounded and not self._mask & sz_fmt.DTYPE_BIT[dtype] and self.payload.numel():
+        if not self._loaded:
+            return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.step.device)
+        if not allow_unbounded and not self._mask & sz_fmt.DTYPE_BIT[dtype]:
             check_sz_dtype(self.to_sz(), dtype, allow_unbounded)
-        flat = sz_decode(self.payload, self.offsets, self.table, self.step, self.outlier_idx, self.outlier_val,
+        flat = sz_decode(self.payload, self.lane_start, self.table, self.step, self.outlier_idx, self.outlier_val,
                          self.out_features * self.in_features, self._chunk, self._max_len, self._radius, dtype)
         return flat.view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        """y = x W^T + b: on CUDA a fused decode-GEMV for up to 16 rows of x, else W decoded in the
+        compute dtype, then F.linear (lowbit._ops.sz_matmul). When a gradient is wanted (x, or an
+        unfrozen bias) W is decoded and F.linear carries the autograd graph."""
         x, in_dtype = self._compute(x)
         dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
-        w = self.dequantized_weight(dtype)
         b = None if self.bias is None else self.bias.to(dtype)
-        y = F.linear(x.to(dtype), w, b)
+        grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if not self._loaded or grad:
+            y = F.linear(x.to(dtype), self.dequantized_weight(dtype), b)
+        else:
+            if not self._mask & sz_fmt.DTYPE_BIT[dtype]:
+                check_sz_dtype(self.to_sz(), dtype, False)
+            x2 = x.to(dtype).reshape(-1, self.in_features)
+            y = sz_matmul(x2, self.payload, self.lane_start, self.table, self.step, self.outlier_idx,
+                          self.outlier_val, self.out_features, self._chunk, self._max_len, self._radius, b)
+            y = y.view(*x.shape[:-1], self.out_features)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     @property

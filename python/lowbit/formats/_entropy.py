@@ -1,11 +1,13 @@
-"""Entropy-coding helpers of the SZ format: length-limited canonical Huffman codes, the decode
-table, and LEB128 varints for outlier index gaps. Pure numpy; the byte format is in sz.py."""
+"""Entropy-coding helpers of the SZ format: length-limited canonical Huffman codes, their decode
+tables, LSB-first bit packing into u32 words, and LEB128 varints for outlier index gaps. Pure
+numpy; the byte format is in sz.py."""
 
 from __future__ import annotations
 
 import heapq
 
 import numpy as np
+import torch
 
 MAX_LEN = 12  # longest Huffman code, bits (the decoders peek this many bits)
 
@@ -65,10 +67,8 @@ def canonical_codes(lengths: np.ndarray) -> np.ndarray:
 
 
 def decode_table(lengths: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
-    """int32[2**max_len]: for every max_len-bit window, symbol << 4 | length of the code it starts with.
-
-    Windows no code word starts (incomplete codes) map to symbol 0, length 1; only a corrupted
-    stream reaches them, and from_bytes rejects those by CRC before any decoder runs."""
+    """int32[2**max_len]: for every max_len-bit window read MSB first (stream v1), symbol << 4 |
+    length of the code it starts with. Windows no code word starts map to symbol 0, length 1."""
     codes = canonical_codes(lengths)
     table = np.full(1 << max_len, 1, dtype=np.int32)
     for s in np.flatnonzero(lengths):
@@ -76,6 +76,79 @@ def decode_table(lengths: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
         start = int(codes[s]) << (max_len - ln)
         table[start:start + (1 << (max_len - ln))] = (int(s) << 4) | ln
     return table
+
+
+def reversed_codes(lengths: np.ndarray) -> np.ndarray:
+    """The canonical code words bit-reversed within their length: what an LSB-first stream holds,
+    so that the first bit read is the code word's most significant bit."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    codes = canonical_codes(lengths)
+    rev = np.zeros_like(codes)
+    for b in range(int(lengths.max(initial=0))):
+        rev |= ((codes >> b) & 1) << np.maximum(lengths - 1 - b, 0)
+    return np.where(lengths > 0, rev, 0)
+
+
+def decode_table_lsb(lengths: np.ndarray, max_len: int = MAX_LEN) -> np.ndarray:
+    """int16[2**max_len] for LSB-first streams (v2): entry w (the next max_len stream bits, the
+    first in bit 0) = symbol << 4 | length of the code word w starts with. Windows that start no
+    code word (only an incomplete code has them) map to 0: length 0."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    rev = reversed_codes(lengths)
+    table = np.zeros(1 << max_len, dtype=np.int16)
+    w = np.arange(1 << max_len, dtype=np.int64)
+    for s in np.flatnonzero(lengths):  # longest codes first would not matter: a prefix code
+        ln = int(lengths[s])
+        table[(w & ((1 << ln) - 1)) == rev[s]] = (int(s) << 4) | ln
+    return table
+
+
+def kraft_sum(lengths: np.ndarray) -> float:
+    used = np.asarray(lengths, dtype=np.int64)
+    used = used[used > 0]
+    return float(np.sum(2.0 ** -used))
+
+
+# --------------------------------------------------------------------------- LSB-first bit packing
+
+
+def pack_lsb(values: np.ndarray, widths: np.ndarray) -> tuple[np.ndarray, int]:
+    """(uint32 words, bit count): values[i] (< 2**widths[i], widths <= 32) written back to back,
+    the first value in the lowest bits of word 0. Zero-width items take no room."""
+    widths = torch.from_numpy(np.ascontiguousarray(widths))
+    if widths.numel() == 0:
+        return np.zeros(0, dtype=np.uint32), 0
+    pos = torch.cumsum(widths, 0, dtype=torch.int64)
+    nbits = int(pos[-1])
+    pos -= widths
+    n_words = (nbits + 31) // 32
+    v = torch.from_numpy(np.ascontiguousarray(values).astype(np.int64, copy=False)) << (pos & 31)
+    # acc[k]: the items starting in word k, as a 64-bit window from word k (disjoint fields: the sum
+    # is their OR, below 2**63); bits past 32 belong to word k + 1.
+    acc = torch.zeros(n_words + 1, dtype=torch.int64).index_add_(0, pos >> 5, v)
+    words = acc & 0xFFFFFFFF
+    words[1:] |= acc[:-1] >> 32
+    return words[:n_words].numpy().astype(np.uint32), nbits
+
+
+def unpack_fixed(data: np.ndarray, count: int, width: int) -> np.ndarray:
+    """int64[count]: `count` unsigned fields of `width` bits (0..32) packed LSB first in bytes."""
+    if width == 0 or count == 0:
+        return np.zeros(count, dtype=np.int64)
+    b = np.zeros(len(data) + 8, dtype=np.uint8)
+    b[:len(data)] = data
+    pos = np.arange(count, dtype=np.int64) * width
+    byte = pos >> 3
+    v = np.zeros(count, dtype=np.uint64)
+    for k in range(5):  # a field of <= 32 bits at any bit offset spans <= 5 bytes
+        v |= b[byte + k].astype(np.uint64) << np.uint64(8 * k)
+    return ((v >> (pos & 7).astype(np.uint64)) & np.uint64((1 << width) - 1)).astype(np.int64)
+
+
+def pack_fixed(values: np.ndarray, width: int) -> bytes:
+    """The bytes of unpack_fixed: fields of `width` bits, LSB first, zero padded to a byte."""
+    words, nbits = pack_lsb(np.asarray(values, dtype=np.uint64), np.full(len(values), width, dtype=np.int64))
+    return words.astype("<u4").tobytes()[:(nbits + 7) // 8]
 
 
 # --------------------------------------------------------------------------- outlier indices
