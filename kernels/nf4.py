@@ -536,7 +536,11 @@ FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1, 1)
 # M on an H100 today (docs/benchmarks.md); the tuner takes whichever is faster for the shape.
 
 
-def _fits_forward(cfg: MatmulConfig, m: int, k: int) -> bool:
+def _fits_forward(cfg: MatmulConfig, m: int, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    # "words" with fp32 activations spills 8 B on sm_90 (ptxas keeps 80 registers): fp16/bf16 only,
+    # except under the interpreter, which runs everything in fp32.
+    if cfg.kind == "words" and dtype == torch.float32 and not interpreting():
+        return False
     return (cfg.kind != "dequant" and (cfg.kind not in ("gemv", "words") or m <= cfg.block_m)
             and k % (cfg.block_k * cfg.split_k) == 0)
 
@@ -635,7 +639,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
             cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c.kind == "dot")]
             config = cands[0] if cands else FALLBACK_FORWARD
         else:
-            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
+            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k, x.dtype)]
             if not cands:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
             cands.append(DEQUANT)
@@ -762,6 +766,8 @@ def aot_specs() -> list:
     specs = []
     for i, (cfg, m_bucket) in enumerate(buckets(FORWARD_CONFIGS).items()):
         extra = [(torch.float16, True), (torch.float32, True), (torch.bfloat16, False)] if i == 0 else []
+        if cfg.kind == "words":  # never launched with fp32 activations on a GPU (_fits_forward)
+            extra = [(dt, dq) for dt, dq in extra if dt != torch.float32]
         for dt, dq in [(torch.bfloat16, True)] + extra:
             m = min(m_bucket, 4096)
             codes, absmax, nested_absmax, nested_code, offset = weights(dq)
