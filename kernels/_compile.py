@@ -7,7 +7,7 @@ is a multiple of 16 and an integer divisible by 16 get the attribute `tt.divisib
 becomes the constant 1 (so `stride_xk = 1` folds away). Compiling with a hand-written signature
 and no attributes builds a different, slower kernel than the one that runs.
 
-So a compile spec here is not a signature but a *launch*: `launch_spec` calls the real launcher
+So a compile spec here is not a signature but a *launch*: `launch_spec` (kernels/_spec.py) calls the real launcher
 (nf4.matmul_4bit, intq.matmul_int, ...) on `meta` tensors (shape, dtype and strides, no memory;
 their data_ptr() is 0, i.e. aligned like a fresh torch allocation) and intercepts the
 `kernel[grid](...)` call. `compile_spec` then feeds those arguments through Triton's own binder
@@ -27,7 +27,6 @@ on them (the GPU image has Triton 3.6; this was written against 3.9's jit.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -36,65 +35,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Callable, NamedTuple
 
-import torch
-
-
-class KernelSpec(NamedTuple):
-    """One kernel launch to compile: the kernel and the arguments its launcher passed."""
-
-    name: str
-    fn: Any  # the @triton.jit kernel
-    args: tuple  # positional arguments as launched (meta tensors, ints)
-    kwargs: dict  # constexprs and launch options (num_warps, num_stages, ...) as launched
-    cost: dict | None = None  # what the cost report needs to know (kernels/cost.py); None: not reported
-
-
-def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A tensor with a shape, a dtype and strides but no memory, for launch_spec."""
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-class _Launched(Exception):
-    def __init__(self, fn, args, kwargs):
-        super().__init__(getattr(fn, "__name__", str(fn)))
-        self.fn, self.args, self.kwargs = fn, args, kwargs
-
-
-@contextlib.contextmanager
-def _intercept_launches():
-    # `kernel[grid](*args, **kwargs)` goes through KernelInterface.__getitem__ for both the JIT
-    # and the interpreter; for the duration of the block it raises with the arguments instead.
-    from triton.runtime.jit import KernelInterface
-
-    original = KernelInterface.__getitem__
-
-    def record(self, grid):
-        def launch(*args, **kwargs):
-            raise _Launched(self, args, kwargs)
-
-        return launch
-
-    KernelInterface.__getitem__ = record
-    try:
-        yield
-    finally:
-        KernelInterface.__getitem__ = original
-
-
-def launch_spec(name: str, launch: Callable[[], Any], cost: dict | None = None) -> KernelSpec:
-    """The first kernel launch that `launch()` (a launcher call on meta tensors) makes, as a spec.
-
-    The launcher runs up to its `kernel[grid](...)` call (its allocations are meta tensors too),
-    which is intercepted; nothing after it runs.
-    """
-    with _intercept_launches():
-        try:
-            launch()
-        except _Launched as launched:
-            return KernelSpec(name, launched.fn, launched.args, launched.kwargs, cost)
-    raise RuntimeError(f"{name}: the launcher returned without launching a kernel")
+from . import intq, nf4, sz
+from ._spec import KernelSpec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,8 +190,6 @@ def pointer_offsets(ttir: str) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=None)
 def all_specs() -> tuple[KernelSpec, ...]:
     """Every spec that a kernel module lists in aot_specs(), names unique."""
-    from . import intq, nf4, sz
-
     specs = [s for mod in (nf4, intq, sz) for s in mod.aot_specs()]
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}

@@ -35,6 +35,7 @@ from ._common import (
     store_output,
     tune_m,
 )
+from ._spec import launch_spec, meta
 
 
 @triton.jit
@@ -398,8 +399,6 @@ def aot_specs() -> list:
     4096, the largest M its buckets serve, capped at 4096) so that the compile tier builds what
     the JIT builds: bf16 rows for each bit width; int3 also with groups; fp16 and fp32 rows for
     the first config of each table."""
-    from ._compile import launch_spec, meta
-
     n = k = 4096
 
     def weights(bits: int, group_len: int):  # codes, scale, zeros

@@ -50,6 +50,7 @@ from ._common import (
     store_output,
     tune_m,
 )
+from ._spec import launch_spec, meta
 
 # ----------------------------------------------------------------------------------------------
 # Quantize / dequantize kernels
@@ -749,8 +750,6 @@ def aot_specs() -> list:
     largest M its buckets serve, capped at 4096) so that the compile tier builds what the JIT
     builds: bf16 with double quant for each config; fp16, fp32 and plain scales for the first
     one; the quantize and dequantize kernels."""
-    from ._compile import launch_spec, meta
-
     n = k = 4096
     code = meta(16)
 

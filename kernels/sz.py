@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ._common import alloc_output, count_launch, interpreting
+from ._spec import launch_spec, meta
 
 BLOCK = 64  # lanes (threads) per program
 NUM_WARPS = BLOCK // 32
@@ -244,8 +245,6 @@ def aot_specs() -> list:
     """The decoder as sz_decode launches it (kernels/_compile.py) for 4096 x 4096 (chunks of 4 rows,
     32 lanes, 512 symbols per lane) and 8192 x 8192 (4 rows, 32 lanes, 1024 symbols), about 4 bits
     per symbol, writing fp32 / fp16 / bf16."""
-    from ._compile import launch_spec, meta
-
     max_len, radius = 12, 511
     specs = []
     for n, k, chunk, lanes in ((4096, 4096, 16384, 32), (8192, 8192, 32768, 32)):
