@@ -144,6 +144,13 @@ def _plot(rows: list[dict], path: str) -> bool:
     return True
 
 
+def _backend_name() -> str:
+    import os
+
+    return os.environ.get("LOWBIT_CPU_BACKEND", "fast") + (
+        "" if os.environ.get("LOWBIT_CPU_BACKEND", "fast") != "fast" else ": fused C kernels, lowbit._cpu")
+
+
 def _demo(args) -> int:
     with _threads(args.threads):
         return _demo_run(args)
@@ -186,7 +193,7 @@ def _demo_run(args) -> int:
                 "embeddings to the fp32 model. bits/param counts codes plus scales/tables/zero points "
                 "(SZ: the whole compressed stream). Model size is the whole state dict (embeddings, "
                 "LayerNorms and biases stay fp32). Forward time: best of 3 on this CPU "
-                f"(torch threads: {torch.get_num_threads()}) through the reference (dequantize + matmul) path, "
+                f"(torch threads: {torch.get_num_threads()}) through lowbit's CPU path (LOWBIT_CPU_BACKEND={_backend_name()}), "
                 f"relative to fp32 ({t_fp32 * 1e3:.1f} ms).\n\n"
                 "Settings: nf4/fp4/optimal blocksize 64 with double-quantized scales; int4 one scale per "
                 f"row; int3 groups of 128; int2 groups of 64; sz absolute error bound {SZ_DEMO_BOUND:g} "
