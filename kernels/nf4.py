@@ -554,9 +554,11 @@ _WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _words_workspace(device: torch.device, split: int, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if split == 1 or device.type == "meta":
-        return (torch.empty((split, 4, n) if split > 1 else (1,), dtype=torch.float32, device=device),
-                torch.zeros(max(tiles, 1), dtype=torch.int32, device=device))
+    if device.type == "meta":
+        return (torch.empty((split, 4, n), dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    if split == 1:  # never touched by the kernel: one cached pair per device, no allocation per call
+        n, tiles = 1, 1
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device, stream, split, n, tiles)
     if key not in _WORKSPACES:
@@ -569,9 +571,11 @@ def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias
     """One launch of gemv_4bit_words_kernel: y [M, n] in x's dtype (fp32 under the interpreter for
     bf16, which it cannot store)."""
     m, k = x.shape
+    if codes.storage_offset() % 4 or codes.data_ptr() % 16:  # int32 words, 128-bit loads
+        codes = codes.clone()
     words = codes.view(torch.int32)
-    if code.data_ptr() % 64:  # _table_value ORs offsets into the table's address
-        code = code.clone()
+    if code.data_ptr() % 64 or not code.is_contiguous():  # _table_value ORs offsets into the table's address
+        code = code.clone(memory_format=torch.contiguous_format)
     tiles = triton.cdiv(n, cfg.block_n)
     ws, count = _words_workspace(x.device, cfg.split_k, n, tiles)
     y = alloc_output((m, n), x.dtype, x.device)
@@ -590,6 +594,11 @@ def _fits_grad_x(cfg: GradXConfig, k: int) -> bool:
     return k % cfg.block_k == 0
 
 
+def _dense_tables(code, nested_code):
+    """The kernels index the 16-entry code table and the 256-entry nested map with stride 1."""
+    return code.contiguous(), None if nested_code is None else nested_code.contiguous()
+
+
 def _scale_args(absmax, nested_absmax, nested_code, offset):
     dq = nested_absmax is not None
     return (absmax, nested_absmax if dq else absmax, nested_code if dq else absmax, offset if dq else absmax), dq
@@ -603,6 +612,7 @@ def _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested
 def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code, offset, nested_blocksize,
                 bias, config: MatmulConfig | None = None):
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D, fp16/bf16/fp32, K % blocksize == 0."""
+    code, nested_code = _dense_tables(code, nested_code)
     m, k = x.shape
     out_dtype = x.dtype
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -651,6 +661,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
 def matmul_4bit_grad_x(g, codes, absmax, code, blocksize, k, nested_absmax, nested_code, offset,
                        nested_blocksize, config: GradXConfig | MatmulConfig | None = None):
     """gx[M, k] = g[M, N] @ W. g: 2-D, fp16/bf16/fp32."""
+    code, nested_code = _dense_tables(code, nested_code)
     m, n = g.shape
     out_dtype = g.dtype
     if g.device.type == "cpu" and g.dtype == torch.bfloat16:
@@ -718,6 +729,7 @@ def dequantize_4bit(
     offset: torch.Tensor | None,
     nested_blocksize: int,
 ) -> torch.Tensor:
+    code, nested_code = _dense_tables(code, nested_code)
     double_quant = nested_absmax is not None
     store_dtype = torch.float32 if (interpreting() and dtype == torch.bfloat16) else dtype
     out = alloc_output(numel, store_dtype, packed.device)

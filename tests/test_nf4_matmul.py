@@ -369,3 +369,31 @@ def test_tuner_keys_separate_m_sizes():
     keys = [tune_m(m) for m in (1, 2, 3, 16, 17, 512, 4096, 10**6)]
     assert keys == sorted(keys) and len(set(keys)) == len(keys)
     assert all(tune_m(m) >= m for m in range(1, 8193, 37))
+
+
+@interp
+def test_kernels_take_a_strided_code_table_and_odd_byte_offsets():
+    """A Quant4bit whose code table is a strided view, or whose codes start at an odd byte, is
+    valid: every launcher must give the float64 answer (the words GEMV read past a strided table
+    and could not view odd-offset codes as int32)."""
+    import lowbit.kernels.nf4 as K
+
+    n, k = 40, 256
+    q = lowbit.quantize_4bit(torch.randn(n, k), 64, "nf4", True)
+    strided = torch.zeros(32)
+    strided[::2] = q.code
+    table = strided[::2]
+    assert not table.is_contiguous()
+    buf = torch.zeros(q.codes.numel() + 1, dtype=torch.uint8)
+    buf[1:] = q.codes
+    odd = buf[1:]
+    x = torch.randn(1, k)
+    ref = _ref64(x, q)
+    for cfg in (K.MatmulConfig("words", 1, 32, 32, 2, 1, 1), K.INTERPRETER_FORWARD[1]):
+        for codes, code in ((q.codes, table), (odd, q.code)):
+            y = K.matmul_4bit(x, codes, q.absmax, code, 64, n, q.nested_absmax, q.nested_code, q.offset, 256, None,
+                              config=cfg)
+            assert rel_err(y, ref) <= TOL[torch.float32], cfg
+    w = K.dequantize_4bit(q.codes, q.absmax, table, 64, n * k, torch.float32, q.nested_absmax, q.nested_code,
+                          q.offset, 256)
+    assert torch.equal(w.view(n, k), lowbit.dequantize_4bit(q, torch.float32))

@@ -268,3 +268,69 @@ def test_replace_linear_warns_on_unmatched_skip_names():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lowbit.replace_linear(nn.Sequential(nn.Linear(64, 64)), "nf4")  # the default skip list is quiet
+
+
+# ----------------------------------------------------------------------------------------------
+# Found in review (each of these was wrong before its fix)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_metadata_has_one_size_whatever_it_says():
+    """DCP loads into existing tensors: a bf16-quantized layer's metadata must fit a fresh layer's."""
+    a = Linear4bit.from_linear(nn.Linear(128, 32).to(torch.bfloat16), double_quant=False)
+    b = Linear4bit(128, 32)
+    assert a.state_dict()[EXTRA_STATE].shape == b.state_dict()[EXTRA_STATE].shape
+    assert decode_meta(a.state_dict()[EXTRA_STATE], EXTRA_STATE)["dtype"] == "bfloat16"
+    b.state_dict()[EXTRA_STATE].copy_(a.state_dict()[EXTRA_STATE])  # what DCP does: in place
+
+
+def test_replace_linear_swaps_every_name_of_a_shared_linear():
+    shared = nn.Linear(64, 64)
+    model = nn.Module()
+    model.a, model.b, model.c = shared, shared, nn.Linear(64, 8)
+    lowbit.replace_linear(model, "nf4")
+    assert isinstance(model.a, Linear4bit) and model.a is model.b
+    model2 = nn.Module()
+    model2.a, model2.lm_head = shared, shared  # skipped under one name: dense under both
+    lowbit.replace_linear(model2, "nf4")
+    assert model2.a is shared and model2.lm_head is shared
+
+
+def test_refused_sz_load_leaves_the_layer_working():
+    lin = nn.Linear(64, 48)
+    m = SZLinear.from_linear(lin, error_bound=2e-3)
+    other = SZLinear.from_linear(nn.Linear(64, 48), error_bound=1e-2)
+    x = torch.randn(3, 64)
+    y = m(x)
+    with pytest.raises(ValueError, match="error_bound"):
+        m.load_state_dict(other.state_dict())
+    assert torch.equal(m(x), y) and m.error_bound == 2e-3
+    fresh = SZLinear(64, 48)
+    with pytest.raises(ValueError):
+        bad = dict(m.state_dict())
+        bad["payload"] = bad["payload"][:-3]
+        fresh.load_state_dict(bad)
+    assert fresh.error_bound is None  # nothing adopted from the refused checkpoint
+    fresh.load_state_dict(m.state_dict())
+    assert torch.equal(fresh(x), y)
+
+
+def test_double_and_other_dtypes_are_refused_up_front():
+    for cls, opts in FAMILIES:
+        _, m = _layer(cls, opts)
+        with pytest.raises(ValueError, match="float64 is not supported"):
+            m.double()
+
+
+def test_trainable_scale_gradient_follows_the_device():
+    _, m = _layer(IntLinear, dict(bits=4))
+    m(torch.randn(2, 128)).sum().backward()
+    m.to("meta")
+    assert m.scale.device.type == "meta" and m.scale.grad.device.type == "meta"
+
+
+def test_lora_adapters_follow_a_base_without_buffers():
+    with torch.device("meta"):
+        base = nn.Linear(16, 8)
+    lora = lowbit.LoRALinear(base, r=2)
+    assert lora.lora_A.device.type == "meta" and lora.lora_B.device.type == "meta"

@@ -84,8 +84,14 @@ def _dtype_target(fn) -> Optional[torch.dtype]:
     return b if b != torch.float16 else None
 
 
+META_BYTES = 512  # fixed: DCP loads into existing tensors, so every layer's metadata has one size
+
+
 def _encode_meta(meta: dict) -> Tensor:
-    return torch.tensor(list(json.dumps(meta, sort_keys=True).encode("utf-8")), dtype=torch.uint8)
+    raw = json.dumps(meta, sort_keys=True).encode("utf-8")
+    if len(raw) > META_BYTES:
+        raise ValueError(f"format metadata is {len(raw)} bytes, over the {META_BYTES} a layer stores")
+    return torch.tensor(list(raw.ljust(META_BYTES, b" ")), dtype=torch.uint8)  # JSON ignores the padding
 
 
 def decode_meta(t: Any, key: str) -> dict:
@@ -149,6 +155,9 @@ class QuantLinear(nn.Module):
     # -- the dtype policy -------------------------------------------------------------------------
     def _apply(self, fn, recurse=True):
         target = _dtype_target(fn)
+        if target is not None and target not in FLOAT_DTYPES:
+            raise ValueError(f"{type(self).__name__} computes in float32, float16 or bfloat16; converting it to "
+                             f"{str(target).replace('torch.', '')} is not supported")
         buffers = {n: b for n, b in self._buffers.items() if b is not None}
         kept = {n: self._parameters[n] for n in self.KEEP_DTYPE if self._parameters.get(n) is not None}
         for n in buffers:
@@ -164,11 +173,16 @@ class QuantLinear(nn.Module):
             for n, p in kept.items():
                 moved = fn(p.data)
                 moved = moved if moved.dtype == p.dtype else p.data.to(moved.device)
+                grad = p.grad
+                if grad is not None:  # the gradient follows the parameter's device, as nn.Module does it
+                    g = fn(grad)
+                    grad = g if g.dtype == grad.dtype else grad.to(g.device)
                 if torch._has_compatible_shallow_copy_type(p.data, moved):
                     p.data = moved
                     self._parameters[n] = p
                 else:
                     self._parameters[n] = nn.Parameter(moved, requires_grad=p.requires_grad)
+                self._parameters[n].grad = grad
         if target is not None and target in FLOAT_DTYPES:
             self.compute_dtype = target
         return self
@@ -630,6 +644,19 @@ class SZLinear(QuantLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # The stream buffers are re-sized before the metadata check runs: a refused or damaged
+        # checkpoint must leave the layer exactly as it was, not holding uninitialised memory.
+        saved = (dict(self._buffers), self.error_bound, self.mode, self.chunk_size, self.weight_dtype)
+        try:
+            self._load_sz_state(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        except BaseException:
+            self._buffers.clear()
+            self._buffers.update(saved[0])
+            self.error_bound, self.mode, self.chunk_size, self.weight_dtype = saved[1:]
+            self._sync_meta()
+            raise
+
+    def _load_sz_state(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         if prefix + "offsets" in state_dict and prefix + "lane_index" not in state_dict:
             # A stream-version-1 checkpoint: re-pack its buffers as version 2 (the same codes).
             names = ("payload", "offsets") + _SZ_BUFFERS[2:]
@@ -737,7 +764,7 @@ class LoRALinear(nn.Module):
         self.r, self.alpha = r, alpha
         self.scaling = alpha / r
         self.in_features, self.out_features = base.in_features, base.out_features
-        dev = next((t.device for t in base.buffers()), torch.device("cpu"))
+        dev = next((t.device for t in (*base.buffers(), *base.parameters())), torch.device("cpu"))
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=dev))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=dev))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
@@ -795,20 +822,23 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     make = layer_factory(quant_type, opts)
     if type(model) is nn.Linear:
         return _make_one(make, "", model, quant_type)
-    names = [name for name, _ in model.named_modules()]
+    names = [name for name, _ in model.named_modules(remove_duplicate=False)]
     if explicit:
         for s in skip:
             if not any(n == s or n.split(".")[-1] == s for n in names):
                 warnings.warn(f"replace_linear: skip name {s!r} matches no module of the model", stacklevel=2)
-    targets = [
-        (name, mod) for name, mod in model.named_modules()
-        if type(mod) is nn.Linear and not any(name == s or name.split(".")[-1] == s for s in skip)
-    ]
+    # Every name of a shared nn.Linear gets the one quantized layer (named_modules would list it once).
+    # A shared Linear stays dense when any of its names is skipped.
+    linears = [(name, mod) for name, mod in model.named_modules(remove_duplicate=False) if type(mod) is nn.Linear]
+    skipped = {id(mod) for name, mod in linears if any(name == s or name.split(".")[-1] == s for s in skip)}
+    targets = [(name, mod) for name, mod in linears if id(mod) not in skipped]
     if progress is None:
         progress = len(targets) > 50
-    built = []
+    built, made = [], {}
     for i, (name, lin) in enumerate(targets):
-        built.append((name, _make_one(make, name, lin, quant_type)))
+        if id(lin) not in made:
+            made[id(lin)] = _make_one(make, name, lin, quant_type)
+        built.append((name, made[id(lin)]))
         if progress:
             print(f"\rlowbit: quantized {i + 1}/{len(targets)} Linear layers ({quant_type})", end="", file=sys.stderr)
     if progress and targets:
