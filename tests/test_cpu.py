@@ -318,3 +318,155 @@ def test_avx512_kernels_are_built_where_the_cpu_has_them():
     if not {"avx512f", "avx512bw", "avx512vl"} <= set(flags):
         pytest.skip("this CPU has no AVX-512")
     assert _cpu.library().lb_isa() == 1
+
+
+# ---------------------------------------------------------------- SZ family (stream v2 decoder, lb_szd)
+
+
+def _sz_stream(shape, eb=2e-3, chunk_size=4096, outliers=True, seed=0):
+    from lowbit.formats import sz
+
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 0.05
+    if outliers and w.numel() > 1:
+        w.view(-1)[:: max(1, w.numel() // 5)] *= 400  # codes outside the alphabet: stored exactly
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a tiny tensor's stream is larger than the tensor
+        return sz.sz_compress(w, eb, chunk_size=chunk_size)
+
+
+SZ_CASES = [  # (shape, chunk_size): the layout each gives
+    ((40, 30), 64),  # 2 lanes per chunk (K = 30): the plain-C lanes only, a short last chunk
+    ((20, 37), 16),  # odd K: the flat layout, 32 lanes; the last chunk's lanes have unequal counts
+    ((1001,), 16),  # 1-D: flat, 32 lanes of 16
+    ((1001,), 4096),  # 1-D: one lane
+    ((64, 96), 16),  # 32 lanes over 5 rows per chunk, 13 chunks: lockstep groups span chunks
+    ((1,), 4096),  # one element
+    ((3, 1), 4096),
+]
+
+
+@pytest.mark.parametrize("shape,chunk_size", SZ_CASES)
+def test_sz_decode_bit_identical_to_reference(shape, chunk_size):
+    from lowbit.formats import sz
+
+    c = _sz_stream(shape, chunk_size=chunk_size)
+    assert c.numel < 8 or len(c.outlier_idx)
+    for dtype in DTYPES:
+        with expect_calls("sz.decode"):
+            out = lowbit.sz_decompress(c, dtype=dtype, allow_unbounded=True)
+        assert bits_equal(out, sz.decode_reference(c, dtype)), (shape, dtype)
+
+
+def test_sz_decode_large_threads_and_int64_offsets(monkeypatch):
+    # Past SZ_PARALLEL_MIN: both threads; the same bits with one. int64 lane offsets (streams past 2**31 bits).
+    from lowbit.formats import sz
+
+    c = _sz_stream((256, 1024), eb=1e-3)
+    args = c.decoder_args()
+    old = torch.get_num_threads()
+    try:
+        for dtype in DTYPES:
+            ref = sz.decode_vectorized(*args, c.numel, c.chunk_size, c.max_len, c.radius, dtype)
+            outs = []
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                with expect_calls("sz.decode"):
+                    outs.append(_ops.sz_decode(*args, c.numel, c.chunk_size, c.max_len, c.radius, dtype, True))
+            wide = (args[0], args[1].to(torch.int64), *args[2:])
+            outs.append(_ops.sz_decode(*wide, c.numel, c.chunk_size, c.max_len, c.radius, dtype, False))
+            assert all(bits_equal(o, ref) for o in outs), dtype
+        ran = _cpu.CALLS["sz.decode"]
+        out = _ops.sz_decode(*args, c.numel, c.chunk_size, c.max_len, c.radius, torch.float64, True)
+        assert _cpu.CALLS["sz.decode"] == ran  # not an output dtype of the kernels: the numpy decoder
+        assert torch.equal(out, sz.decode_vectorized(*args, c.numel, c.chunk_size, c.max_len, c.radius, torch.float64))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_sz_version_1_stream_and_szlinear_forward():
+    import torch.nn.functional as F
+    import zlib
+
+    from tests.test_sz import V1_BLOB, V1_DECODED_CRC
+    from lowbit.formats import sz
+
+    c = sz.SZTensor.from_bytes(V1_BLOB)  # re-packed as version 2
+    for dtype, crc in V1_DECODED_CRC.items():
+        with expect_calls("sz.decode"):
+            out = lowbit.sz_decompress(c, dtype=dtype)
+        assert zlib.crc32(out.view(torch.int32 if dtype == torch.float32 else torch.int16).numpy().tobytes()) == crc
+        assert bits_equal(out, sz.decode_reference(c, dtype))
+    layer = lowbit.SZLinear.from_linear(torch.nn.Linear(96, 40), error_bound=2e-3)
+    x = torch.randn(3, 96)
+    with expect_calls("sz.decode"):
+        y = layer(x)
+    w = sz.decode_vectorized(*layer.to_sz().decoder_args(), 40 * 96, layer._chunk, layer._max_len, layer._radius,
+                             torch.float32).view(40, 96)
+    assert torch.equal(y, F.linear(x, w, layer.bias))
+
+
+def test_sz_lying_lane_lengths_raise_as_the_numpy_decoder():
+    import dataclasses
+
+    import numpy as np
+
+    from lowbit.formats import sz
+
+    c = _sz_stream((40, 64), chunk_size=16)
+    lb = c.lane_bits.copy()
+    a = next(i for i in range(len(lb) - 1) if lb[i] != lb[i + 1])
+    for moved in (1, -1, 5, lb[a + 1] - lb[a]):
+        bad = lb.copy()
+        bad[a] += moved
+        bad[a + 1] -= moved  # the total is kept: the stream parses
+        c2 = sz.SZTensor.from_bytes(dataclasses.replace(c, lane_bits=np.asarray(bad)).to_bytes())
+        args = (*c2.decoder_args(), c2.numel, c2.chunk_size, c2.max_len, c2.radius, torch.float32)
+        with pytest.raises(ValueError) as want:
+            sz.decode_vectorized(*args)
+        for check in (True, False):  # like the numpy decoder, the C decoder always checks (it costs nothing)
+            with pytest.raises(ValueError) as got:
+                _ops.sz_decode(*args, check)
+            assert str(got.value) == str(want.value)
+        with pytest.raises(ValueError, match="lane"):
+            lowbit.sz_decompress(c2)
+    p, start, *rest = c.decoder_args()
+    start = start.clone()
+    start[3] = 32 * p.numel() + 1  # past the payload: refused before decoding
+    with pytest.raises(ValueError, match="lane 3 starts at bit"):
+        _ops.sz_decode(p, start, *rest, c.numel, c.chunk_size, c.max_len, c.radius, torch.float32, True)
+    with pytest.raises(ValueError, match="lane_start"):
+        _ops.sz_decode(p, start[:-1], *rest, c.numel, c.chunk_size, c.max_len, c.radius, torch.float32, True)
+
+
+def test_sz_generic_build_matches_reference(monkeypatch):
+    # The plain-C decoder (CPUs without AVX-512), which AVX-512 builds also use for lanes not in octets.
+    import ctypes
+
+    from lowbit.formats import sz
+
+    lib = ctypes.CDLL(str(_cpu.build("generic")))
+    for name, args in _cpu._SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    for shape, chunk_size in [((20, 37), 16), ((64, 96), 16)]:
+        c = _sz_stream(shape, chunk_size=chunk_size)
+        for dtype in DTYPES:
+            with expect_calls("sz.decode"):
+                out = lowbit.sz_decompress(c, dtype=dtype, allow_unbounded=True)
+            assert bits_equal(out, sz.decode_reference(c, dtype))
+
+
+def test_sz_no_compiler_falls_back_to_the_numpy_decoder(monkeypatch, tmp_path):
+    from lowbit.formats import sz
+
+    c = _sz_stream((20, 37), chunk_size=16)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_machine", lambda: "a machine never built for")
+    monkeypatch.setitem(_cpu._STATE, "tried", False)
+    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    before = collections.Counter(_cpu.CALLS)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        out = lowbit.sz_decompress(c, dtype=torch.bfloat16, allow_unbounded=True)
+    assert _cpu.CALLS == before
+    assert bits_equal(out, sz.decode_reference(c, torch.bfloat16))

@@ -14,7 +14,8 @@ Dispatch, per call, by M (the rows of x or of the output gradient; thresholds me
 * M large: the weight dequantized CHUNK_BYTES at a time into a buffer, each chunk one BLAS call: a
   bf16 GEMM for bf16 activations (the weight rounded to bf16, as bitsandbytes and a bf16 model
   have it; fp32 accumulation), an fp32 GEMM otherwise (as the reference);
-* quantize and dequantize: bit-identical to the reference in lowbit.formats.nf4 / intq.
+* quantize and dequantize: bit-identical to the reference in lowbit.formats.nf4 / intq;
+* SZ decode (`lb_szd`): bit-identical to formats.sz.decode_reference, lanes in lockstep (AVX-512 gathers).
 
 `LOWBIT_CPU_BACKEND`: "fast" (default) | "reference" (the pure-torch spec) | "triton" (the Triton
 kernels under TRITON_INTERPRET=1, tests only). When the kernels can not be built (no compiler), one
@@ -50,6 +51,7 @@ FUSED_M = {torch.bfloat16: 8, torch.float16: 16, torch.float32: 16}
 FUSED_M_GRAD = {torch.bfloat16: 8, torch.float16: 16, torch.float32: 16}
 CHUNK_BYTES = 16 << 20  # dequantized weight per BLAS call (a reused buffer; 8-24 MiB measure alike)
 PARALLEL_MIN = 1 << 20  # weight elements below which one thread works (waking threads costs ~20-50 us)
+SZ_PARALLEL_MIN = 1 << 16  # the same for the SZ decoder (~1 ns per element: 64k elements ~ 60 us)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,6 +69,7 @@ _SIGNATURES = {
     "lb_mvi": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
     "lb_mvit": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
     "lb_rdi": [_P, _P, _P, _C, _I, _I, _I, _I, _I, _P, _C],
+    "lb_szd": [_P, _I, _P, _C, _P, _C, _F, _I, _I, _I, _I, _P, _P, _I, _P, _C, _C, _P],
 }  # lb_isa() and lb_openmp() take nothing and return int: 1 when built with AVX-512 / OpenMP
 _LOCK = threading.Lock()
 _STATE: dict = {"tried": False, "lib": None}
@@ -405,4 +408,53 @@ def int_matmul_grad_scale(g, x, codes, zeros, bits, group_len) -> Tensor:
         torch.mm(gf[:, r0:r0 + nr].t(), xf, out=dc)
         library().lb_rdi(_p(dc), _p(w.codes), _p(w.zeros), bits, group_len, n, k, r0, nr, _p(out), _threads(nr * k))
     CALLS["int.grad_scale"] += 1
+    return out
+
+
+# SZ family ---------------------------------------------------------------------------------------
+
+
+def sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius, dtype,
+              check=False) -> Tensor:
+    """An SZ stream (version 2, SZTensor.decoder_args) decoded to `numel` values in `dtype` by `lb_szd`,
+    bit-identical to formats.sz.decode_reference / decode_vectorized. Like the numpy decoder, it always
+    verifies every lane's length (it costs nothing here), whatever `check` says: a stream whose lane lengths
+    lie raises the numpy decoder's ValueError. Output dtypes other than fp32/fp16/bf16 and tables with code
+    lengths over 14 bits (no valid stream has them) take the numpy decoder."""
+    from .formats import sz as sz_ref
+
+    def numpy_decoder() -> Tensor:
+        return sz_ref.decode_vectorized(payload, lane_start, table, step, outlier_idx, outlier_val, numel,
+                                        chunk_size, max_len, radius, dtype)
+
+    if dtype not in _DT:
+        return numpy_decoder()
+    _need(numel > 0 and chunk_size > 0 and 1 <= max_len <= 12, "SZ stream: numel, chunk_size > 0, max_len in [1, 12]")
+    n_chunks = -(-numel // chunk_size)
+    lanes = (lane_start.numel() - 1) // n_chunks
+    words, start, tab = payload.contiguous(), lane_start.contiguous(), table.contiguous()
+    _need(words.dtype == torch.int32 and tab.dtype == torch.int16 and tab.numel() == 1 << max_len,
+          "SZ stream: payload int32 words, table int16 of 2**max_len entries")
+    _need(start.dtype in (torch.int32, torch.int64) and lanes >= 1 and start.numel() == n_chunks * lanes + 1
+          and chunk_size % lanes == 0, "SZ stream: lane_start int32/int64 of n_chunks * lanes + 1 offsets, lanes "
+          "dividing chunk_size")
+    idx = outlier_idx.contiguous()
+    vals = outlier_val.to(dtype).contiguous()
+    _need(idx.dtype == torch.int64 and idx.numel() == vals.numel(), "SZ stream: int64 outlier indices, one per value")
+    out = torch.empty(numel, dtype=dtype)
+    err = torch.zeros(3, dtype=torch.int64)
+    library().lb_szd(_p(words), words.numel(), _p(start), int(start.dtype == torch.int64), _p(tab), max_len,
+                     float(step.reshape(-1)[0]), radius, numel, chunk_size, lanes, _p(idx), _p(vals), idx.numel(),
+                     _p(out), _DT[dtype], 1 if numel < SZ_PARALLEL_MIN else torch.get_num_threads(), _p(err))
+    status, a, b = err.tolist()
+    if status == 1:  # the numpy decoder's message
+        raise ValueError(f"invalid SZ stream: lane {a} ends at bit {b}, its length says {int(start[a + 1])}")
+    if status == 4:
+        raise ValueError(f"invalid SZ stream: lane {a} starts at bit {b}, outside the payload's {32 * words.numel()} "
+                         "bits")
+    if status == 3:
+        raise IndexError(f"invalid SZ stream: outlier index {a} is out of bounds for {numel} elements")
+    if status == 2:
+        return numpy_decoder()
+    CALLS["sz.decode"] += 1
     return out

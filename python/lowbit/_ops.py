@@ -216,6 +216,9 @@ def _sz_decode(payload: Tensor, lane_start: Tensor, table: Tensor, step: Tensor,
     if use_triton(payload):
         return kernels().sz.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
                                       max_len, radius, dtype, check)
+    if _cpu.enabled(payload):
+        return _cpu.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len,
+                              radius, dtype, check)
     return sz_ref.decode_vectorized(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
                                     max_len, radius, dtype)
 
