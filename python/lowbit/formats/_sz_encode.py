@@ -78,7 +78,13 @@ def _quantize(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> t
     torch.maximum(a.sub_(w32).abs_(), b, out=b)
     a.copy_(work.hb).sub_(w32).abs_()
     torch.maximum(a, b, out=a)
-    torch.gt(a, min(eb * (1.0 - 2.0**-16), _FLT_MAX), out=work.sus)
+    # The threshold as the largest fp32 not above it: rounded to nearest, a bound below the
+    # smallest subnormal (1e-45) would become 1.4e-45 and hide a miss of exactly that size.
+    limit = min(eb * (1.0 - 2.0**-16), _FLT_MAX)
+    limit32 = np.float32(limit)
+    if float(limit32) > limit:
+        limit32 = np.nextafter(limit32, np.float32(0))
+    torch.gt(a, float(limit32), out=work.sus)
     suspect = np.flatnonzero(work.sus.numpy())
     outlier_idx = np.zeros(0, dtype=np.int64)
     if len(suspect):
