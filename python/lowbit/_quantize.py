@@ -144,7 +144,7 @@ def _quantize(a) -> int:
     n_params = sum(lin.weight.numel() for _, lin in targets)
     try:
         with torch.no_grad():
-            lowbit.replace_linear(model, a.format, skip=skip, **opts)
+            lowbit.replace_linear(model, a.format, skip=skip, progress=True, **opts)  # one line per layer on stderr
     except (ValueError, TypeError) as e:
         raise UsageError(f"cannot quantize with --format {a.format}: {e}") from None
     bits = sum(m.bits_per_param * m.in_features * m.out_features for m in model.modules()
