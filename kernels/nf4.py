@@ -574,8 +574,8 @@ def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias
     if codes.storage_offset() % 4 or codes.data_ptr() % 16:  # int32 words, 128-bit loads
         codes = codes.clone()
     words = codes.view(torch.int32)
-    if code.data_ptr() % 64 or not code.is_contiguous():  # _table_value ORs offsets into the table's address
-        code = code.clone(memory_format=torch.contiguous_format)
+    if code.data_ptr() % 64:  # _table_value ORs offsets into the table's address (matmul_4bit made it dense)
+        code = code.clone()
     tiles = triton.cdiv(n, cfg.block_n)
     ws, count = _words_workspace(x.device, cfg.split_k, n, tiles)
     y = alloc_output((m, n), x.dtype, x.device)

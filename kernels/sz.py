@@ -47,6 +47,17 @@ def _next_symbol(buf, nb, table_ptr, radius, step, MAX_LEN: tl.constexpr):
 
 
 @triton.jit
+def _open_lane(payload_ptr, start, live, n_words):
+    """A lane's bit reader at bit `start`: (64-bit buffer, valid bits in it, next u32 word to read).
+    Words past the payload read as zeros."""
+    wi = start >> 5
+    sh = (start & 31).to(tl.uint64)
+    w0 = tl.load(payload_ptr + wi, mask=live & (wi < n_words), other=0).to(tl.uint32).to(tl.uint64)
+    w1 = tl.load(payload_ptr + wi + 1, mask=live & (wi + 1 < n_words), other=0).to(tl.uint32).to(tl.uint64)
+    return (w0 | (w1 << 32)) >> sh, 64 - sh.to(tl.int32), wi + 2
+
+
+@triton.jit
 def sz_decode_kernel(
     payload_ptr,  # int32 words: the LSB-first bit stream
     lane_ptr,  # int32 (int64 past 2**31 bits) [n_lanes + 1]: bit offset of every lane
@@ -75,13 +86,7 @@ def sz_decode_kernel(
     count = tl.where(live, count, 0).to(tl.int32)
     ptrs = out_ptr + c0 + j
     step = tl.load(step_ptr)
-    wi = start >> 5
-    sh = (start & 31).to(tl.uint64)
-    w0 = tl.load(payload_ptr + wi, mask=live & (wi < n_words), other=0).to(tl.uint32).to(tl.uint64)
-    w1 = tl.load(payload_ptr + wi + 1, mask=live & (wi + 1 < n_words), other=0).to(tl.uint32).to(tl.uint64)
-    buf = (w0 | (w1 << 32)) >> sh
-    nb = 64 - sh.to(tl.int32)
-    wi += 2
+    buf, nb, wi = _open_lane(payload_ptr, start, live, n_words)
     for i in range(0, steps, 2):
         v, buf, nb = _next_symbol(buf, nb, table_ptr, radius, step, MAX_LEN)
         tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=i < count)
@@ -177,13 +182,7 @@ def sz_gemv_kernel(
     xmask = (offs_m < M)[:, None] & live[None, :]
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + j[None, :]
     step = tl.load(step_ptr)
-    wi = start >> 5
-    sh = (start & 31).to(tl.uint64)
-    w0 = tl.load(payload_ptr + wi, mask=live & (wi < n_words), other=0).to(tl.uint32).to(tl.uint64)
-    w1 = tl.load(payload_ptr + wi + 1, mask=live & (wi + 1 < n_words), other=0).to(tl.uint32).to(tl.uint64)
-    buf = (w0 | (w1 << 32)) >> sh
-    nb = 64 - sh.to(tl.int32)
-    wi += 2
+    buf, nb, wi = _open_lane(payload_ptr, start, live, n_words)
     CPB: tl.constexpr = BLOCK // LANES  # chunks per program
     chunk = pid * CPB + tl.arange(0, CPB)
     for g in range(rows):
