@@ -15,7 +15,7 @@ setup(
     # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels.
     package_dir={"lowbit": "python/lowbit", "lowbit.kernels": "kernels"},
     packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels"],
-    package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "_cpu.c"], "lowbit.kernels": ["_configs/*.json"]},
+    package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "_cpu.c", "_cpu_sz_encode.c"], "lowbit.kernels": ["_configs/*.json"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",

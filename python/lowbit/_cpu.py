@@ -113,9 +113,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
 
 
+# The kernels' C sources (package data), compiled as one translation unit in this order: _cpu.c has
+# the shared helpers (parallel(), the ISA switches) that the family files after it use.
+C_SOURCES = ("_cpu.c", "_cpu_sz_encode.c")
+
+
 def _source() -> str:
-    """The kernels' C source, lowbit/_cpu.c (package data)."""
-    return resources.files("lowbit").joinpath("_cpu.c").read_text()
+    files = resources.files("lowbit")
+    return "\n".join(files.joinpath(name).read_text() for name in C_SOURCES if files.joinpath(name).is_file())
 
 
 def _compiler() -> str:
