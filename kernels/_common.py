@@ -251,3 +251,72 @@ def store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, st
             acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + pid_k.to(tl.int64) * stride_ys + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+# -- the "words" GEMVs (M <= 4, one launch): split-K workspace and epilogue ---------------------
+
+# Split-K workspaces of the "words" GEMVs: fp32 partials [SPLIT, 4, N] and one arrival counter per
+# row tile. The counters start at zero and the last program of each tile resets its own, so the
+# buffers are reused across calls (and CUDA-graph replays) without a memset. One per (device,
+# stream, shape): two streams never share one.
+WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def words_workspace(device: torch.device, split: int, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if device.type == "meta":
+        return (torch.empty((split, 4, n), dtype=torch.float32, device=device),
+                torch.zeros(tiles, dtype=torch.int32, device=device))
+    if split == 1:  # never touched by the kernel: one cached pair per device, no allocation per call
+        n, tiles = 1, 1
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, split, n, tiles)
+    if key not in WORKSPACES:
+        WORKSPACES[key] = (torch.empty((split, 4, n), dtype=torch.float32, device=device),
+                           torch.zeros(tiles, dtype=torch.int32, device=device))
+    return WORKSPACES[key]
+
+
+@triton.jit
+def _words_store_row(y_ptr, ws_ptr, bias_ptr, y, m, offs_n, n_mask, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        tl.store(ws_ptr + (pid_k * 4 + m) * N + offs_n[:, None], y, mask=n_mask)
+
+
+@triton.jit
+def _words_reduce_row(y_ptr, ws_ptr, bias_ptr, m, offs_n, n_mask, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    y = tl.zeros(offs_n[:, None].shape, dtype=tl.float32)
+    for s_ in tl.static_range(SPLIT_K):  # in split order: deterministic
+        y += tl.load(ws_ptr + (s_ * 4 + m) * N + offs_n[:, None], mask=n_mask, other=0.0, cache_modifier=".cg")
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, pid_n, pid_k, offs_n, n_mask, N,
+                   M: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the M <= 4 rows [BLOCK_N, 1] of a words GEMV. Split-K: fp32 partials go to the
+    workspace, and the last program of the row tile (a counter per tile, reset by that program)
+    sums them in split order, adds the bias, casts and stores: one launch, deterministic, no memset."""
+    _words_store_row(y_ptr, ws_ptr, bias_ptr, acc0, 0, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 1:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc1, 1, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 2:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc2, 2, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if M > 3:
+        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc3, 3, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partial is written before the program counts itself done
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
+            _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 0, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 1:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 1, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 2:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 2, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            if M > 3:
+                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 3, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
+            tl.atomic_xchg(count_ptr + pid_n, 0)

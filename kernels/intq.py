@@ -1,8 +1,9 @@
 """Triton kernels for 2/3/4-bit integer weights with per-row or per-group scale and zero point.
 
-W [N, K] is stored as in lowbit.formats.intq: int32 bit planes codes[n, c, j] (bit i of the word is
-bit j of Q[n, 32c + i]), scale [N, G] (any float dtype, read as fp32) and zeros uint8 [N, G],
-W = s * (Q - z). Tiles of W are unpacked and scaled in registers and fed to tl.dot with fp32
+W [N, K] is stored as in lowbit.formats.intq (format version 3): int32 words, per row a stream of
+K * bits / 32 words holding the codes Q as packed fields (int4 nibbles, int2 crumbs, int3 quads of
+crumb words A, B and third-bit words H), scale [N, G] (any float dtype, read as fp32) and zeros
+uint8 [N, G], W = s * (Q - z). Tiles of W are unpacked and scaled in registers and fed to tl.dot with fp32
 accumulation:
 
   forward     y[M, N]  = x[M, K] @ W^T            (GEMM with tl.dot, or GEMV for small M)
@@ -29,27 +30,47 @@ from ._common import (
     count_launch,
     dot_dtype,
     grouped_tile,
+    interpreting,
     pick,
     precision,
     reduce_split,
     store_output,
     tune_m,
+    words_epilogue,
+    words_workspace,
 )
 from ._spec import launch_spec, meta
 
 
 @triton.jit
 def _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS: tl.constexpr, BITS: tl.constexpr):
-    """Q[rows, col_start : col_start + COLS] as int32 [len(rows), COLS // 32, 32] (col_start % 32 == 0)."""
+    """Q[rows, col_start : col_start + COLS] as int32 [len(rows), COLS // 32, 32] (col_start % 32 == 0),
+    from the packed layout of lowbit.formats.intq (format version 3)."""
     R: tl.constexpr = rows.shape[0]
     NW: tl.constexpr = COLS // 32
-    chunk = col_start // 32 + tl.arange(0, NW)
-    base = rows.to(tl.int64)[:, None] * ((K // 32) * BITS) + chunk[None, :] * BITS
-    lane = tl.arange(0, 32)
+    chunk = col_start // 32 + tl.arange(0, NW)  # 32-code chunks of the tile
+    row_base = rows.to(tl.int64)[:, None] * ((K // 32) * BITS)
+    lane = tl.arange(0, 32)[None, None, :]
     q = tl.zeros((R, NW, 32), dtype=tl.int32)
-    for j in tl.static_range(BITS):
-        word = tl.load(codes_ptr + base + j, mask=row_mask[:, None], other=0)
-        q += ((word[:, :, None] >> lane[None, None, :]) & 1) << j
+    if BITS == 3:
+        quad = chunk // 4
+        j = chunk % 4
+        r = tl.minimum(4, K // 32 - 4 * quad)  # chunks in this quad (the row's last may be short)
+        base = row_base + (12 * quad + j)[None, :]
+        a = tl.load(codes_ptr + base, mask=row_mask[:, None], other=0)[:, :, None]
+        b = tl.load(codes_ptr + base + r[None, :], mask=row_mask[:, None], other=0)[:, :, None]
+        h = tl.load(codes_ptr + base + 2 * r[None, :], mask=row_mask[:, None], other=0)[:, :, None]
+        lo = lane < 16
+        crumb = (tl.where(lo, a, b) >> (2 * (lane % 16))) & 3
+        third = (h >> tl.where(lo, 2 * lane + 1, 2 * (lane - 16))) & 1
+        q = crumb | (third << 2)
+    else:
+        PER_WORD: tl.constexpr = 32 // BITS
+        base = row_base + (chunk * BITS)[None, :]
+        for t in tl.static_range(BITS):  # word t of the chunk holds lanes PER_WORD * t ..
+            word = tl.load(codes_ptr + base + t, mask=row_mask[:, None], other=0)[:, :, None]
+            field = (word >> (BITS * (lane % PER_WORD))) & ((1 << BITS) - 1)
+            q = tl.where(lane // PER_WORD == t, field, q)
     return q
 
 
@@ -143,6 +164,131 @@ def gemv_int_kernel(
 
 
 @triton.jit
+def _field(w, third, magic, O: tl.constexpr, WIDTH: tl.constexpr, THIRD: tl.constexpr):
+    """2^(23 - O) + Q as fp32 for the WIDTH-bit code field at bit O of w (O + WIDTH <= 23); with THIRD
+    (int3) the code's bit 2 comes from bit O + 2 of `third`. The field is OR-ed into the mantissa of
+    2^(23 - O): one LOP3 (two with THIRD) instead of a shift, a mask and a slow int->float convert;
+    the caller's subtraction of 2^(23 - O) + z (one FADD) leaves Q - z exactly. `magic` is the
+    bit pattern of 2^23 (0x4B000000) passed in at run time: a constant the compiler knew would be
+    re-materialized (a MOV) for every use, since a LOP3 takes one immediate and the mask is it."""
+    # XOR, not OR: the bits are disjoint, and an XOR keeps the compiler from re-associating the int3
+    # OR chain into three LOP3s (a & m | h & m2 | magic) instead of two
+    t = (w & (((1 << WIDTH) - 1) << O)) ^ (magic - (O << 23))
+    if THIRD:
+        t = t | (third & (4 << O))
+    return t.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fma_x(p0, p1, p2, p3, v, xk, K, M: tl.constexpr):
+    """p_m += v * x[m, k] for the M <= 4 rows of x (x contiguous [M, K]; xk points at row 0)."""
+    p0 += v * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
+    if M > 1:
+        p1 += v * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
+    if M > 2:
+        p2 += v * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
+    if M > 3:
+        p3 += v * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
+    return p0, p1, p2, p3
+
+
+@triton.jit
+def gemv_int_words_kernel(
+    x_ptr, codes_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+    N, K, NG, ROW_TILES, magic,
+    BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """y[M, N] = x[M, K] @ W^T (+ bias) for M <= 4, in one launch, without tensor cores.
+
+    The loop of the nf4 "words" GEMV (kernels/nf4.py), for the packed integer layout: each step
+    loads, per row and thread, one 128-bit tile of 4 code words (int4: 32 codes, int2: 64; int3:
+    128 codes as the A, B and H words of one quad, three 128-bit loads). A code is decoded by
+    `_field` (a mask OR-ed into a float's mantissa, one FADD for - 2^(23 - O) - z), multiplied by
+    its x element and summed in fp32 registers; the upper 16 bits of a word are shifted down once
+    so every field sits inside the mantissa. Each thread owns whole rows of the step (no shuffles,
+    no shared memory); per-row scales multiply once after the loop, group scales once per step
+    (the launcher only picks this kernel when a group holds whole steps). Split-K and the epilogue
+    are the nf4 kernel's (kernels._common.words_epilogue).
+    """
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = (offs_n < N)[:, None]
+    rows64 = offs_n.to(tl.int64)[:, None]
+    cols = tl.arange(0, 4)[None, :]
+    STEP: tl.constexpr = 128 if BITS == 3 else 128 // BITS  # codes per row per step
+    CPW: tl.constexpr = 32 // BITS  # codes per word (int3: per crumb word, 16)
+    # ROW_TILES = K * BITS / 128: a row is that many 128-bit tiles, so every row starts 16-byte
+    # aligned and the compiler can prove it (a plain K * BITS / 32 would give int3 32-bit loads)
+    row_words = codes_ptr + rows64 * (ROW_TILES * 4)
+    k_len = K // SPLIT_K
+    acc0 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
+    if PER_ROW:
+        z = tl.load(zero_ptr + rows64, mask=n_mask, other=0).to(tl.float32)
+    for kk in range(0, k_len, STEP):
+        k0 = pid_k * k_len + kk
+        if not PER_ROW:
+            z = tl.load(zero_ptr + rows64 * NG + k0 // GROUP, mask=n_mask, other=0).to(tl.float32)
+        p0 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+        p1 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+        p2 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+        p3 = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+        words = row_words + tl.multiple_of((k0 // 32) * BITS, 4) + cols
+        if BITS == 3:
+            a = tl.load(words, mask=n_mask, other=0, eviction_policy="evict_first")
+            b = tl.load(words + 4, mask=n_mask, other=0, eviction_policy="evict_first")
+            h = tl.load(words + 8, mask=n_mask, other=0, eviction_policy="evict_first")
+            for half in tl.static_range(2):  # codes 0..7, then 8..15 of each crumb word
+                if half == 0:
+                    a_, b_, ha, hb = a, b, h << 1, h << 2
+                else:
+                    a_, b_, ha, hb = a >> 16, b >> 16, h >> 15, h >> 14
+                for i in tl.static_range(8):
+                    va = _field(a_, ha, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
+                    vb = _field(b_, hb, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
+                    xa = x_ptr + k0 + 32 * cols + 8 * half + i
+                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, va, xa, K, M)
+                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, vb, xa + 16, K, M)
+        else:
+            w = tl.load(words, mask=n_mask, other=0, eviction_policy="evict_first")
+            for half in tl.static_range(2):
+                w_ = w if half == 0 else w >> 16
+                for i in tl.static_range(CPW // 2):
+                    v = _field(w_, w_, magic, BITS * i, BITS, False) - (z + (1 << (23 - BITS * i)))
+                    xk = x_ptr + k0 + CPW * cols + (CPW // 2) * half + i
+                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, v, xk, K, M)
+        if PER_ROW:
+            acc0 += tl.sum(p0, axis=1, keep_dims=True)
+            if M > 1:
+                acc1 += tl.sum(p1, axis=1, keep_dims=True)
+            if M > 2:
+                acc2 += tl.sum(p2, axis=1, keep_dims=True)
+            if M > 3:
+                acc3 += tl.sum(p3, axis=1, keep_dims=True)
+        else:
+            s = tl.load(scale_ptr + rows64 * NG + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+            acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
+            if M > 1:
+                acc1 += tl.sum(p1, axis=1, keep_dims=True) * s
+            if M > 2:
+                acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
+            if M > 3:
+                acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
+    if PER_ROW:
+        s = tl.load(scale_ptr + rows64, mask=n_mask, other=0.0).to(tl.float32)
+        acc0 *= s
+        acc1 *= s
+        acc2 *= s
+        acc3 *= s
+    words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, pid_n, pid_k, offs_n, n_mask, N,
+                   M, HAS_BIAS, SPLIT_K)
+
+
+@triton.jit
 def matmul_int_grad_x_kernel(
     g_ptr, codes_ptr, scale_ptr, zero_ptr, gx_ptr,
     M, N, K, NG,
@@ -227,9 +373,14 @@ S = GradScaleConfig
 # groups of 128 (sm_80) and 16x32x128 (sm_90), so those tiles run 8 warps. The M=1 default is now
 # 16x256 (clean, and 18-26 SASS instructions per weight against 26-33 for the old 32x128 4-warp
 # default and 30-41 for 32x128 with 8 warps: `python -m lowbit.kernels.cost`, docs/cost.md).
+# "words" (gemv_int_words_kernel, M <= 4): block_k is unused (a step is one 128-bit word tile: 32, 64 or
+# 128 codes for int4, int2, int3); the split-K ladder lets every K that is a multiple of the step find
+# a config (with autotuning off, the first that fits is used).
+_WORDS_M1 = [C("words", 1, 128, 0, s, 1, 1) for s in (16, 8, 4, 2, 1)]
+_WORDS_M4 = [C("words", 4, 64, 0, s, 1, 1) for s in (8, 4, 2, 1)]
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
-    1: [C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 32, 128, 4, 8, 3)],
-    4: [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
+    1: _WORDS_M1 + [C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 32, 128, 4, 8, 3)],
+    4: _WORDS_M4 + [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
     16: [C("dot", 16, 64, 128, 4, 8, 3), C("dot", 16, 32, 128, 8, 8, 3), C("dot", 16, 64, 64, 4, 4, 3)],
     64: [C("dot", 64, 64, 64, 1, 4, 3), C("dot", 64, 128, 32, 1, 4, 4)],
     256: [C("dot", 128, 128, 32, 1, 8, 3), C("dot", 64, 128, 32, 1, 4, 4), C("dot", 128, 64, 64, 1, 8, 3)],
@@ -255,7 +406,18 @@ def _cpu_scale(scale):
     return scale.float() if (scale.device.type == "cpu" and scale.dtype == torch.bfloat16) else scale
 
 
-def _fits_forward(cfg: MatmulConfig, m: int, k: int) -> bool:
+def words_step(bits: int) -> int:
+    """Codes per row per step of gemv_int_words_kernel (one 128-bit tile of words; int3: a quad)."""
+    return 128 if bits == 3 else 128 // bits
+
+
+def _fits_forward(cfg: MatmulConfig, m: int, k: int, bits: int = 3, group_len: int = 0,
+                  dtype: torch.dtype = torch.bfloat16) -> bool:
+    if cfg.kind == "words":
+        step = words_step(bits)
+        # fp32 activations: like the nf4 words GEMV, kept to fp16/bf16 on GPUs (register budget)
+        return (m <= cfg.block_m and k % (step * cfg.split_k) == 0 and (group_len in (0, k) or group_len % step == 0)
+                and (dtype != torch.float32 or interpreting()))
     return (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
 
 
@@ -276,6 +438,8 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
     scale = _cpu_scale(scale)
 
     def run(cfg: MatmulConfig):
+        if cfg.kind == "words":
+            return _words_gemv(x.contiguous(), codes, scale, zeros, bits, group_len, n, bias, cfg, out_dtype)
         split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)
@@ -294,14 +458,36 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
 
     if config is None:
         if x.device.type == "cpu":
-            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c.kind == "dot")]
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k, bits, group_len, x.dtype)
+                     and (m == 1 or c.kind == "dot")]
             config = cands[0] if cands else FALLBACK_FORWARD
         else:
-            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k)]
+            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)]
+                     if _fits_forward(c, m, k, bits, group_len, x.dtype)]
             if not cands:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
             config = pick(("int_fwd", tune_m(m), n, k, x.dtype, bits, group_len), cands, run)
     return run(config)
+
+
+def _words_gemv(x, codes, scale, zeros, bits, group_len, n, bias, cfg: MatmulConfig, out_dtype):
+    """One launch of gemv_int_words_kernel: y [M, n] in x's dtype (fp32 under the interpreter for
+    bf16, which it cannot store)."""
+    m, k = x.shape
+    if codes.storage_offset() % 4 or codes.data_ptr() % 16:  # 128-bit loads
+        codes = codes.clone()
+    tiles = triton.cdiv(n, cfg.block_n)
+    ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
+    y = alloc_output((m, n), x.dtype, x.device)
+    per_row = group_len == k
+    count_launch("intq.words")
+    gemv_int_words_kernel[(tiles, cfg.split_k)](
+        x, codes, scale, zeros, bias if bias is not None else x, y, ws, count,
+        n, k, k // group_len, k * bits // 128, 0x4B000000,
+        BITS=bits, GROUP=32 if per_row else group_len, PER_ROW=per_row, HAS_BIAS=bias is not None,
+        M=m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config: GradXConfig | None = None):
@@ -421,12 +607,15 @@ def aot_specs() -> list:
     for i, (cfg, m_bucket) in enumerate(buckets(FORWARD_CONFIGS).items()):
         m = min(m_bucket, 4096)
         for bits in (2, 3, 4):
-            for dt, gname, glen in variants(i == 0, bits, cfg.block_k):
+            bk = words_step(bits) if cfg.kind == "words" else cfg.block_k
+            for dt, gname, glen in variants(i == 0, bits, bk):
+                if cfg.kind == "words" and not _fits_forward(cfg, m, k, bits, glen, dt):
+                    continue  # the launcher never runs it (e.g. fp32 x, groups smaller than a step)
                 codes, scale, zeros = weights(bits, glen)
                 x, bias = meta(m, k, dtype=dt), meta(n, dtype=dt)
-                name = (f"{cfg.kind}_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_n}x{cfg.block_k},"
+                name = (f"{cfg.kind}_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_n}x{bk},"
                         f"split={cfg.split_k},w={cfg.num_warps},s={cfg.num_stages}]")
-                c = (cost(f"int.{cfg.kind}", bits, m_bucket, cfg, cfg.block_n * cfg.block_k)
+                c = (cost(f"int.{cfg.kind}", bits, m_bucket, cfg, cfg.block_n * bk)
                      if (dt, gname) == (torch.bfloat16, "rows") else None)
                 specs.append(launch_spec(name, lambda: matmul_int(x, codes, scale, zeros, bits, glen, n, bias,
                                                                   config=cfg), c))

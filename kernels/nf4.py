@@ -49,6 +49,9 @@ from ._common import (
     reduce_split,
     store_output,
     tune_m,
+    words_epilogue,
+    words_workspace,
+    WORKSPACES,
 )
 from ._spec import launch_spec, meta
 
@@ -344,26 +347,6 @@ def _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr
 
 
 @triton.jit
-def _words_store_row(y_ptr, ws_ptr, bias_ptr, y, m, offs_n, n_mask, N, pid_k, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
-    else:
-        tl.store(ws_ptr + (pid_k * 4 + m) * N + offs_n[:, None], y, mask=n_mask)
-
-
-@triton.jit
-def _words_reduce_row(y_ptr, ws_ptr, bias_ptr, m, offs_n, n_mask, N, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
-    y = tl.zeros(offs_n[:, None].shape, dtype=tl.float32)
-    for s_ in tl.static_range(SPLIT_K):  # in split order: deterministic
-        y += tl.load(ws_ptr + (s_ * 4 + m) * N + offs_n[:, None], mask=n_mask, other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + offs_n[:, None], mask=n_mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * N + offs_n[:, None], y.to(y_ptr.dtype.element_ty), mask=n_mask)
-
-
-@triton.jit
 def gemv_4bit_words_kernel(
     x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
     ws_ptr, count_ptr,
@@ -429,24 +412,8 @@ def gemv_4bit_words_kernel(
             acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
         if M > 3:
             acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
-    _words_store_row(y_ptr, ws_ptr, bias_ptr, acc0, 0, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
-    if M > 1:
-        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc1, 1, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
-    if M > 2:
-        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc2, 2, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
-    if M > 3:
-        _words_store_row(y_ptr, ws_ptr, bias_ptr, acc3, 3, offs_n, n_mask, N, pid_k, HAS_BIAS, SPLIT_K)
-    if SPLIT_K > 1:
-        tl.debug_barrier()  # every thread's partial is written before the program counts itself done
-        if tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") == SPLIT_K - 1:
-            _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 0, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
-            if M > 1:
-                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 1, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
-            if M > 2:
-                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 2, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
-            if M > 3:
-                _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 3, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
-            tl.atomic_xchg(count_ptr + pid_n, 0)
+    words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, pid_n, pid_k, offs_n, n_mask, N,
+                   M, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -546,25 +513,7 @@ def _fits_forward(cfg: MatmulConfig, m: int, k: int, dtype: torch.dtype = torch.
             and k % (cfg.block_k * cfg.split_k) == 0)
 
 
-# Split-K workspaces of the "words" GEMV: fp32 partials [SPLIT, 4, N] and one arrival counter per
-# row tile. The counters start at zero and the last program of each tile resets its own, so the
-# buffers are reused across calls (and CUDA-graph replays) without a memset. One per (device,
-# stream, shape): two streams never share one.
-_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _words_workspace(device: torch.device, split: int, n: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if device.type == "meta":
-        return (torch.empty((split, 4, n), dtype=torch.float32, device=device),
-                torch.zeros(tiles, dtype=torch.int32, device=device))
-    if split == 1:  # never touched by the kernel: one cached pair per device, no allocation per call
-        n, tiles = 1, 1
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (device, stream, split, n, tiles)
-    if key not in _WORKSPACES:
-        _WORKSPACES[key] = (torch.empty((split, 4, n), dtype=torch.float32, device=device),
-                            torch.zeros(tiles, dtype=torch.int32, device=device))
-    return _WORKSPACES[key]
+_WORKSPACES = WORKSPACES  # the words GEMV's split-K workspaces (kernels._common)
 
 
 def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg: MatmulConfig, out_dtype):
@@ -577,7 +526,7 @@ def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias
     if code.data_ptr() % 64:  # _table_value ORs offsets into the table's address (matmul_4bit made it dense)
         code = code.clone()
     tiles = triton.cdiv(n, cfg.block_n)
-    ws, count = _words_workspace(x.device, cfg.split_k, n, tiles)
+    ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
     y = alloc_output((m, n), x.dtype, x.device)
     count_launch("nf4.words")
     gemv_4bit_words_kernel[(tiles, cfg.split_k)](

@@ -225,14 +225,14 @@ _FRESH = textwrap.dedent("""
     import json, sys, threading, time
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
-    folders, big = sys.argv[1:3], sys.argv[3]
+    folders, big = sys.argv[1:4], sys.argv[4]
     report = {"refused": []}
     for path in folders:  # 1. lowbit's integration not imported
         try:
             AutoModelForCausalLM.from_pretrained(path)
-            report["refused"].append("loaded")
-        except RuntimeError as e:
-            report["refused"].append("ignore_mismatched_sizes" in str(e))
+            report["refused"].append(["loaded", ""])
+        except Exception as e:
+            report["refused"].append([type(e).__name__, str(e)])
     report["imported_before"] = "lowbit.integrations.transformers" in sys.modules
 
     import lowbit.integrations.transformers as lt  # 2. peak anonymous memory while quantizing on load
@@ -264,8 +264,17 @@ def fresh(saved, tmp_path_factory):
     big = tmp_path_factory.mktemp("big")
     # glibc keeps freed large blocks in its heap unless they are mmapped: make RssAnon follow live memory
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run([sys.executable, "-c", _FRESH, saved("nf4"), saved("int3"), str(big)], capture_output=True,
-                         text=True, timeout=600, env=env)
+    # a lowbit folder whose config.json lacks the load hint (written before it existed, or read by a
+    # transformers that ignores `transformers_weights`): the empty `weight` markers must still stop it
+    legacy = tmp_path_factory.mktemp("legacy")
+    for name in os.listdir(saved("int3")):
+        if name != "config.json":
+            os.symlink(os.path.join(saved("int3"), name), legacy / name)
+    cfg = json.load(open(os.path.join(saved("int3"), "config.json")))
+    del cfg["transformers_weights"]
+    json.dump(cfg, open(legacy / "config.json", "w"))
+    out = subprocess.run([sys.executable, "-c", _FRESH, saved("nf4"), saved("int3"), str(legacy), str(big)],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     report["stderr"] = out.stderr
@@ -281,10 +290,37 @@ def test_import_lowbit_imports_neither_transformers_nor_peft():
 
 def test_loading_without_the_integration_fails(fresh):
     """Without `import lowbit.integrations.transformers` transformers does not know "lowbit": it warns
-    "Unknown quantization type, got lowbit" and stops on a size mismatch (nf4's packed weight; the empty
-    `weight` marker save_pretrained writes for int and SZ layers) - never loads random nn.Linear layers."""
-    assert fresh["refused"] == [True, True] and not fresh["imported_before"]
+    "Unknown quantization type, got lowbit", then stops on the config's `transformers_weights` field with
+    a ValueError that names lowbit and says what to do, before it builds the model - never loads random
+    nn.Linear layers."""
+    assert not fresh["imported_before"]
     assert "Unknown quantization type, got lowbit" in fresh["stderr"]
+    for kind, msg in fresh["refused"][:2]:  # nf4, int3 folders written by save_pretrained
+        assert kind == "ValueError", (kind, msg)
+        assert "transformers file in the config seems to be incorrect" in msg  # transformers' own check
+        assert "lowbit checkpoint" in msg and "import lowbit.integrations.transformers" in msg, msg
+        assert "pip install 'lowbit[transformers]'" in msg, msg
+    # no load hint in config.json: still refused, by the size check on the empty `weight` marker
+    kind, msg = fresh["refused"][2]
+    assert kind == "RuntimeError" and "ignore_mismatched_sizes" in msg, (kind, msg)
+
+
+def test_config_json_carries_the_load_hint_only_for_lowbit(saved, quantized, tmp_path):
+    """save_pretrained writes the hint into a lowbit model's config.json; a loaded model's config does not
+    keep it; configs of other models are written exactly as transformers writes them."""
+    from lowbit.integrations.transformers import LOAD_HINT
+
+    assert json.load(open(os.path.join(saved("nf4"), "config.json")))["transformers_weights"] == LOAD_HINT
+    assert not hasattr(AutoModelForCausalLM.from_pretrained(saved("nf4")).config, "transformers_weights")
+    assert not hasattr(quantized("nf4").config, "transformers_weights")
+    cfg = tiny_config()
+    cfg.save_pretrained(tmp_path)
+    assert "transformers_weights" not in json.load(open(tmp_path / "config.json"))
+    assert not hasattr(transformers.PreTrainedConfig.to_json_file.__wrapped__, "_lowbit_wrapped")
+    dense = AutoModelForCausalLM.from_pretrained(saved("int3")).dequantize()
+    dense.save_pretrained(tmp_path / "dense")
+    on_disk = json.load(open(tmp_path / "dense" / "config.json"))
+    assert "transformers_weights" not in on_disk and "quantization_config" not in on_disk
 
 
 def test_quantize_on_load_peak_memory(fresh):

@@ -1,33 +1,72 @@
 """The SZ encoder's inner loops (lowbit.formats.sz.sz_compress calls them): quantize with the
 exact per-element bound check, the outlier values, the lane lengths and the payload packing.
-Plain numpy/torch on CPU tensors; the format itself is in sz.py."""
+
+Two implementations, the same bytes: numpy/torch on CPU tensors (the reference, always there), and
+the C kernels in lowbit/_cpu_sz_encode.c (built with lowbit._cpu's kernels) for quantize, lane
+lengths and packing. The C kernels run when LOWBIT_CPU_BACKEND is "fast" (the default) and the
+kernels could be built (lowbit._cpu warns once when not); `_cpu.CALLS["sz.encode_*"]` counts them.
+The suspects' exact check and everything per symbol (radius, Huffman code) is numpy in both.
+The format itself is in sz.py."""
 
 from __future__ import annotations
+
+import ctypes
+from typing import Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import _cpu
 from .._validate import FLOAT_DTYPES
 from ._entropy import pack_lsb, reversed_codes
 
 MAX_RADIUS = 511  # alphabet: codes -511..511 (1023 symbols); larger |code| are outliers
 DTYPE_BIT = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 4}
 _FLT_MAX = float(torch.finfo(torch.float32).max)
+SZQ_BLOCK = 65536  # lb_szq2 reports suspects per block of this many elements (uint16 offsets)
+SZ_PARALLEL_MIN = 1 << 16  # elements below which the C kernels use one thread
+
+_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+_SIGNATURES = {  # the kernels of _cpu_sz_encode.c (all return void)
+    "lb_szq1": [_P, _I, _F, _P, _P, _C],
+    "lb_szq2": [_P, _I, _F, _C, _F, _P, _P, _P, _C],
+    "lb_szlb": [_P, _I, _P, _I, _I, _P, _C],
+    "lb_szpack": [_P, _I, _P, _I, _I, _P, _P, _C],
+}
+
+
+def fast_library() -> Optional[ctypes.CDLL]:
+    """lowbit._cpu's kernels with the encoder's signatures declared; None when LOWBIT_CPU_BACKEND is
+    not "fast" or the kernels can not be built (lowbit._cpu has then warned once): the reference runs."""
+    if _cpu.backend() != "fast":
+        return None
+    lib = _cpu.library()
+    if lib is None:
+        return None
+    for name, args in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, None
+    return lib
 
 
 class _Work:
-    """Buffers reused by the encoder's candidates (a fresh allocation costs more than the math)."""
+    """Buffers reused by the encoder's candidates (a fresh allocation costs more than the math), and
+    the C kernels to use (`lib`, None for the numpy/torch reference)."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, lib: Optional[ctypes.CDLL] = None) -> None:
+        self.lib = lib
+        self.sym = torch.empty(n, dtype=torch.int16)  # the candidate's symbols
+        self.kept = torch.empty(n, dtype=torch.int16)  # the best candidate's
+        if lib is not None:
+            self.sus = np.empty(n, dtype=np.uint16)  # lb_szq2's suspect offsets
+            return
         self.q = torch.empty(n)
         self.a = torch.empty(n)
         self.b = torch.empty(n)
         self.h = torch.empty(n, dtype=torch.float16)
         self.hb = torch.empty(n, dtype=torch.bfloat16)
         self.sus = torch.empty(n, dtype=torch.bool)
-        self.sym = torch.empty(n, dtype=torch.int16)  # the candidate's symbols
-        self.kept = torch.empty(n, dtype=torch.int16)  # the best candidate's
 
     def u8(self) -> np.ndarray:
         return self.b.numpy().view(np.uint8)[: self.b.numel()]  # b is free once the codes are made
@@ -46,28 +85,69 @@ def _dtype_mask(wt: Tensor, amax: float, eb: float) -> int:
     return mask
 
 
-def _quantize(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> tuple:
-    """Codes for one step into work.sym (as symbols, code + radius; outliers carry the code 0):
-    (the fp32 step, the radius, the outlier indices, the symbol histogram)."""
+def _step32(step: float) -> np.float32:
     step32 = np.float32(min(step, 2.0**127))
-    step32 = max(step32, np.float32(2.0**-149))  # finite, non-zero (the per-element check keeps the bound)
-    s = torch.tensor(float(step32), dtype=torch.float32)
-    q, a, b, h = work.q, work.a, work.b, work.h
-    torch.div(w32, s, out=q).round_()  # fp32 quotient: a midpoint case may round the other way; checked below
-    # Alphabet radius: each symbol costs half a byte of code-length table, each |q| beyond the
-    # radius an outlier (index + value); take the cheapest radius <= MAX_RADIUS.
+    return max(step32, np.float32(2.0**-149))  # finite, non-zero (the per-element check keeps the bound)
+
+
+def _radius(hist: np.ndarray, numel: int, esize: int) -> tuple[int, np.ndarray]:
+    """(radius, histogram of the codes clamped to it) from `hist`, the histogram of the codes clamped
+    to +-(MAX_RADIUS + 1). Each symbol costs half a byte of code-length table, each |q| beyond the
+    radius an outlier (index + value); take the cheapest radius <= MAX_RADIUS."""
     off = MAX_RADIUS + 1
-    work.sym.copy_(torch.clamp(q, -off, off, out=a)).add_(off)
-    hist = torch.bincount(work.sym, minlength=2 * off + 1).numpy()
     habs = hist[off:].copy()
     habs[1:] += hist[:off][::-1]
-    beyond = len(q) - np.cumsum(habs)[: MAX_RADIUS + 1]
+    beyond = numel - np.cumsum(habs)[: MAX_RADIUS + 1]
     r = np.arange(MAX_RADIUS + 1)
-    radius = int(np.argmin((2 * r + 1) * 0.5 + beyond * (1.5 + wt.element_size() + 0.5)))
-    q.clamp_(-radius, radius)
+    radius = int(np.argmin((2 * r + 1) * 0.5 + beyond * (1.5 + esize + 0.5)))
     sym_hist = hist[off - radius:off + radius + 1].copy()  # histogram of the clamped codes
     sym_hist[0] += hist[:off - radius].sum()
     sym_hist[-1] += hist[off + radius + 1:].sum()
+    return radius, sym_hist
+
+
+def _limit32(eb: float) -> float:
+    """The suspect threshold eb (1 - 2**-16) as the largest fp32 not above it: rounded to nearest, a
+    bound below the smallest subnormal (1e-45) would become 1.4e-45 and hide a miss of exactly that size."""
+    limit = min(eb * (1.0 - 2.0**-16), _FLT_MAX)
+    limit32 = np.float32(limit)
+    if float(limit32) > limit:
+        limit32 = np.nextafter(limit32, np.float32(0))
+    return float(limit32)
+
+
+def _resolve(suspect: np.ndarray, q_s: np.ndarray, wt: Tensor, radius: int, step32: np.float32, eb: float,
+             sym_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The suspects (indices, their clamped codes q_s as float64) checked exactly: first the code itself,
+    then the other neighbour code (w near the midpoint of two codes), then give up: outlier. Returns
+    (final codes of the suspects, float64; which changed; outlier indices); sym_hist is updated."""
+    wt_s = wt[torch.from_numpy(suspect)]
+    fails = _misses_bound(q_s, wt_s, radius, step32, eb)
+    x_s = wt_s.double().numpy() / float(step32)
+    q_alt = q_s + np.where(x_s >= q_s, 1.0, -1.0)
+    alt_ok = fails & ~_misses_bound(q_alt, wt_s, radius, step32, eb)
+    out = fails & ~alt_ok
+    new = np.where(alt_ok, q_alt, np.where(out, 0.0, q_s))
+    np.add.at(sym_hist, q_s.astype(np.int64) + radius, -1)
+    np.add.at(sym_hist, new.astype(np.int64) + radius, 1)
+    return new, fails, suspect[out].astype(np.int64)
+
+
+def _quantize(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> tuple:
+    """Codes for one step into work.sym (as symbols, code + radius; outliers carry the code 0):
+    (the fp32 step, the radius, the outlier indices, the symbol histogram). The C kernels when
+    work.lib is set, else torch/numpy (the reference); the same symbols either way."""
+    if work.lib is not None:
+        return _quantize_fast(work, wt, w32, eb, step)
+    step32 = _step32(step)
+    s = torch.tensor(float(step32), dtype=torch.float32)
+    q, a, b, h = work.q, work.a, work.b, work.h
+    torch.div(w32, s, out=q).round_()  # fp32 quotient: a midpoint case may round the other way; checked below
+    off = MAX_RADIUS + 1
+    work.sym.copy_(torch.clamp(q, -off, off, out=a)).add_(off)
+    hist = torch.bincount(work.sym, minlength=2 * off + 1).numpy()
+    radius, sym_hist = _radius(hist, len(q), wt.element_size())
+    q.clamp_(-radius, radius)
     # Suspects: elements whose reconstruction, as fp32, fp16 or bf16, is more than the bound less
     # 2**-16 of it from w, those differences computed in fp32 (each within 2**-24 of exact, so
     # every other element keeps the bound in every dtype). Suspects are checked exactly below.
@@ -78,33 +158,42 @@ def _quantize(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> t
     torch.maximum(a.sub_(w32).abs_(), b, out=b)
     a.copy_(work.hb).sub_(w32).abs_()
     torch.maximum(a, b, out=a)
-    # The threshold as the largest fp32 not above it: rounded to nearest, a bound below the
-    # smallest subnormal (1e-45) would become 1.4e-45 and hide a miss of exactly that size.
-    limit = min(eb * (1.0 - 2.0**-16), _FLT_MAX)
-    limit32 = np.float32(limit)
-    if float(limit32) > limit:
-        limit32 = np.nextafter(limit32, np.float32(0))
-    torch.gt(a, float(limit32), out=work.sus)
+    torch.gt(a, _limit32(eb), out=work.sus)
     suspect = np.flatnonzero(work.sus.numpy())
     outlier_idx = np.zeros(0, dtype=np.int64)
     if len(suspect):
-        st = torch.from_numpy(suspect)
-        wt_s = wt[st]
-        q_s = q[st].double().numpy()
-        # First the exact check, then the other neighbour code (w near the midpoint of two codes),
-        # then give up: outlier.
-        fails = _misses_bound(q_s, wt_s, radius, step32, eb)
-        x_s = wt_s.double().numpy() / float(step32)
-        q_alt = q_s + np.where(x_s >= q_s, 1.0, -1.0)
-        alt_ok = fails & ~_misses_bound(q_alt, wt_s, radius, step32, eb)
-        q[torch.from_numpy(suspect[alt_ok])] = torch.from_numpy(q_alt[alt_ok]).float()
-        out = fails & ~alt_ok
-        outlier_idx = suspect[out].astype(np.int64)
-        q[torch.from_numpy(outlier_idx)] = 0.0
-        new = np.where(alt_ok, q_alt, np.where(out, 0.0, q_s))
-        np.add.at(sym_hist, q_s.astype(np.int64) + radius, -1)
-        np.add.at(sym_hist, new.astype(np.int64) + radius, 1)
+        new, changed, outlier_idx = _resolve(suspect, q[torch.from_numpy(suspect)].double().numpy(), wt, radius,
+                                             step32, eb, sym_hist)
+        q[torch.from_numpy(suspect[changed])] = torch.from_numpy(new[changed]).float()
     work.sym.copy_(q).add_(radius)
+    return step32, radius, outlier_idx, sym_hist
+
+
+def _threads(numel: int) -> int:
+    return 1 if numel < SZ_PARALLEL_MIN else torch.get_num_threads()
+
+
+def _quantize_fast(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> tuple:
+    """_quantize by the C kernels lb_szq1 / lb_szq2 (bit-identical: fp32 arithmetic in the same order)."""
+    lib, n, sym = work.lib, wt.numel(), work.sym
+    step32 = _step32(step)
+    hist = np.zeros(2 * MAX_RADIUS + 3, dtype=np.int64)
+    nt = _threads(n)
+    lib.lb_szq1(w32.data_ptr(), n, float(step32), sym.data_ptr(), hist.ctypes.data, nt)
+    radius, sym_hist = _radius(hist, n, wt.element_size())
+    cnt = np.zeros(-(-n // SZQ_BLOCK), dtype=np.int64)
+    lib.lb_szq2(w32.data_ptr(), n, float(step32), radius, _limit32(eb), sym.data_ptr(), work.sus.ctypes.data,
+                cnt.ctypes.data, nt)
+    outlier_idx = np.zeros(0, dtype=np.int64)
+    if cnt.any():
+        blocks = np.flatnonzero(cnt)
+        suspect = np.concatenate([work.sus[b * SZQ_BLOCK:b * SZQ_BLOCK + cnt[b]].astype(np.int64) + b * SZQ_BLOCK
+                                  for b in blocks])
+        s = sym.numpy()
+        q_s = s[suspect].astype(np.float64) - radius
+        new, changed, outlier_idx = _resolve(suspect, q_s, wt, radius, step32, eb, sym_hist)
+        s[suspect[changed]] = (new[changed] + radius).astype(np.int16)
+    _cpu.CALLS["sz.encode_quantize"] += 1
     return step32, radius, outlier_idx, sym_hist
 
 
@@ -134,6 +223,35 @@ def _outlier_values(wt: Tensor, outlier_idx: np.ndarray, eb: float, dtype: torch
             if not _exceeds(vals.to(narrow), vals, eb).any():
                 return vals.to(narrow)
     return vals
+
+
+def lane_bits(work: _Work, lengths: np.ndarray, numel: int, chunk: int, lanes: int) -> np.ndarray:
+    """int64[n_lanes]: the bits of every lane of work.sym's symbols coded with `lengths`."""
+    ln = np.ascontiguousarray(lengths, dtype=np.uint8)
+    if work.lib is None:
+        return _lane_bits(_gather(ln, work.sym.numpy(), work.u8()), numel, chunk, lanes)
+    out = np.empty(-(-numel // chunk) * lanes, dtype=np.int64)
+    work.lib.lb_szlb(work.sym.data_ptr(), numel, ln.ctypes.data, chunk, lanes, out.ctypes.data, _threads(numel))
+    _cpu.CALLS["sz.encode_lane_bits"] += 1
+    return out
+
+
+def pack_payload(lib: Optional[ctypes.CDLL], sym: Tensor, lengths: np.ndarray, lane_bits: np.ndarray, chunk: int,
+                 lanes: int) -> tuple[np.ndarray, int]:
+    """_pack_payload of the int16 symbols `sym`: by lb_szpack (given each lane's bits) when `lib` is set."""
+    if lib is None:
+        return _pack_payload(sym.numpy(), lengths, chunk, lanes)
+    lengths = np.asarray(lengths)
+    code = reversed_codes(lengths).astype(np.uint32) | (lengths.astype(np.uint32) << 16)
+    start = np.zeros(len(lane_bits) + 1, dtype=np.int64)
+    np.cumsum(lane_bits, out=start[1:])
+    nbits = int(start[-1])
+    words = np.zeros((nbits + 31) // 32, dtype=np.uint32)
+    numel = sym.numel()
+    lib.lb_szpack(sym.data_ptr(), numel, code.ctypes.data, chunk, lanes, start.ctypes.data, words.ctypes.data,
+                  _threads(numel))
+    _cpu.CALLS["sz.encode_pack"] += 1
+    return words, nbits
 
 
 def _lane_bits(ln: np.ndarray, numel: int, chunk: int, lanes: int) -> np.ndarray:

@@ -11,13 +11,28 @@ Q in [0, 2^bits - 1] and
 
     W[n, k] ~= s[n, g] * (Q[n, k] - z[n, g]),    g = k // L.
 
-Byte layout (all little-endian, row-major, contiguous)
-------------------------------------------------------
-codes  int32 [N, K/32, bits]  bit planes. Word ``codes[n, c, j]`` holds bit j of the 32 codes
-       Q[n, 32c : 32c + 32]: bit i of the word (value 1 << i, i = 0..31) is bit j of
-       Q[n, 32c + i]. So a chunk of 32 codes takes exactly ``bits`` 32-bit words: 2, 3 or 4
-       bits per parameter, exactly (int3 is three planes, 12 bytes per 32 codes, no padding).
-       The words are stored as int32 (torch has no full uint32 support); read them as uint32.
+Byte layout (all little-endian, row-major, contiguous; format version 3)
+-------------------------------------------------------------------------
+codes  int32 [N, K/32, bits]: row n is a stream of K * bits / 32 words (the [K/32, bits] shape only
+       says that 32 codes take exactly `bits` words; read the row as one flat word stream). The
+       words are stored as int32 (torch has no full uint32 support); read them as uint32.
+       int4: word t holds Q[n, 8t + i] in bits 4i..4i+3 (i = 0..7): nibbles, lowest first.
+       int2: word t holds Q[n, 16t + i] in bits 2i..2i+1 (i = 0..15): crumbs, lowest first.
+       int3: the row's 32-code chunks go in quads of 4 (the last quad of a row has r = K/32 mod 4
+             chunks when that is not 0, else 4). A quad of r chunks is 3r words: r words A, then
+             r words B, then r words H. For chunk j of the quad (codes c = 32j .. 32j + 31 of it):
+               A[j] bits 2i..2i+1  = low 2 bits of code 32j + i        (i = 0..15)
+               B[j] bits 2i..2i+1  = low 2 bits of code 32j + 16 + i
+               H[j] bit  2i + 1    = bit 2 of code 32j + i
+               H[j] bit  2i        = bit 2 of code 32j + 16 + i
+             so (H << 1) puts an A-code's third bit right above its crumb, and (H << 2) a B-code's:
+             one 3-bit field per code after a shift and two masks, and each of A, B, H of a full quad
+             is one aligned 128-bit load (a row of int3 is 12 * K/128 words: 16-byte aligned when
+             K % 128 == 0).
+       Why not bit planes (format versions 1-2): a plane costs ~4 integer instructions per bit per
+       weight to unpack; a field in a word is one mask (lowbit.kernels.intq). `planes_to_packed`
+       and `packed_to_planes` convert exactly both ways; IntLinear converts format-1/2
+       checkpoints when they are loaded.
 scale  fp32  [N] (rows) or [N, G] (groups): the trainable step sizes.
 zeros  uint8 [N] (rows) or [N, G] (groups): the frozen zero points z.
 
@@ -55,7 +70,7 @@ MSE_SHRINKS = (1.0, 0.975, 0.95, 0.925, 0.9, 0.875, 0.85, 0.8, 0.75, 0.7, 0.65, 
 class QuantInt:
     """A 2-D weight quantized to `bits`-bit integers with per-row or per-group scale and zero."""
 
-    codes: Tensor  # int32 [N, K/32, bits]
+    codes: Tensor  # int32 [N, K/32, bits]: the row's packed word stream (format version 3)
     scale: Tensor  # fp32 [N] or [N, G]
     zeros: Tensor  # uint8 [N] or [N, G]
     shape: torch.Size
@@ -122,29 +137,97 @@ def check_in_features(k: int) -> None:
         raise ValueError(f"in_features must be a multiple of 32 for integer quantization, got {k}")
 
 
+def _pack_fields(q: Tensor, width: int) -> Tensor:
+    """[..., F] small non-negative ints -> int64 [...]: field i in bits width*i .. (values in [0, 2^32))."""
+    f = q.shape[-1]
+    shifts = torch.arange(f, device=q.device, dtype=torch.int64) * width
+    return ((q.to(torch.int64) & ((1 << width) - 1)) << shifts).sum(-1)
+
+
+def _unpack_fields(words: Tensor, fields: int, width: int) -> Tensor:
+    """int32/int64 words [...] -> int32 [..., fields]: field i = bits width*i .. of the word."""
+    shifts = torch.arange(fields, device=words.device, dtype=torch.int32) * width
+    # int32 throughout: an arithmetic shift of a negative word still leaves the wanted field in the
+    # low bits after the mask (half the memory traffic of an int64 unpack on the CPU path)
+    return (words.to(torch.int32)[..., None] >> shifts) & ((1 << width) - 1)
+
+
+def _as_int32(words: Tensor) -> Tensor:
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _quads(nchunks: int) -> list[tuple[int, int, int]]:
+    """int3: (first chunk, quads, chunks per quad) of a row's full quads and its tail quad."""
+    full = nchunks // 4
+    out = [(0, full, 4)] if full else []
+    if nchunks % 4:
+        out.append((4 * full, 1, nchunks % 4))
+    return out
+
+
 def pack_codes(q: Tensor, bits: int) -> Tensor:
-    """Integer codes [N, K] (values < 2^bits) -> int32 bit planes [N, K/32, bits]."""
+    """Integer codes [N, K] (values < 2^bits) -> int32 words [N, K/32, bits] (the layout above)."""
     n, k = q.shape
-    q = q.to(torch.int64).view(n, k // 32, 32)
-    weights = torch.ones(32, dtype=torch.int64, device=q.device) << torch.arange(32, device=q.device)
-    planes = [(((q >> j) & 1) * weights).sum(-1) for j in range(bits)]
-    words = torch.stack(planes, dim=-1)  # [N, K/32, bits], values in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words)
-    return words.to(torch.int32).contiguous()
+    q = q.to(torch.int64)
+    if bits in (2, 4):
+        per_word = 32 // bits
+        words = _pack_fields(q.view(n, k // per_word, per_word), bits)
+    else:
+        parts = []
+        for c0, nq, r in _quads(k // 32):
+            qc = q[:, 32 * c0: 32 * (c0 + nq * r)].reshape(n, nq, r, 32)
+            a = _pack_fields(qc[..., :16], 2)
+            b = _pack_fields(qc[..., 16:], 2)
+            # H: bit 2i = code 16 + i, bit 2i + 1 = code i
+            hi = torch.stack(((qc[..., 16:] >> 2) & 1, (qc[..., :16] >> 2) & 1), dim=-1).reshape(n, nq, r, 32)
+            h = _pack_fields(hi, 1)
+            parts.append(torch.cat((a, b, h), dim=-1).reshape(n, nq * 3 * r))
+        words = torch.cat(parts, dim=-1)
+    return _as_int32(words).view(n, k // 32, bits).contiguous()
 
 
 def unpack_codes(codes: Tensor, bits: int) -> Tensor:
-    """int32 bit planes [N, K/32, bits] -> int32 codes [N, K].
+    """int32 words [N, K/32, bits] (or [N, K * bits / 32]) -> int32 codes [N, K]."""
+    n = codes.shape[0]
+    words = codes.reshape(n, -1)
+    k = words.shape[1] * 32 // bits
+    if bits in (2, 4):
+        return _unpack_fields(words, 32 // bits, bits).reshape(n, k)
+    out = []
+    for c0, nq, r in _quads(k // 32):
+        wq = words[:, 3 * c0: 3 * (c0 + nq * r)].reshape(n, nq, 3, r)
+        a = _unpack_fields(wq[:, :, 0], 16, 2)  # [n, nq, r, 16]
+        b = _unpack_fields(wq[:, :, 1], 16, 2)
+        h = _unpack_fields(wq[:, :, 2], 32, 1).view(n, nq, r, 16, 2)  # [..., i, 0] = code 16+i, [..., i, 1] = code i
+        out.append(torch.cat((a | (h[..., 1] << 2), b | (h[..., 0] << 2)), dim=-1).reshape(n, nq * r * 32))
+    return torch.cat(out, dim=-1)
 
-    Works in int32 throughout (an arithmetic shift of a negative word still leaves the wanted
-    bit in position 0 after `& 1`): half the memory traffic of an int64 unpack on the CPU path.
-    """
-    n, c, b = codes.shape
-    lane = torch.arange(32, dtype=torch.int32, device=codes.device)
-    q = (codes[:, :, 0, None] >> lane) & 1
-    for j in range(1, b):
-        q |= ((codes[:, :, j, None] >> lane) & 1) << j
+
+def pack_bit_planes(q: Tensor, bits: int) -> Tensor:
+    """Codes [N, K] -> format 1-2 bit planes [N, K/32, bits]: bit i of word (n, c, j) is bit j of Q[n, 32c + i]."""
+    n, k = q.shape
+    q = q.to(torch.int64).view(n, k // 32, 32)
+    planes = [_pack_fields((q >> j) & 1, 1) for j in range(bits)]
+    return _as_int32(torch.stack(planes, dim=-1)).contiguous()
+
+
+def unpack_bit_planes(codes: Tensor, bits: int) -> Tensor:
+    """Format 1-2 bit planes [N, K/32, bits] -> int32 codes [N, K]."""
+    n, c, _ = codes.shape
+    q = _unpack_fields(codes[:, :, 0], 32, 1)
+    for j in range(1, bits):
+        q |= _unpack_fields(codes[:, :, j], 32, 1) << j
     return q.view(n, c * 32)
+
+
+def planes_to_packed(codes: Tensor, bits: int) -> Tensor:
+    """Exact conversion of format 1-2 int codes (bit planes) to this layout (same shape and dtype)."""
+    return pack_codes(unpack_bit_planes(codes, bits), bits).to(codes.device)
+
+
+def packed_to_planes(codes: Tensor, bits: int) -> Tensor:
+    """Exact conversion of this layout to format 1-2 bit planes (for readers of older lowbit)."""
+    return pack_bit_planes(unpack_codes(codes, bits), bits).to(codes.device)
 
 
 def _quantize_groups(wg: Tensor, mn: Tensor, mx: Tensor, qmax: int):

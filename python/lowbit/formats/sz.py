@@ -45,7 +45,8 @@ from torch import Tensor
 
 from .._validate import check_choice, check_finite, check_float_tensor, check_has_values
 from . import _sz_v1
-from ._sz_encode import DTYPE_BIT, MAX_RADIUS, _dtype_mask, _gather, _lane_bits, _outlier_values, _pack_payload, _quantize, _Work
+from ._sz_encode import (DTYPE_BIT, MAX_RADIUS, _dtype_mask, _lane_bits, _outlier_values, _pack_payload, _quantize,
+                         _Work, fast_library, lane_bits, pack_payload)
 from ._entropy import (
     MAX_LEN,
     canonical_codes,
@@ -488,7 +489,7 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
     # The step (bin width) defaults to 2*eb; a slightly narrower one leaves room for the rounding
     # of reconstructions to bf16/fp16, which turns fewer elements into outliers (~30 bits each)
     # at ~1.44*shrink bits/param more for the codes. Try a few, keep the smallest stream.
-    work = _Work(wt.numel())
+    work = _Work(wt.numel(), fast_library())  # the C kernels, else numpy/torch: the same bytes
     n_lanes = -(-wt.numel() // chunk) * lanes
     best = None
     for shrink in STEP_SHRINKS:
@@ -501,14 +502,12 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
                      np.zeros((nbits + 31) // 32, dtype=np.uint32), nbits)
         if best is not None and c.nbytes >= best.nbytes:
             continue  # its size with an empty lane index is already no smaller
-        c.lane_bits = _lane_bits(_gather(lengths.astype(np.uint8), work.sym.numpy(), work.u8()),
-                                 wt.numel(), chunk, lanes)
+        c.lane_bits = lane_bits(work, lengths, wt.numel(), chunk, lanes)
         if best is None or c.nbytes < best.nbytes:
             best = c
             work.keep()
     c = best
-    sym = work.kept.numpy()
-    c.payload, nbits = _pack_payload(sym, c.lengths, chunk, lanes)
+    c.payload, nbits = pack_payload(work.lib, work.kept, c.lengths, c.lane_bits, chunk, lanes)
     assert nbits == c.payload_bits
     del work
     if c.nbytes > w.numel() * w.element_size():

@@ -203,6 +203,60 @@ def _marker(device=None) -> torch.Tensor:
     return torch.zeros(0, dtype=torch.uint8, device=device)
 
 
+# A transformers that has not imported this module only warns "Unknown quantization type, got lowbit" and
+# goes on. So that it stops with a message naming lowbit, before it builds the model or reads a tensor,
+# every config.json of a lowbit model gets `"transformers_weights": LOAD_HINT`: transformers reads that field
+# (the weights file to load) right after the quantization config and refuses a name that is not a
+# `*.safetensors` file with "ValueError: The transformers file in the config seems to be incorrect: ...:
+# <the name>". With this module imported, LowbitHfQuantizer removes the field from the config before
+# transformers looks at it (update_attn_implementation, called when the quantizer is built), so the default
+# `model.safetensors` / index is read. transformers drops `transformers_weights` from a config it saves;
+# `_write_config_json` (wrapping PreTrainedConfig.to_json_file) writes it back for lowbit configs only.
+LOAD_HINT = ("lowbit checkpoint: this folder holds lowbit layers (quantization_config.quant_method \"lowbit\"), "
+             "which transformers reads only through lowbit's integration. Run `import lowbit.integrations.transformers` "
+             "before from_pretrained (install it with `pip install 'lowbit[transformers]'`). "
+             "[lowbit writes this transformers_weights field on purpose; leave it as it is]")
+_HINT_PREFIX = "lowbit checkpoint:"
+_HINT_FIELD = "transformers_weights"
+
+
+def _is_load_hint(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith(_HINT_PREFIX)
+
+
+def _is_lowbit_config(config) -> bool:
+    qc = getattr(config, "__dict__", {}).get("quantization_config")
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    return method == QUANT_METHOD
+
+
+def _install_config_writer() -> None:
+    """Wrap PreTrainedConfig.to_json_file (once) so that the config.json of a lowbit model carries LOAD_HINT."""
+    import json
+
+    from transformers.configuration_utils import PreTrainedConfig
+
+    original = PreTrainedConfig.to_json_file
+    if getattr(original, "_lowbit_wrapped", False):
+        return
+
+    def to_json_file(self, json_file_path, use_diff: bool = True):
+        if not _is_lowbit_config(self):
+            return original(self, json_file_path, use_diff=use_diff)
+        config_dict = json.loads(self.to_json_string(use_diff=use_diff))
+        config_dict[_HINT_FIELD] = LOAD_HINT
+        with open(json_file_path, "w", encoding="utf-8") as writer:
+            writer.write(json.dumps(config_dict, indent=2, sort_keys=True) + "\n")
+
+    to_json_file._lowbit_wrapped = True
+    to_json_file.__wrapped__ = original
+    to_json_file.__doc__ = original.__doc__
+    PreTrainedConfig.to_json_file = to_json_file
+
+
+_install_config_writer()
+
+
 @register_quantizer(QUANT_METHOD) if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING else (lambda c: c)
 class LowbitHfQuantizer(HfQuantizer):
     """The HfQuantizer of quant_method "lowbit" (see the module docstring)."""
@@ -237,6 +291,13 @@ class LowbitHfQuantizer(HfQuantizer):
         return True
 
     # -- before loading ----------------------------------------------------------------------------
+    def update_attn_implementation(self, config):
+        # The first hook that sees the model config, before transformers resolves the weights files: drop
+        # the field that stops a transformers without this module (LOAD_HINT) so that the default files load.
+        if _is_load_hint(getattr(config, _HINT_FIELD, None)):
+            delattr(config, _HINT_FIELD)
+        return super().update_attn_implementation(config)
+
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         if self.pre_quantized:
             return False
@@ -478,23 +539,30 @@ def _has_submodule(model: nn.Module, name: str) -> bool:
         return False
 
 
-__all__ = ["LowbitConfig", "LowbitHfQuantizer", "LowbitQuantize", "QUANT_METHOD", "save_pretrained_bnb"]
+__all__ = ["LOAD_HINT", "LowbitConfig", "LowbitHfQuantizer", "LowbitQuantize", "QUANT_METHOD", "from_pretrained_bnb",
+           "save_pretrained_bnb"]
 
 
 def from_pretrained_bnb(model_dir, auto_class=None, **kwargs):
     """Load a folder written by transformers + bitsandbytes in 4 bits (config.json with
     `quant_method: bitsandbytes`, `load_in_4bit`, nf4/fp4) into lowbit Linear4bit layers, on any
-    device and without bitsandbytes: the model is built from its config on the meta device, every
-    nn.Linear bitsandbytes quantized becomes a Linear4bit of the same format (the bytes are the
-    same, so nothing is re-quantized), and the checkpoint's bnb keys load as they are.
+    device and without bitsandbytes: the model is built from its config, every nn.Linear
+    bitsandbytes quantized becomes a Linear4bit of the same format (quant_type and blocksize from the
+    layer's own quant_state; the bytes are the same, so nothing is re-quantized), and the checkpoint's
+    bnb keys load as they are. 4-bit weights stored in another dtype (`bnb_4bit_quant_storage`, e.g.
+    bfloat16 for FSDP) are read as their bytes.
 
     auto_class: e.g. AutoModelForCausalLM (default: that class when config.architectures names a
-    causal LM, else AutoModel). kwargs go to `auto_class.from_config`. Raises ValueError naming the
-    key when the folder is not a 4-bit bitsandbytes folder."""
+    causal LM, else AutoModel). A checkpoint of a model with a head loads into its base model (the
+    head's weights are dropped) and the other way round, as transformers' from_pretrained does.
+    kwargs go to `auto_class.from_config`. Raises ValueError naming the key when the folder is not a
+    4-bit bitsandbytes folder or does not fit the model."""
     import glob
     import json
 
     from safetensors.torch import load_file
+
+    from ..formats.nf4 import read_bnb_quant_state
 
     path = os.path.join(os.fspath(model_dir), "config.json")
     if not os.path.isfile(path):
@@ -520,6 +588,7 @@ def from_pretrained_bnb(model_dir, auto_class=None, **kwargs):
     # Built on the CPU, not on the meta device: non-persistent buffers (rotary frequencies, ...) are
     # not in the checkpoint and must be computed. Peak memory: the model in its config's dtype.
     model = auto_class.from_config(config, **kwargs)
+    sd = _match_base_prefix(sd, model)
     # The Linear layers bitsandbytes quantized are exactly those whose weight has a bnb quant_state.
     quantized = {k.split(".weight.quant_state.")[0] for k in sd if ".weight.quant_state.bitsandbytes__" in k}
     compute = getattr(torch, str(qc.get("bnb_4bit_compute_dtype", "float32")).replace("torch.", ""), None)
@@ -530,9 +599,19 @@ def from_pretrained_bnb(model_dir, auto_class=None, **kwargs):
             lin = None
         if type(lin) is not nn.Linear:
             raise ValueError(f"{name}.weight.quant_state: {name!r} is not an nn.Linear in {type(model).__name__}")
-        layer = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, quant_type=quant_type,
-                           double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-                           compute_dtype=compute if isinstance(compute, torch.dtype) else None)
+        state = read_bnb_quant_state(sd, name + ".")
+        if state["quant_type"] not in ("nf4", "fp4"):
+            raise ValueError(f"{name}.weight.quant_state: quant_type={state['quant_type']!r}; lowbit reads nf4/fp4")
+        codes = sd.get(name + ".weight")
+        if isinstance(codes, torch.Tensor) and codes.dtype != torch.uint8:  # bnb_4bit_quant_storage != uint8
+            sd[name + ".weight"] = codes.contiguous().view(torch.uint8)
+        try:
+            layer = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                               quant_type=state["quant_type"], blocksize=int(state["blocksize"]),
+                               double_quant=name + ".weight.nested_absmax" in sd,
+                               compute_dtype=compute if isinstance(compute, torch.dtype) else None)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}.weight.quant_state: {e}") from None
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
     result = model.load_state_dict(sd, strict=False)
@@ -546,3 +625,20 @@ def from_pretrained_bnb(model_dir, auto_class=None, **kwargs):
         raise ValueError(f"{os.fspath(model_dir)}: the checkpoint does not fit {type(model).__name__}: missing "
                          f"{missing[:5]}, unexpected {result.unexpected_keys[:5]}")
     return model.eval()
+
+
+def _match_base_prefix(sd: dict, model: nn.Module) -> dict:
+    """The checkpoint's keys as `model` names them, when one of them is the base model and the other
+    has a head (transformers' rule): drop `<base_model_prefix>.` and the head's keys, or add it."""
+    bmp = getattr(model, "base_model_prefix", "") or ""
+    if not bmp:
+        return sd
+    mine = set(model.state_dict())
+    lead = bmp + "."
+    model_has = any(k.startswith(lead) for k in mine)
+    ckpt_has = any(k.startswith(lead) for k in sd)
+    if ckpt_has and not model_has:
+        return {k[len(lead):]: v for k, v in sd.items() if k.startswith(lead)}
+    if model_has and not ckpt_has:
+        return {lead + k: v for k, v in sd.items()}
+    return sd
