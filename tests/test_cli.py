@@ -293,3 +293,104 @@ def test_export_hf_bnb_folder_loads_in_transformers_bitsandbytes(tmp_path):
     assert cli.main(["export", str(src), str(out), "--to", "hf-bnb"]) == 2  # exists: needs --force
     assert cli.main(["export", str(src), str(out), "--to", "gguf", "--force"]) == 2
     assert cli.main(["export", str(src), str(out), "--to", "hf-bnb", "--format", "int3", "--force"]) == 2
+
+
+# ------------------------------------------------------------------ quantize: bitsandbytes 4-bit folders
+
+
+def _tiny_llama(path, seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    transformers.LlamaForCausalLM(cfg).eval().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bnb_dirs(tmp_path_factory):
+    """A full-precision tiny Llama and the folder `lowbit export --to hf-bnb` writes from it (nf4)."""
+    pytest.importorskip("lowbit.integrations.transformers")
+    root = tmp_path_factory.mktemp("bnb")
+    src = _tiny_llama(root / "fp")
+    assert cli.main(["export", str(src), str(root / "bnb"), "--to", "hf-bnb"]) == 0
+    return src, root / "bnb"
+
+
+def _reference(src, fmt, **opts):
+    """The base model of `src` quantized in memory by replace_linear (independent of `lowbit quantize`)."""
+    base = transformers.AutoModel.from_pretrained(src, local_files_only=True).eval()
+    return lowbit.replace_linear(base, fmt, progress=False, **opts)
+
+
+def _load_out(out):
+    cfg = transformers.AutoConfig.from_pretrained(str(out), local_files_only=True)
+    torch.manual_seed(4321)  # random weights: equal outputs prove the checkpoint was loaded
+    return load_quantized(transformers.AutoModel.from_config(cfg).eval(), str(out))
+
+
+def test_quantize_bnb_folder_keeps_the_bitsandbytes_bytes(tmp_path, capsys, bnb_dirs):
+    src, bnb = bnb_dirs
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(bnb), str(out), "--format", "nf4"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "error" not in err, err
+    meta = json.loads((out / "lowbit.json").read_text())
+    assert meta["format"] == "nf4" and meta["options"] == {"blocksize": 64, "double_quant": True}
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ref = _reference(src, "nf4")  # what export quantized: replace_linear's nf4 of the fp weights
+    loaded = _load_out(out)
+    layers = {n: m for n, m in loaded.named_modules() if isinstance(m, lowbit.Linear4bit)}
+    assert len(layers) == 7
+    for name, layer in layers.items():
+        r = ref.get_submodule(name)
+        for buf in ("weight", "weight_absmax", "weight_nested_absmax", "weight_offset"):
+            assert torch.equal(getattr(layer, buf), getattr(r, buf)), (name, buf)  # bit-identical codes
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded(x).last_hidden_state, ref(x).last_hidden_state)
+
+
+def test_quantize_bnb_folder_to_another_format_requantizes_and_warns(tmp_path, capsys, bnb_dirs):
+    src, bnb = bnb_dirs
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(bnb), str(out), "--format", "int4", "--group-size", "32"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "bitsandbytes nf4" in err and "re-quantized to int4" in err, err
+    # reference: the nf4 model's dequantized weights, quantized to int4 by replace_linear
+    ref = _reference(src, "nf4")
+    for name, m in [(n, m) for n, m in ref.named_modules() if isinstance(m, lowbit.Linear4bit)]:
+        lin = nn.Linear(m.in_features, m.out_features, bias=False)
+        lin.weight.data = m.dequantized_weight(torch.float32)
+        parent, _, child = name.rpartition(".")
+        setattr(ref.get_submodule(parent), child, lin)
+    lowbit.replace_linear(ref, "int4", group_size=32, progress=False)
+    loaded = _load_out(out)
+    assert sum(isinstance(m, lowbit.IntLinear) for m in loaded.modules()) == 7
+    sd, ref_sd = loaded.state_dict(), ref.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    for k in sd:
+        assert torch.equal(sd[k], ref_sd[k]), k
+
+
+def test_quantize_bnb_folder_other_blocksize_requantizes(tmp_path, capsys, bnb_dirs):
+    _, bnb = bnb_dirs
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(bnb), str(out), "--format", "nf4", "--blocksize", "32"]) == 0
+    assert "--blocksize / --no-double-quant differ" in capsys.readouterr().err
+    loaded = _load_out(out)
+    assert {m.blocksize for m in loaded.modules() if isinstance(m, lowbit.Linear4bit)} == {32}
+
+
+def test_quantize_refuses_bnb_8bit_and_lowbit_folders(tmp_path, capsys):
+    src = _tiny_llama(tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False}
+    (src / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    assert cli.main(["quantize", str(src), str(tmp_path / "q"), "--format", "nf4"]) == 2
+    _one_line_error(capsys, "bitsandbytes 8-bit", "4-bit (nf4/fp4)")
+    cfg["quantization_config"] = {"quant_method": "lowbit", "quant_type": "nf4"}
+    (src / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["quantize", str(src), str(tmp_path / "q"), "--format", "nf4"]) == 2
+    _one_line_error(capsys, "already a lowbit model", "lowbit.integrations.transformers")
+    assert not (tmp_path / "q").exists()

@@ -408,3 +408,77 @@ def _plain_folder(tmp_path):
     path = tmp_path / "fp-plain"
     LlamaForCausalLM(tiny_config()).save_pretrained(path)
     return path
+
+
+def _bnb_folder_written_like_transformers(path, quant_type, double_quant, storage):
+    """A 4-bit folder built with bitsandbytes' own API (not lowbit's exporter), laid out as transformers +
+    bitsandbytes save it: bnb's Linear4bit._save_to_state_dict writes `<name>.weight` (the packed bytes in
+    `quant_storage`) plus `<name>.weight.<k>` for every entry of QuantState.as_dict(packed=True), and the
+    config gets BitsAndBytesConfig.to_dict() as quantization_config. Returns (fp model, dequantized model):
+    the second holds bitsandbytes' own dequantize_4bit of every quantized weight."""
+    import bitsandbytes.functional as bnbf
+    from safetensors.torch import save_file
+    from transformers import BitsAndBytesConfig
+
+    torch.manual_seed(5)
+    cfg = tiny_config(num_hidden_layers=1)
+    fp = LlamaForCausalLM(cfg).eval()
+    deq = LlamaForCausalLM(cfg).eval()
+    deq.load_state_dict(fp.state_dict())
+    sd = {}
+    for name, mod in fp.named_modules():
+        if type(mod) is not torch.nn.Linear or name == "lm_head":  # transformers' default: lm_head stays dense
+            continue
+        packed, state = bnbf.quantize_4bit(mod.weight.detach(), blocksize=64, compress_statistics=double_quant,
+                                           quant_type=quant_type, quant_storage=storage)
+        sd[f"{name}.weight"] = packed
+        for k, v in state.as_dict(packed=True).items():
+            sd[f"{name}.weight.{k}"] = v
+        deq.get_submodule(name).weight.data = bnbf.dequantize_4bit(packed, state)
+    for k, v in fp.state_dict().items():
+        if k.rpartition(".")[0] not in {n.rpartition(".")[0] for n in sd}:
+            sd[k] = v.contiguous()
+    save_file(sd, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg.quantization_config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                                 bnb_4bit_use_double_quant=double_quant,
+                                                 bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    return fp, deq
+
+
+@pytest.mark.parametrize("quant_type, double_quant, storage", [
+    ("nf4", True, torch.uint8),
+    ("fp4", False, torch.bfloat16),  # bnb_4bit_quant_storage=bfloat16 (FSDP QLoRA folders)
+])
+def test_folder_written_by_bitsandbytes_api_loads_into_lowbit(quant_type, double_quant, storage, tokens, tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes builds the folder")
+    from lowbit import cli
+    from lowbit.integrations.transformers import from_pretrained_bnb
+    from lowbit.io import load_quantized
+
+    (tmp_path / "bnb").mkdir()
+    fp, deq = _bnb_folder_written_like_transformers(tmp_path / "bnb", quant_type, double_quant, storage)
+    qc = json.load(open(tmp_path / "bnb" / "config.json"))["quantization_config"]
+    assert qc["quant_method"] == "bitsandbytes" and qc["load_in_4bit"] and qc["bnb_4bit_quant_type"] == quant_type
+    expect = logits(deq, tokens)
+    assert ((logits(fp, tokens) - expect).norm() / expect.norm()).item() > 1e-3  # the 4-bit error is visible
+    # the layout is transformers' own: transformers + bitsandbytes load the folder into bnb layers (their
+    # CPU matmul is not exact: measured 2e-3 relative, the tolerance of the export test above)
+    bnb_model = AutoModelForCausalLM.from_pretrained(tmp_path / "bnb", device_map={"": "cpu"})
+    assert type(bnb_model.model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
+    assert ((logits(bnb_model, tokens) - expect).norm() / expect.norm()).item() < 1e-2
+
+    ours = from_pretrained_bnb(tmp_path / "bnb")
+    layers = [m for m in ours.modules() if isinstance(m, Linear4bit)]
+    assert len(layers) == 7 and {(m.quant_type, m.double_quant) for m in layers} == {(quant_type, double_quant)}
+    got = logits(ours, tokens)
+    assert ((got - expect).norm() / expect.norm()).item() < 1e-5
+
+    # `lowbit quantize` on the same folder keeps the bytes; compare the base model's hidden states
+    assert cli.main(["quantize", str(tmp_path / "bnb"), str(tmp_path / "q"), "--format", quant_type]) == 0
+    cfg = AutoConfig.from_pretrained(tmp_path / "q")
+    loaded = load_quantized(transformers.AutoModel.from_config(cfg).eval(), tmp_path / "q")
+    with torch.no_grad():
+        h, h_ref = loaded(tokens).last_hidden_state, deq.model(tokens).last_hidden_state
+    assert ((h - h_ref).norm() / h_ref.norm()).item() < 1e-5

@@ -71,6 +71,91 @@ def quantize_options(a) -> dict:
     return {"error_bound": a.error_bound, "mode": a.mode or "abs"}
 
 
+def _source_quantization(src: str):
+    """config.json's quantization_config when MODEL_DIR is a bitsandbytes 4-bit folder (None for a
+    full-precision one); UsageError for a folder lowbit quantize cannot read."""
+    import json
+
+    path = os.path.join(src, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path!r}: {e}") from None
+    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    if not isinstance(qc, dict):
+        return None
+    method = qc.get("quant_method")
+    if method == "lowbit":
+        raise UsageError(f"MODEL_DIR {src!r} is already a lowbit model (quant_method 'lowbit', saved with "
+                         "LowbitConfig); lowbit quantize reads full-precision and bitsandbytes 4-bit folders: load it "
+                         "with lowbit.integrations.transformers instead (docs/integrations.md)")
+    if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+        if qc.get("load_in_8bit") or not qc.get("load_in_4bit"):
+            raise UsageError(f"MODEL_DIR {src!r} is a bitsandbytes 8-bit folder (load_in_8bit); lowbit quantize reads "
+                             "bitsandbytes 4-bit (nf4/fp4) folders")
+        qt = qc.get("bnb_4bit_quant_type", "fp4")
+        if qt not in ("nf4", "fp4"):
+            raise UsageError(f"MODEL_DIR {src!r}: quantization_config.bnb_4bit_quant_type={qt!r}; lowbit reads nf4/fp4")
+        return qc
+    return None
+
+
+def _from_bnb_layers(model, a, opts: dict, skip, src: str, qc: dict) -> dict:
+    """The Linear4bit layers read from a bitsandbytes folder, made ready for replace_linear: kept as
+    they are (the same bytes) when --format is their quant_type with their blocksize and double
+    quantization (adopted from the folder unless --blocksize / --no-double-quant say otherwise);
+    else turned back into nn.Linear holding their dequantized weight, to be re-quantized, with a
+    warning. A layer named by --skip becomes nn.Linear with its dequantized weight. Returns the
+    options the kept and new layers share (written to lowbit.json)."""
+    import torch
+    from torch import nn
+
+    from lowbit import Linear4bit
+
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    fmt = a.format
+    opts = dict(opts)
+    same = [m for _, m in layers if m.quant_type == fmt]
+    if fmt in ("nf4", "fp4") and same:
+        if a.blocksize is None and len({m.blocksize for m in same}) == 1:
+            opts["blocksize"] = same[0].blocksize
+        if not a.no_double_quant and len({m.double_quant for m in same}) == 1:
+            opts["double_quant"] = same[0].double_quant
+
+    def skipped(n):
+        return any(n == s or n.split(".")[-1] == s or n.startswith(s + ".") for s in skip)
+
+    requantized, dense = [], []
+    for name, layer in layers:
+        if skipped(name):
+            dense.append(name)
+        elif (fmt in ("nf4", "fp4") and layer.quant_type == fmt and layer.blocksize == opts["blocksize"]
+              and layer.double_quant == opts["double_quant"]):
+            continue
+        else:
+            requantized.append(name)
+        with torch.no_grad():
+            w = layer.dequantized_weight(layer.weight_dtype)
+        lin = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        lin.weight = nn.Parameter(w, requires_grad=False)
+        if layer.bias is not None:
+            lin.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    qt = qc.get("bnb_4bit_quant_type", "fp4")
+    if requantized:
+        why = (f"--format {fmt} differs from the folder's {qt}" if fmt != qt else
+               "--blocksize / --no-double-quant differ from the folder's")
+        print(f"lowbit: warning: {src!r} is a bitsandbytes {qt} folder and {why}: {len(requantized)} layer(s) are "
+              f"dequantized and re-quantized to {fmt} (their error adds to the {qt} error); "
+              f"--format {qt} keeps the bitsandbytes bytes as they are", file=sys.stderr)
+    if dense:
+        print(f"lowbit: warning: --skip keeps {len(dense)} bitsandbytes {qt} layer(s) dense as their dequantized "
+              f"weights ({', '.join(dense[:3])}{' ...' if len(dense) > 3 else ''})", file=sys.stderr)
+    return opts
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """No 'Loading weights' bar or warnings from transformers (so that an error stays one line)."""
@@ -100,6 +185,7 @@ def _quantize(a) -> int:
     if not os.path.isfile(os.path.join(src, "config.json")):
         raise UsageError(f"MODEL_DIR {src!r} is not a Hugging Face model folder (no config.json)")
     opts = quantize_options(a)
+    source_qc = _source_quantization(src)
     explicit = a.skip is not None
     requested = tuple(s.strip() for s in (a.skip if explicit else "lm_head").split(",") if s.strip())
     skip = requested
@@ -125,10 +211,17 @@ def _quantize(a) -> int:
     t0 = time.perf_counter()
     try:
         with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
-            model = AutoModel.from_pretrained(src, local_files_only=True).eval()
+            if source_qc is not None:  # bitsandbytes 4-bit: its bytes, into lowbit Linear4bit layers
+                from lowbit.integrations.transformers import from_pretrained_bnb
+
+                model = from_pretrained_bnb(src, auto_class=AutoModel)
+            else:
+                model = AutoModel.from_pretrained(src, local_files_only=True).eval()
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load a model from {src!r}: {msg}") from None
+    if source_qc is not None:
+        opts = _from_bnb_layers(model, a, opts, skip, src, source_qc)
     # Resolve --skip to the full names of the Linear layers to leave dense: a name matches itself,
     # its last component (replace_linear's rule) and every module under it ("pooler" -> "pooler.dense").
     dense_names = [n for n, m in model.named_modules() if type(m) is nn.Linear
@@ -139,9 +232,10 @@ def _quantize(a) -> int:
             print(f"lowbit: warning: --skip {s_!r} matches no module of the model", file=sys.stderr)
     skip = tuple(dense_names)
     targets = linear_targets(model, skip)
-    if not targets:
+    kept = [(n, m) for n, m in model.named_modules() if isinstance(m, lowbit.Linear4bit)]  # bnb bytes, kept
+    if not targets and not kept:
         raise UsageError(f"the model in {src!r} has no nn.Linear layer to quantize (after --skip)")
-    n_params = sum(lin.weight.numel() for _, lin in targets)
+    n_params = sum(lin.weight.numel() for _, lin in targets) + sum(m.in_features * m.out_features for _, m in kept)
     try:
         with torch.no_grad():
             lowbit.replace_linear(model, a.format, skip=skip, progress=True, **opts)  # one line per layer on stderr
@@ -151,15 +245,27 @@ def _quantize(a) -> int:
                if type(m) is not nn.Linear and hasattr(m, "bits_per_param") and hasattr(m, "in_features"))
     os.makedirs(out, exist_ok=True)
     lowbit.save_state_dict(model, os.path.join(out, WEIGHTS), overwrite=True)
-    shutil.copyfile(os.path.join(src, "config.json"), os.path.join(out, "config.json"))
+    if source_qc is None:
+        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(out, "config.json"))
+    else:  # the layers are lowbit's now (lowbit.json): a bitsandbytes quantization_config would misdirect transformers
+        import json
+
+        with open(os.path.join(src, "config.json")) as f:
+            config = json.load(f)
+        config.pop("quantization_config", None)
+        with open(os.path.join(out, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+            f.write("\n")
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(out, name))
     write_manifest(out, a.format, opts, skip, skip_requested=list(requested), source=os.path.abspath(src),
-                   model_class=type(model).__name__, quantized_layers=len(targets), quantized_params=n_params,
+                   model_class=type(model).__name__, quantized_layers=len(targets) + len(kept),
+                   quantized_params=n_params,
                    bits_per_param=bits / n_params)
     size = os.path.getsize(os.path.join(out, WEIGHTS))
-    print(f"quantized {len(targets)} Linear layers ({n_params / 1e6:.2f}M params) to {a.format} "
+    from_bnb = f" ({len(kept)} kept as read from bitsandbytes)" if kept else ""
+    print(f"quantized {len(targets) + len(kept)} Linear layers{from_bnb} ({n_params / 1e6:.2f}M params) to {a.format} "
           f"at {bits / n_params:.3f} bits/param in {time.perf_counter() - t0:.1f} s; "
           f"wrote {out}/{WEIGHTS} ({size / 1e6:.2f} MB), lowbit.json, config.json")
     return 0

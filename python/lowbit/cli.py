@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch CPU threads (default 1: the small reference-path ops gain little from more, and "
                         "multi-threaded timings are unstable on a shared machine)")
     q = sub.add_parser("quantize", help="quantize every nn.Linear of a Hugging Face model folder")
-    q.add_argument("model_dir", metavar="MODEL_DIR")
+    q.add_argument("model_dir", metavar="MODEL_DIR", help="a Hugging Face model folder: full precision, or "
+                   "bitsandbytes 4-bit (nf4/fp4; --format nf4/fp4 keeps its bytes, other formats re-quantize)")
     q.add_argument("out_dir", metavar="OUT_DIR")
     q.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
     q.add_argument("--skip", default=None, help="comma-separated module names to leave dense "

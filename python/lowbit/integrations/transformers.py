@@ -23,6 +23,9 @@ How loading works:
   headers, checks them against the model (family, shape, quant_type, blocksize, bits, group size, error
   bound, format version) and sizes the data-dependent SZ buffers; only then are the tensors read. A
   mismatch raises ValueError naming the key before anything is loaded.
+
+Without this module imported, transformers stops on a lowbit folder with a ValueError quoting LOAD_HINT
+(written into config.json as `transformers_weights`, see below), before it builds the model.
 """
 
 from __future__ import annotations
@@ -213,8 +216,9 @@ def _marker(device=None) -> torch.Tensor:
 # `model.safetensors` / index is read. transformers drops `transformers_weights` from a config it saves;
 # `_write_config_json` (wrapping PreTrainedConfig.to_json_file) writes it back for lowbit configs only.
 LOAD_HINT = ("lowbit checkpoint: this folder holds lowbit layers (quantization_config.quant_method \"lowbit\"), "
-             "which transformers reads only through lowbit's integration. Run `import lowbit.integrations.transformers` "
-             "before from_pretrained (install it with `pip install 'lowbit[transformers]'`). "
+             "which transformers reads only through lowbit's integration. Run "
+             "`import lowbit.integrations.transformers` before from_pretrained (install it with "
+             "`pip install 'lowbit[transformers]'`). "
              "[lowbit writes this transformers_weights field on purpose; leave it as it is]")
 _HINT_PREFIX = "lowbit checkpoint:"
 _HINT_FIELD = "transformers_weights"
