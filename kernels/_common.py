@@ -320,3 +320,55 @@ def words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, p
             if M > 3:
                 _words_reduce_row(y_ptr, ws_ptr, bias_ptr, 3, offs_n, n_mask, N, HAS_BIAS, SPLIT_K)
             tl.atomic_xchg(count_ptr + pid_n, 0)
+
+
+@triton.jit
+def fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M: tl.constexpr, PAIRS: tl.constexpr):
+    """p_m += v0 * x[m, 2 kp] + v1 * x[m, 2 kp + 1] for the M <= 4 rows of x (contiguous [M, K]).
+
+    PAIRS (bf16 x, passed as int32 words): one 32-bit load brings both elements, and a bf16 is the
+    upper half of an fp32, so the two conversions are a shift and a mask (the 16-bit loads plus
+    IMAD conversions they replace cost ~0.1 SASS instruction per weight of an M=1 GEMV). Integer
+    and bitcast work only: the Triton interpreter runs it as the GPU does."""
+    if PAIRS:
+        xw = tl.load(x_ptr + kp, eviction_policy="evict_last")
+        p0 += v0 * (xw << 16).to(tl.float32, bitcast=True)
+        p0 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
+        if M > 1:
+            xw = tl.load(x_ptr + kp + K // 2, eviction_policy="evict_last")
+            p1 += v0 * (xw << 16).to(tl.float32, bitcast=True)
+            p1 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
+        if M > 2:
+            xw = tl.load(x_ptr + kp + K, eviction_policy="evict_last")
+            p2 += v0 * (xw << 16).to(tl.float32, bitcast=True)
+            p2 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
+        if M > 3:
+            xw = tl.load(x_ptr + kp + 3 * (K // 2), eviction_policy="evict_last")
+            p3 += v0 * (xw << 16).to(tl.float32, bitcast=True)
+            p3 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
+    else:
+        xk = x_ptr + 2 * kp
+        p0 += v0 * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
+        p0 += v1 * tl.load(xk + 1, eviction_policy="evict_last").to(tl.float32)
+        if M > 1:
+            p1 += v0 * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
+            p1 += v1 * tl.load(xk + K + 1, eviction_policy="evict_last").to(tl.float32)
+        if M > 2:
+            p2 += v0 * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
+            p2 += v1 * tl.load(xk + 2 * K + 1, eviction_policy="evict_last").to(tl.float32)
+        if M > 3:
+            p3 += v0 * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
+            p3 += v1 * tl.load(xk + 3 * K + 1, eviction_policy="evict_last").to(tl.float32)
+    return p0, p1, p2, p3
+
+
+def words_x(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The x argument of a words GEMV and its PAIRS flag: bf16 as int32 pairs (K is even)."""
+    if x.dtype == torch.bfloat16:
+        return x.view(torch.int32), True
+    return x, False
+
+
+def words_out_dtype(x_dtype: torch.dtype) -> torch.dtype:
+    """The interpreter truncates fp32 -> bf16 casts: store fp32 there, torch rounds."""
+    return torch.float32 if (x_dtype == torch.bfloat16 and interpreting()) else x_dtype

@@ -36,8 +36,12 @@ from ._common import (
     reduce_split,
     store_output,
     tune_m,
+    WORKSPACES,
+    fma_x_pair,
     words_epilogue,
+    words_out_dtype,
     words_workspace,
+    words_x,
 )
 from ._spec import launch_spec, meta
 
@@ -180,24 +184,11 @@ def _field(w, third, magic, O: tl.constexpr, WIDTH: tl.constexpr, THIRD: tl.cons
 
 
 @triton.jit
-def _fma_x(p0, p1, p2, p3, v, xk, K, M: tl.constexpr):
-    """p_m += v * x[m, k] for the M <= 4 rows of x (x contiguous [M, K]; xk points at row 0)."""
-    p0 += v * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
-    if M > 1:
-        p1 += v * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
-    if M > 2:
-        p2 += v * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
-    if M > 3:
-        p3 += v * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
-    return p0, p1, p2, p3
-
-
-@triton.jit
 def gemv_int_words_kernel(
     x_ptr, codes_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
     N, K, NG, ROW_TILES, magic,
     BITS: tl.constexpr, GROUP: tl.constexpr, PER_ROW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W^T (+ bias) for M <= 4, in one launch, without tensor cores.
 
@@ -247,20 +238,23 @@ def gemv_int_words_kernel(
                     a_, b_, ha, hb = a, b, h << 1, h << 2
                 else:
                     a_, b_, ha, hb = a >> 16, b >> 16, h >> 15, h >> 14
-                for i in tl.static_range(8):
-                    va = _field(a_, ha, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
-                    vb = _field(b_, hb, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
-                    xa = x_ptr + k0 + 32 * cols + 8 * half + i
-                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, va, xa, K, M)
-                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, vb, xa + 16, K, M)
+                for i in tl.static_range(0, 8, 2):
+                    va0 = _field(a_, ha, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
+                    va1 = _field(a_, ha, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
+                    vb0 = _field(b_, hb, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
+                    vb1 = _field(b_, hb, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
+                    kp = (k0 + 32 * cols + 8 * half + i) // 2  # pair index of code i of word A
+                    p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, va0, va1, x_ptr, kp, K, M, PAIRS)
+                    p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, vb0, vb1, x_ptr, kp + 8, K, M, PAIRS)
         else:
             w = tl.load(words, mask=n_mask, other=0, eviction_policy="evict_first")
             for half in tl.static_range(2):
                 w_ = w if half == 0 else w >> 16
-                for i in tl.static_range(CPW // 2):
-                    v = _field(w_, w_, magic, BITS * i, BITS, False) - (z + (1 << (23 - BITS * i)))
-                    xk = x_ptr + k0 + CPW * cols + (CPW // 2) * half + i
-                    p0, p1, p2, p3 = _fma_x(p0, p1, p2, p3, v, xk, K, M)
+                for i in tl.static_range(0, CPW // 2, 2):
+                    v0 = _field(w_, w_, magic, BITS * i, BITS, False) - (z + (1 << (23 - BITS * i)))
+                    v1 = _field(w_, w_, magic, BITS * i + BITS, BITS, False) - (z + (1 << (23 - BITS * i - BITS)))
+                    kp = (k0 + CPW * cols + (CPW // 2) * half + i) // 2
+                    p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         if PER_ROW:
             acc0 += tl.sum(p0, axis=1, keep_dims=True)
             if M > 1:
@@ -394,7 +388,7 @@ GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
 # 64x64x64 and 64x32x64 run 8 warps: with 4 they spill 8 B on sm_80 (int2/int3; 64x32x64 all widths).
 GRAD_SCALE_CONFIGS = [S(64, 64, 64, 8, 3), S(128, 64, 64, 8, 3), S(64, 32, 64, 8, 3)]
 GRAD_SCALE_CONFIGS_FP32 = [S(64, 32, 32, 4, 3), S(32, 64, 32, 4, 3)]  # fp32 tiles take twice the registers
-INTERPRETER_FORWARD = [C("gemv", 1, 32, 64, 2, 4, 1), C("dot", 16, 32, 64, 1, 4, 1), C("dot", 16, 32, 32, 2, 4, 1)]
+INTERPRETER_FORWARD = [C("words", 1, 32, 0, 1, 1, 1), C("gemv", 1, 32, 64, 2, 4, 1), C("dot", 16, 32, 64, 1, 4, 1), C("dot", 16, 32, 32, 2, 4, 1)]
 INTERPRETER_GRAD_X = [G(16, 64, 32, 2, 4, 1), G(16, 32, 32, 1, 4, 1)]
 INTERPRETER_GRAD_SCALE = S(32, 32, 16, 4, 1)
 FALLBACK_FORWARD = C("dot", 16, 32, 32, 1, 4, 1)
@@ -430,7 +424,7 @@ def _scale_mode(k: int, group_len: int, block_k: int) -> dict:
 def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulConfig | None = None):
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D contiguous, fp16/bf16/fp32; K % 32 == 0."""
     m, k = x.shape
-    out_dtype = x.dtype
+    x_in, out_dtype = x, x.dtype
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x = x.float()
     dot_dt = dot_dtype(x.dtype, x.device)
@@ -438,8 +432,8 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
     scale = _cpu_scale(scale)
 
     def run(cfg: MatmulConfig):
-        if cfg.kind == "words":
-            return _words_gemv(x.contiguous(), codes, scale, zeros, bits, group_len, n, bias, cfg, out_dtype)
+        if cfg.kind == "words":  # integer work only: bf16 x stays bf16 under the interpreter too
+            return _words_gemv(x_in.contiguous(), codes, scale, zeros, bits, group_len, n, bias, cfg, out_dtype)
         split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
         y = alloc_output((split, m, n), store_dtype, x.device)
@@ -478,14 +472,16 @@ def _words_gemv(x, codes, scale, zeros, bits, group_len, n, bias, cfg: MatmulCon
         codes = codes.clone()
     tiles = triton.cdiv(n, cfg.block_n)
     ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
-    y = alloc_output((m, n), x.dtype, x.device)
+    y = alloc_output((m, n), words_out_dtype(x.dtype), x.device)
+    xw, pairs = words_x(x)
     per_row = group_len == k
     count_launch("intq.words")
     gemv_int_words_kernel[(tiles, cfg.split_k)](
-        x, codes, scale, zeros, bias if bias is not None else x, y, ws, count,
+        xw, codes, scale, zeros, bias if bias is not None else x, y, ws, count,
         n, k, k // group_len, k * bits // 128, 0x4B000000,
         BITS=bits, GROUP=32 if per_row else group_len, PER_ROW=per_row, HAS_BIAS=bias is not None,
-        M=m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        M=m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, PAIRS=pairs, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
     return y if y.dtype == out_dtype else y.to(out_dtype)
 

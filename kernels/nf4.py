@@ -49,8 +49,11 @@ from ._common import (
     reduce_split,
     store_output,
     tune_m,
+    fma_x_pair,
     words_epilogue,
+    words_out_dtype,
     words_workspace,
+    words_x,
     WORKSPACES,
 )
 from ._spec import launch_spec, meta
@@ -352,20 +355,23 @@ def gemv_4bit_words_kernel(
     ws_ptr, count_ptr,
     N, K, stride_wn,
     BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, PAIRS: tl.constexpr,
 ):
     """y[M, N] = x[M, K] @ W^T (+ bias) for M <= 4, in one launch, without tensor cores.
 
     Loop shape (each choice removes instructions the SASS of the previous GEMV spent; the cost
     report, python -m lowbit.kernels.cost, counts them):
-    - W is read as int32 words of 8 codes, a [BLOCK_N, BLOCK_K/8] tile per step with BLOCK_K = 32:
-      one 128-bit load per row and thread, each thread owning whole rows of the step, so every
+    - W is read as int32 words of 8 codes, [BLOCK_N, 4] tiles (32 codes) of which a step of BLOCK_K
+      takes BLOCK_K / 32: one 128-bit load per tile, row and thread, each thread owning whole rows of
+      the step (a wider tile would split a row's columns over threads: shuffles), so every
       sum below stays inside a thread (no shuffles) and every tensor keeps the word tile's layout
       (no conversion through shared memory, no barriers);
     - the 8 codes of a word are decoded one shift at a time by an L1-resident table gather
       (`_table_value`), multiplied by the matching x element and summed in fp32 registers; the
-      step's per-row partial is scaled once (BLOCK_K <= BLOCKSIZE: one block per step);
-    - the rows of x share every decoded weight (M accumulators);
+      step's per-row partial is scaled once (BLOCK_K <= BLOCKSIZE: one block per step; BLOCK_K = 64
+      halves the scale loads and decodes of BLOCK_K = 32);
+    - the rows of x share every decoded weight (M accumulators); bf16 x is read as int32 pairs
+      (kernels._common.fma_x_pair);
     - split-K writes fp32 partials to a workspace and the last program of each row tile (a
       counter per tile, reset by that program) sums them in split order, adds the bias, casts
       and stores: one launch, deterministic, no memset.
@@ -376,7 +382,7 @@ def gemv_4bit_words_kernel(
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = (offs_n < N)[:, None]
-    WORDS: tl.constexpr = BLOCK_K // 8
+    WORDS: tl.constexpr = 4
     cols = tl.arange(0, WORDS)[None, :]
     rows64 = offs_n.to(tl.int64)[:, None]
     table_base = code_ptr.to(tl.int64, bitcast=True)
@@ -387,22 +393,18 @@ def gemv_4bit_words_kernel(
     acc3 = tl.zeros((BLOCK_N, 1), dtype=tl.float32)
     for kk in range(0, k_len, BLOCK_K):
         k0 = pid_k * k_len + kk
-        w = tl.load(words_ptr + rows64 * stride_wn + (tl.multiple_of(k0 // 8, WORDS) + cols), mask=n_mask, other=0,
-                    eviction_policy="evict_first")
         p0 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         p1 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         p2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
         p3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
-        for j in tl.static_range(8):
-            v = _table_value(w, table_base, 8 * (j // 2) + 4 * (1 - j % 2))
-            xk = x_ptr + k0 + 8 * cols + j  # [1, WORDS]: in the tile's layout
-            p0 += v * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
-            if M > 1:
-                p1 += v * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
-            if M > 2:
-                p2 += v * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
-            if M > 3:
-                p3 += v * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
+        for t in tl.static_range(BLOCK_K // 32):
+            w = tl.load(words_ptr + rows64 * stride_wn + (tl.multiple_of((k0 + 32 * t) // 8, WORDS) + cols),
+                        mask=n_mask, other=0, eviction_policy="evict_first")
+            for pair in tl.static_range(4):  # byte `pair`: element 2 pair (high nibble), then 2 pair + 1
+                v0 = _table_value(w, table_base, 8 * pair + 4)
+                v1 = _table_value(w, table_base, 8 * pair)
+                kp = (k0 + 32 * t + 8 * cols) // 2 + pair  # [1, WORDS]: in the tile's layout
+                p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         s = _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                         rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
         acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
@@ -471,7 +473,7 @@ FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     # for the "gemv" configs (python -m lowbit.kernels.cost, 2026-11-27; never timed on a GPU yet: the
     # tuner times every candidate of the bucket on first use). Fewer rows per thread (32 per warp)
     # cost 8.7 instructions per weight but put more warps in flight at small N.
-    1: [C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1), C("words", 1, 32, 32, 16, 1, 1),
+    1: [C("words", 1, 128, 64, 16, 1, 1), C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1), C("words", 1, 32, 32, 16, 1, 1),
         C("words", 1, 256, 32, 8, 2, 1),
         C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
         C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 128, 64, 2, 4, 3),
@@ -504,10 +506,12 @@ FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1, 1)
 # M on an H100 today (docs/benchmarks.md); the tuner takes whichever is faster for the shape.
 
 
-def _fits_forward(cfg: MatmulConfig, m: int, k: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+def _fits_forward(cfg: MatmulConfig, m: int, k: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> bool:
     # "words" with fp32 activations spills 8 B on sm_90 (ptxas keeps 80 registers): fp16/bf16 only,
     # except under the interpreter, which runs everything in fp32.
     if cfg.kind == "words" and dtype == torch.float32 and not interpreting():
+        return False
+    if cfg.kind == "words" and (blocksize % cfg.block_k or cfg.block_k % 32):  # a step inside one block
         return False
     return (cfg.kind != "dequant" and (cfg.kind not in ("gemv", "words") or m <= cfg.block_m)
             and k % (cfg.block_k * cfg.split_k) == 0)
@@ -527,13 +531,14 @@ def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias
         code = code.clone()
     tiles = triton.cdiv(n, cfg.block_n)
     ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
-    y = alloc_output((m, n), x.dtype, x.device)
+    y = alloc_output((m, n), words_out_dtype(x.dtype), x.device)
+    xw, pairs = words_x(x)
     count_launch("nf4.words")
     gemv_4bit_words_kernel[(tiles, cfg.split_k)](
-        x, words, *scales, code, bias if bias is not None else x, y, ws, count,
+        xw, words, *scales, code, bias if bias is not None else x, y, ws, count,
         n, k, k // 8,
         BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=dq, HAS_BIAS=bias is not None,
-        M=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k,
+        M=m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, PAIRS=pairs,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y if y.dtype == out_dtype else y.to(out_dtype)
@@ -563,7 +568,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D, fp16/bf16/fp32, K % blocksize == 0."""
     code, nested_code = _dense_tables(code, nested_code)
     m, k = x.shape
-    out_dtype = x.dtype
+    x_in, out_dtype = x, x.dtype
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x = x.float()
     dot_dt = dot_dtype(x.dtype, x.device)
@@ -574,8 +579,8 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
             w = _dequantize_rows(codes, absmax, code, blocksize, n, k, nested_absmax, nested_code, offset,
                                  nested_blocksize, x.dtype)
             return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype)).to(out_dtype)
-        if cfg.kind == "words":
-            return _words_gemv(x.contiguous(), codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg,
+        if cfg.kind == "words":  # integer work only: bf16 x stays bf16 under the interpreter too
+            return _words_gemv(x_in.contiguous(), codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg,
                                out_dtype)
         split = cfg.split_k
         store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
@@ -596,10 +601,12 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
 
     if config is None:
         if x.device.type == "cpu":
-            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k) and (m == 1 or c.kind == "dot")]
+            cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k, blocksize=blocksize)
+                     and (m == 1 or c.kind == "dot")]
             config = cands[0] if cands else FALLBACK_FORWARD
         else:
-            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k, x.dtype)]
+            cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)]
+                     if _fits_forward(c, m, k, x.dtype, blocksize)]
             if not cands:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
             cands.append(DEQUANT)

@@ -23,15 +23,26 @@ LAYOUTS = [None, 32, 64]  # rows; groups of 32 (a 64-wide kernel tile spans 2 gr
 
 
 def decode_q(codes: torch.Tensor, bits: int) -> np.ndarray:
-    """int32 [N, K/32, bits] bit planes -> int64 codes [N, K]: bit i of word (n, c, j) = bit j of Q[n, 32c+i]."""
-    words = codes.cpu().numpy().view(np.uint32).astype(np.int64)
-    n, c, b = words.shape
-    assert b == bits
-    q = np.zeros((n, c, 32), dtype=np.int64)
-    for j in range(bits):
-        for i in range(32):
-            q[:, :, i] += ((words[:, :, j] >> i) & 1) << j
-    return q.reshape(n, c * 32)
+    """int32 [N, K/32, bits] -> int64 codes [N, K], one code at a time from the layout documented in
+    lowbit.formats.intq (format version 3), independently of its pack/unpack code."""
+    n = codes.shape[0]
+    words = codes.cpu().reshape(n, -1).numpy().view(np.uint32).astype(np.int64)
+    k = words.shape[1] * 32 // bits
+    q = np.zeros((n, k), dtype=np.int64)
+    for col in range(k):
+        if bits in (2, 4):
+            per = 32 // bits
+            q[:, col] = (words[:, col // per] >> (bits * (col % per))) & ((1 << bits) - 1)
+            continue
+        chunk, i = divmod(col, 32)
+        quad, j = divmod(chunk, 4)
+        r = min(4, k // 32 - 4 * quad)
+        a, b, h = 12 * quad + j, 12 * quad + r + j, 12 * quad + 2 * r + j
+        if i < 16:
+            q[:, col] = ((words[:, a] >> (2 * i)) & 3) | (((words[:, h] >> (2 * i + 1)) & 1) << 2)
+        else:
+            q[:, col] = ((words[:, b] >> (2 * (i - 16))) & 3) | (((words[:, h] >> (2 * (i - 16))) & 1) << 2)
+    return q
 
 
 def oracle_parts(q: QuantInt):
@@ -79,16 +90,45 @@ def poisoned_empty(monkeypatch):
 
 
 def test_pack_layout_known_words():
-    # Q[i] = i % 4 over 32 values: plane 0 = odd lanes, plane 1 = lanes with i % 4 >= 2.
+    # int2: Q[i] = i % 4 -> crumbs 0,1,2,3 repeating from bit 0: 0b11100100 per byte.
     q = (torch.arange(32) % 4).view(1, 32)
-    words = pack_codes(q, 2).view(-1).numpy().view(np.uint32)
-    assert words.tolist() == [0xAAAAAAAA, 0xCCCCCCCC]
-    # 3 bits: value 7 in lane 31 only -> the top bit of every plane (the int32 sign bit).
-    q = torch.zeros(1, 64, dtype=torch.int64)
-    q[0, 31] = 7
-    q[0, 32] = 5  # second chunk, lane 0: planes 0 and 2
-    words = pack_codes(q, 3).view(-1).numpy().view(np.uint32)
-    assert words.tolist() == [0x80000000, 0x80000000, 0x80000000, 1, 0, 1]
+    assert pack_codes(q, 2).view(-1).numpy().view(np.uint32).tolist() == [0xE4E4E4E4, 0xE4E4E4E4]
+    # int4: Q[i] = i % 16 -> nibbles 0..7, then 8..15, lowest first.
+    q = (torch.arange(32) % 16).view(1, 32)
+    assert pack_codes(q, 4).view(-1).numpy().view(np.uint32).tolist() == [0x76543210, 0xFEDCBA98] * 2
+    # int3, one chunk (a short quad, r = 1: words A, B, H): code 0 = 7, code 16 = 5, code 31 = 6.
+    q = torch.zeros(1, 32, dtype=torch.int64)
+    q[0, 0], q[0, 16], q[0, 31] = 7, 5, 6
+    a, b, h = pack_codes(q, 3).view(-1).numpy().view(np.uint32).tolist()
+    assert a == 0b11  # code 0's low bits
+    assert b == 0b01 | (0b10 << 30)  # code 16 (low bits 01), code 31 (low bits 10) at bits 30..31
+    assert h == (1 << 1) | (1 << 0) | (1 << 30)  # bit 2 of code 0 -> bit 1; code 16 -> bit 0; code 31 -> bit 30
+    # int3 full quad: chunk j's words at j, 4 + j, 8 + j
+    q = torch.zeros(1, 128, dtype=torch.int64)
+    q[0, 32 * 2 + 3] = 4  # chunk 2, code 3: only bit 2 -> H[2] bit 7
+    q[0, 32 * 3 + 17] = 3  # chunk 3, code 17: crumb 3 in B[3] bits 2..3
+    words = pack_codes(q, 3).view(-1).numpy().view(np.uint32).tolist()
+    expect = [0] * 12
+    expect[8 + 2] = 1 << 7
+    expect[4 + 3] = 3 << 2
+    assert words == expect
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("k", [32, 96, 128, 224, 512])
+def test_bit_plane_conversion_is_exact_both_ways(bits, k):
+    """Format 1-2 checkpoints held bit planes: the conversion to and from them loses nothing."""
+    from lowbit.formats.intq import packed_to_planes, planes_to_packed
+
+    q = torch.randint(0, 2**bits, (5, k))
+    planes = torch.zeros(5, k // 32, bits, dtype=torch.int64)  # independent bit-plane packing
+    for j in range(bits):
+        for i in range(32):
+            planes[:, :, j] |= ((q.view(5, k // 32, 32)[:, :, i] >> j) & 1) << i
+    planes = torch.where(planes >= 2**31, planes - 2**32, planes).to(torch.int32)
+    packed = planes_to_packed(planes, bits)
+    assert np.array_equal(decode_q(packed, bits), q.numpy())
+    assert torch.equal(packed_to_planes(packed, bits), planes)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -213,8 +253,15 @@ def test_grad_scale_never_divides_by_scale():
 # ----------------------------------------------------------------------------------------------
 
 
-def _fwd(m: int) -> str:
-    return "intq.gemv" if m == 1 else "intq.dot"  # the interpreter table's choice for M rows
+STEP = {2: 64, 3: 128, 4: 32}  # codes per row per step of the words GEMV (one 128-bit tile; int3: a quad)
+
+
+def _fwd(m: int, bits: int = 3, group_size=None) -> str:
+    """The interpreter table's choice for M rows: the words GEMV at M = 1 when a group holds whole
+    steps, else the gemv; tl.dot tiles for more rows."""
+    if m > 1:
+        return "intq.dot"
+    return "intq.words" if group_size is None or group_size % STEP[bits] == 0 else "intq.gemv"
 
 
 @pytest.mark.interp
@@ -225,7 +272,7 @@ def test_triton_forward_fp32(bits, group_size, m, poisoned_empty):
     n, k = 40, 128  # n not a multiple of the 32-wide tile: masked rows
     q = quantize_int(torch.randn(n, k), bits, group_size)
     x, b = torch.randn(m, k), torch.randn(n)
-    with triton_on_cpu(_fwd(m)):
+    with triton_on_cpu(_fwd(m, bits, group_size)):
         y = matmul_int(x, q, bias=b)
     ref = x.double() @ oracle_weight(q).t() + b.double()
     assert rel_err(y, ref) <= TOL[torch.float32]
@@ -239,11 +286,36 @@ def test_triton_forward_half(dtype, group_size, m, poisoned_empty):
     n, k = 40, 128
     q = quantize_int(torch.randn(n, k), 3, group_size)
     x, b = torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
-    with triton_on_cpu(_fwd(m)):
+    with triton_on_cpu(_fwd(m, 3, group_size)):
         y = matmul_int(x, q, bias=b)
     assert y.dtype == dtype
     ref = x.double() @ oracle_weight(q).t() + b.double()
     assert rel_err(y, ref) <= TOL[dtype]
+
+
+@pytest.mark.interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,split,block_n", [(1, 1, 32), (1, 2, 64), (2, 2, 32), (3, 1, 16), (4, 4, 32)])
+@pytest.mark.parametrize("bits,group_size", [(2, None), (2, 128), (3, None), (3, 128), (4, None), (4, 32)])
+def test_words_gemv_against_float64(bits, group_size, m, split, block_n, dtype):
+    """The one-launch integer GEMV (packed words, mantissa-OR decode, counter-reduced split-K):
+    M = 1..4, odd N, every split, rows and groups, bias or not; twice in a row (the split counters
+    must reset themselves), fresh inputs each time."""
+    import lowbit.kernels.intq as K
+
+    n, k = 70, 512
+    q = quantize_int(torch.randn(n, k), bits, group_size)
+    glen = k if group_size is None else group_size
+    cfg = K.MatmulConfig("words", 4, block_n, 0, split, 1, 1)
+    for bias in (True, False):
+        x = torch.randn(m, k).to(dtype)
+        b = torch.randn(n).to(dtype) if bias else None
+        with expect_launches("intq.words"):
+            y = K.matmul_int(x, q.codes, q.scale, q.zeros, bits, glen, n, b, config=cfg)
+        assert y.dtype == dtype and y.shape == (m, n)
+        ref = x.double() @ oracle_weight(q).t() + (0 if b is None else b.double())
+        assert rel_err(y, ref) <= TOL[dtype]
+    assert all(int(c.abs().sum()) == 0 for _, c in K.WORKSPACES.values() if c.numel() > 1)
 
 
 @pytest.mark.interp
@@ -252,7 +324,7 @@ def test_triton_forward_half(dtype, group_size, m, poisoned_empty):
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_triton_grads_fp32(bits, group_size, m, poisoned_empty):
     q = quantize_int(torch.randn(40, 128), bits, group_size)
-    with triton_on_cpu(_fwd(m), "intq.grad_x", "intq.grad_scale"):
+    with triton_on_cpu(_fwd(m, bits, group_size), "intq.grad_x", "intq.grad_scale"):
         _grads_vs_float64(torch.randn(m, 128), q, torch.randn(40), TOL[torch.float32])
 
 
