@@ -155,7 +155,7 @@ def test_config_round_trips_through_dict():
     cfg = LowbitConfig("int4", group_size=64, modules_to_not_convert=["lm_head"])
     d = cfg.to_dict()
     assert d == {"quant_method": "lowbit", "quant_type": "int4", "group_size": 64, "method": "rtn",
-                 "modules_to_not_convert": ["lm_head"], "format_version": 2, "lowbit_version": lowbit.__version__}
+                 "modules_to_not_convert": ["lm_head"], "format_version": 3, "lowbit_version": lowbit.__version__}
     assert LowbitConfig.from_dict(json.loads(json.dumps(d))).to_dict() == d
     assert LowbitConfig("nf4", compute_dtype=torch.bfloat16).options["compute_dtype"] is torch.bfloat16
 
@@ -205,10 +205,41 @@ def test_lowbit_folder_of_a_newer_format(saved, tmp_path):
         os.symlink(os.path.join(src, name), tmp_path / name)
     os.remove(tmp_path / "config.json")
     cfg = json.load(open(os.path.join(src, "config.json")))
-    cfg["quantization_config"]["format_version"] = 3
+    cfg["quantization_config"]["format_version"] = lowbit.nn.FORMAT_VERSION + 1
     json.dump(cfg, open(tmp_path / "config.json", "w"))
-    with pytest.raises(ValueError, match="format version 3.*upgrade lowbit"):
+    with pytest.raises(ValueError, match=f"format version {lowbit.nn.FORMAT_VERSION + 1}.*upgrade lowbit"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_int_folder_of_format_2_is_converted_on_load(saved, tokens, tmp_path):
+    """Format 2 wrote int codes as bit planes: such a folder (rewritten here from a format-3 one with the
+    independent bit-plane packer of the tests) loads to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from lowbit.formats.intq import packed_to_planes
+    from lowbit.nn import EXTRA_STATE, decode_meta, encode_meta
+
+    src = saved("int3")
+    for name in os.listdir(src):
+        if not name.endswith((".safetensors", "config.json")):
+            os.symlink(os.path.join(src, name), tmp_path / name)
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    cfg["quantization_config"]["format_version"] = 2
+    json.dump(cfg, open(tmp_path / "config.json", "w"))
+    sd = load_file(os.path.join(src, "model.safetensors"))
+    converted = 0
+    for key in list(sd):
+        if key.endswith(".codes"):
+            sd[key] = packed_to_planes(sd[key], 3).contiguous()
+            converted += 1
+        elif key.endswith(EXTRA_STATE):
+            sd[key] = encode_meta({**decode_meta(sd[key], key), "format_version": 2})
+    assert converted
+    save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    want = AutoModelForCausalLM.from_pretrained(src)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(got(tokens).logits, want(tokens).logits)
 
 
 def test_other_family_in_config_than_in_checkpoint(saved):

@@ -293,10 +293,17 @@ def test_triton_forward_half(dtype, group_size, m, poisoned_empty):
     assert rel_err(y, ref) <= TOL[dtype]
 
 
+_F32, _F16, _BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+# every width x rows/groups, every M, every split, every dtype, each at least twice (not the full product:
+# the interpreter runs ~2 s per case)
 @pytest.mark.interp
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,split,block_n", [(1, 1, 32), (1, 2, 64), (2, 2, 32), (3, 1, 16), (4, 4, 32)])
-@pytest.mark.parametrize("bits,group_size", [(2, None), (2, 128), (3, None), (3, 128), (4, None), (4, 32)])
+@pytest.mark.parametrize("bits,group_size,m,split,block_n,dtype", [
+    (2, None, 1, 2, 64, _BF16), (2, 128, 4, 4, 32, _F32), (2, None, 3, 1, 16, _F16), (2, 128, 1, 1, 32, _BF16),
+    (3, None, 1, 4, 32, _BF16), (3, 128, 2, 2, 32, _F16), (3, None, 4, 1, 64, _F32), (3, 128, 1, 2, 16, _BF16),
+    (4, None, 1, 1, 32, _F16), (4, 32, 3, 4, 32, _BF16), (4, None, 2, 2, 16, _BF16), (4, 32, 1, 4, 64, _F32),
+])
 def test_words_gemv_against_float64(bits, group_size, m, split, block_n, dtype):
     """The one-launch integer GEMV (packed words, mantissa-OR decode, counter-reduced split-K):
     M = 1..4, odd N, every split, rows and groups, bias or not; twice in a row (the split counters

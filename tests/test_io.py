@@ -42,7 +42,7 @@ def test_round_trip_with_metadata_in_the_file(tmp_path):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    assert meta["lowbit.format_version"] == "2"
+    assert meta["lowbit.format_version"] == "3"
     layers = json.loads(meta["lowbit.layers"])
     assert layers["0"]["quant_type"] == "fp4" and layers["2"]["bits"] == 3
     assert layer_formats(path)["0"]["family"] == "nf4"

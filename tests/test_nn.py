@@ -177,7 +177,7 @@ def test_metadata_travels_in_the_state_dict():
     for cls, opts in FAMILIES:
         _, m = _layer(cls, opts)
         meta = decode_meta(m.state_dict()[EXTRA_STATE], EXTRA_STATE)
-        assert meta["family"] == cls.FAMILY and meta["format_version"] == 2
+        assert meta["family"] == cls.FAMILY and meta["format_version"] == 3
         for k, v in opts.items():
             assert meta[k] == v
 
@@ -236,6 +236,31 @@ def test_checkpoint_without_metadata_loads_as_format_1_and_newer_versions_refuse
     future[EXTRA_STATE] = torch.tensor(list(json.dumps(meta).encode()), dtype=torch.uint8)
     with pytest.raises(ValueError, match="format version 99.*upgrade lowbit"):
         Linear4bit(128, 32).load_state_dict(future)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("with_metadata", [True, False])
+def test_int_checkpoint_of_format_1_or_2_is_converted_exactly(bits, with_metadata):
+    """Formats 1-2 stored int codes as bit planes; loading converts them (and nothing else)."""
+    from lowbit.formats.intq import pack_bit_planes, unpack_codes
+    from lowbit.nn import encode_meta
+
+    src = IntLinear.from_linear(nn.Linear(160, 24), bits=bits)  # 5 chunks: a short int3 quad too
+    old = dict(src.state_dict())
+    old["codes"] = pack_bit_planes(unpack_codes(src.codes, bits), bits)
+    assert not torch.equal(old["codes"], src.codes)
+    if with_metadata:
+        old[EXTRA_STATE] = encode_meta({**decode_meta(old[EXTRA_STATE], EXTRA_STATE), "format_version": 2})
+    else:
+        del old[EXTRA_STATE]
+    dst = IntLinear(160, 24, bits=bits)
+    dst.load_state_dict(old)
+    assert torch.equal(dst.codes, src.codes)
+    x = torch.randn(3, 160)
+    assert torch.equal(dst(x), src(x))
+    current = IntLinear(160, 24, bits=bits)  # a format-3 checkpoint is taken as it is
+    current.load_state_dict(src.state_dict())
+    assert torch.equal(current.codes, src.codes)
 
 
 # ----------------------------------------------------------------------------------------------

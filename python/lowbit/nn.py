@@ -61,7 +61,9 @@ from .formats import sz as sz_fmt
 from .functional import check_sz_dtype, dequantize_4bit, dequantize_int, quantize_4bit
 from ._ops import sz_decode, sz_matmul
 
-FORMAT_VERSION = 2
+# 3 (2026-11-27): int codes are packed fields, not bit planes (lowbit.formats.intq); older int
+# checkpoints are converted exactly when loaded (IntLinear._upgrade). 2: metadata in the state dict.
+FORMAT_VERSION = 3
 EXTRA_STATE = "_extra_state"
 _REGISTRY: dict[str, type["QuantLinear"]] = {}
 _DTYPE_NAMES = nf4_fmt.DTYPE_NAMES
@@ -87,7 +89,7 @@ def _dtype_target(fn) -> Optional[torch.dtype]:
 META_BYTES = 512  # fixed: DCP loads into existing tensors, so every layer's metadata has one size
 
 
-def _encode_meta(meta: dict) -> Tensor:
+def encode_meta(meta: dict) -> Tensor:
     raw = json.dumps(meta, sort_keys=True).encode("utf-8")
     if len(raw) > META_BYTES:
         raise ValueError(f"format metadata is {len(raw)} bytes, over the {META_BYTES} a layer stores")
@@ -204,7 +206,7 @@ class QuantLinear(nn.Module):
                 **self.format_fields()}
 
     def get_extra_state(self) -> Tensor:
-        return _encode_meta(self.format_metadata())
+        return encode_meta(self.format_metadata())
 
     def set_extra_state(self, state: Any) -> None:
         # Checked and adopted in _load_from_state_dict, before the buffers are copied.
@@ -234,15 +236,21 @@ class QuantLinear(nn.Module):
             meta = decode_meta(state_dict[key], key)
             self._check_meta(meta, key)
             self._adopt(meta, state_dict, prefix)
+            self._upgrade(int(meta.get("format_version", 1)), state_dict, prefix)
         elif any(k.startswith(prefix) for k in state_dict):
             # A checkpoint from before format version 2 (no metadata): trust the layer's format, as
             # those versions did; torch still checks every buffer's shape.
             state_dict[key] = self.get_extra_state()
+            self._upgrade(1, state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
     def _convert_foreign(self, state_dict: dict, prefix: str) -> None:
         """Rewrite another library's keys for this layer into lowbit's, in place (4-bit: bnb)."""
+
+    def _upgrade(self, version: int, state_dict: dict, prefix: str) -> None:
+        """Rewrite this layer's tensors of a checkpoint written in format `version` (< FORMAT_VERSION)
+        into the current layout, in place, exactly (subclasses whose bytes changed)."""
 
     # -- shared API -------------------------------------------------------------------------------
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
@@ -457,7 +465,7 @@ class Linear4bit(QuantLinear):
             state_dict[prefix + "weight_offset"] = q.offset
         meta = {**self.format_metadata(), "quant_type": self.quant_type, "double_quant": q.double_quant,
                 "dtype": _DTYPE_NAMES[q.dtype]}
-        state_dict[prefix + EXTRA_STATE] = _encode_meta(meta)
+        state_dict[prefix + EXTRA_STATE] = encode_meta(meta)
 
 
 # ==============================================================================================
@@ -469,7 +477,7 @@ class IntLinear(QuantLinear):
     """nn.Linear whose weight is s * (Q - z) with frozen integer codes Q, zero points z (PEQA).
 
     State (see lowbit.formats.intq for the byte layout):
-      codes  buffer    int32 [out, in/32, bits]   bit planes of Q
+      codes  buffer    int32 [out, in/32, bits]   Q as packed fields (lowbit.formats.intq, format 3)
       zeros  buffer    uint8 [out] or [out, in/group_size]
       scale  Parameter fp32  [out] or [out, in/group_size]   the trainable tensor; stays fp32
                        under .half()/.to(dtype) (an fp16 copy would lose the small updates)
@@ -536,6 +544,19 @@ class IntLinear(QuantLinear):
 
     def format_fields(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size}
+
+    def _upgrade(self, version: int, state_dict: dict, prefix: str) -> None:
+        key = prefix + "codes"
+        if version >= 3 or key not in state_dict:
+            return
+        codes = state_dict[key]
+        if type(codes) is not torch.Tensor or codes.device.type == "meta":
+            raise ValueError(f"{key}: a format-{version} int checkpoint (bit-plane codes) must be loaded from plain "
+                             f"tensors to be converted, got {type(codes).__name__} on {codes.device}; load it into an "
+                             "unsharded model once and save it again")
+        if codes.dtype != torch.int32 or codes.dim() != 3 or codes.shape[-1] != self.bits:
+            return  # torch's own shape check names the mismatch
+        state_dict[key] = intq_fmt.planes_to_packed(codes, self.bits)
 
 
 # ==============================================================================================

@@ -46,7 +46,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from .._validate import check_choice
 from .._version import __version__
 from ..formats import intq as intq_fmt
-from ..nn import (EXTRA_STATE, FORMAT_VERSION, IntLinear, Linear4bit, QuantLinear, SZLinear, decode_meta, layer_factory,
+from ..nn import (EXTRA_STATE, FORMAT_VERSION, encode_meta, IntLinear, Linear4bit, QuantLinear, SZLinear, decode_meta, layer_factory,
                   quant_types)
 
 QUANT_METHOD = "lowbit"
@@ -124,6 +124,8 @@ class LowbitConfig(QuantizationConfigMixin):
             self.compute_dtype = _dtype_name(self.compute_dtype)
         self.modules_to_not_convert = modules_to_not_convert
         self.format_version = FORMAT_VERSION
+        # the version of the folder being loaded (an older one may need its bytes converted after loading)
+        self._loaded_format_version = version
         self.lowbit_version = __version__
         self.post_init()
 
@@ -461,8 +463,14 @@ class LowbitHfQuantizer(HfQuantizer):
             if stale:
                 raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no {stale[0]!r} for it")
             # transformers sets each tensor by attribute and fills non-persistent buffers with empty memory:
-            # let the layer re-run its own loading on its own state (rebuilds the SZ decode table).
-            layer.load_state_dict(layer.state_dict(), strict=True)
+            # let the layer re-run its own loading on its own state (rebuilds the SZ decode table), as the
+            # folder's format version (older int codes are converted there).
+            version = getattr(self.quantization_config, "_loaded_format_version", FORMAT_VERSION)
+            sd = layer.state_dict()
+            if self.pre_quantized and version < FORMAT_VERSION:
+                meta = decode_meta(sd[EXTRA_STATE], name)
+                sd[EXTRA_STATE] = encode_meta({**meta, "format_version": version})
+            layer.load_state_dict(sd, strict=True)
             if isinstance(layer, (IntLinear, SZLinear)) and layer.bias is not None:
                 layer.bias.requires_grad_(False)  # lowbit's convention for these families (from_linear)
         return model
