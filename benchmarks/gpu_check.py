@@ -712,7 +712,7 @@ def main(argv=None) -> int:
     meta.update(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu (dry run)", torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda, lowbit=lowbit.__version__,
                 lowbit_path=str(Path(lowbit.__file__).parent), implementation=impl.name, args=vars(a),
-                autotune=os.environ.get("LOWBIT_AUTOTUNE", "1"), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
+                autotune=os.environ.get("LOWBIT_AUTOTUNE", "0"), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     run.log(f"gpu_check: {meta['device']}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton "
             f"{triton.__version__}  lowbit {lowbit.__version__} from {meta['lowbit_path']}  implementation "
             f"{impl.name}  budget {budget:.0f} s{'  DRY RUN: nothing is timed' if a.dry_run else ''}")

@@ -116,8 +116,10 @@ _tuned: dict[tuple, NamedTuple] = {}
 # Shipped per-card tables (gemlite's idea): kernels/_configs/<card>.json, written by `lowbit tune`
 # on that card, map tuner keys to the config measured fastest there. A key found in the table (or
 # the nearest shape of the same kernel, M, dtype and format) is used without timing anything; a
-# card without a table falls back to the first-call tuner (LOWBIT_AUTOTUNE=1, the default) or to
-# the bucket's first config (LOWBIT_AUTOTUNE=0). LOWBIT_CONFIG_DIR points at another folder.
+# card without a table takes the bucket's first config that fits, also without timing (a first
+# call that times 5-10 candidates costs seconds and is not deterministic). The first-call tuner is
+# opt-in: LOWBIT_AUTOTUNE=1, or `lowbit tune --out` to write a table. LOWBIT_CONFIG_DIR points at
+# another folder.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "_configs")
 TABLE_VERSION = 1
 _RECORDS = {"MatmulConfig": MatmulConfig, "GradXConfig": GradXConfig, "GradScaleConfig": GradScaleConfig}
@@ -185,7 +187,7 @@ def _from_table(key: tuple, candidates: list) -> NamedTuple | None:
 
 
 def autotune_enabled() -> bool:
-    return os.environ.get("LOWBIT_AUTOTUNE", "1") == "1"
+    return os.environ.get("LOWBIT_AUTOTUNE", "0") == "1"
 
 
 def pick(key: tuple, candidates: list, run: Callable) -> NamedTuple:

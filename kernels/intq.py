@@ -243,7 +243,7 @@ def gemv_int_words_kernel(
                     va1 = _field(a_, ha, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
                     vb0 = _field(b_, hb, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
                     vb1 = _field(b_, hb, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
-                    kp = (k0 + 32 * cols + 8 * half + i) // 2  # pair index of code i of word A
+                    kp = k0 // 2 + 16 * cols + 4 * half + i // 2  # pair index of code i of word A (constants fold)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, va0, va1, x_ptr, kp, K, M, PAIRS)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, vb0, vb1, x_ptr, kp + 8, K, M, PAIRS)
         else:
@@ -253,7 +253,7 @@ def gemv_int_words_kernel(
                 for i in tl.static_range(0, CPW // 2, 2):
                     v0 = _field(w_, w_, magic, BITS * i, BITS, False) - (z + (1 << (23 - BITS * i)))
                     v1 = _field(w_, w_, magic, BITS * i + BITS, BITS, False) - (z + (1 << (23 - BITS * i - BITS)))
-                    kp = (k0 + CPW * cols + (CPW // 2) * half + i) // 2
+                    kp = k0 // 2 + (CPW // 2) * cols + (CPW // 4) * half + i // 2  # pair index (constants fold)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         if PER_ROW:
             acc0 += tl.sum(p0, axis=1, keep_dims=True)

@@ -403,7 +403,7 @@ def gemv_4bit_words_kernel(
             for pair in tl.static_range(4):  # byte `pair`: element 2 pair (high nibble), then 2 pair + 1
                 v0 = _table_value(w, table_base, 8 * pair + 4)
                 v1 = _table_value(w, table_base, 8 * pair)
-                kp = (k0 + 32 * t + 8 * cols) // 2 + pair  # [1, WORDS]: in the tile's layout
+                kp = k0 // 2 + 16 * t + 4 * cols + pair  # pair index, [1, WORDS]: in the tile's layout
                 p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         s = _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                         rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
@@ -463,7 +463,7 @@ def matmul_4bit_grad_x_kernel(
 C = MatmulConfig
 G = GradXConfig
 # Forward configs by M bucket (the largest M each serves). The first entry of each bucket is the
-# default; with autotuning on (LOWBIT_AUTOTUNE, default 1 on CUDA) every candidate of the bucket,
+# default (no table, no timing at run time); with autotuning on (LOWBIT_AUTOTUNE=1, opt-in) every candidate of the bucket,
 # and dequantize+cuBLAS, is timed once per (M, N, K, dtype) and the fastest kept. Chosen from
 # benchmarks/results/2026-11-26-h100-sweep.log (H100): decode=2 (tl.gather from a register
 # table) beat the global-memory gather and the select tree everywhere, and BLOCK_K=64 beat 128/256.
@@ -609,7 +609,12 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
                      if _fits_forward(c, m, k, x.dtype, blocksize)]
             if not cands:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
-            cands.append(DEQUANT)
+            # large M without a table: dequantize once + cuBLAS first (the rule: keep it unless a
+            # fused kernel measures faster; a table or the opt-in tuner can pick the fused one)
+            if m > 256:
+                cands.insert(0, DEQUANT)
+            else:
+                cands.append(DEQUANT)
             config = pick(("fwd", tune_m(m), n, k, x.dtype, dq, blocksize), cands, run)
     return run(config)
 

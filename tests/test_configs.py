@@ -69,6 +69,15 @@ def test_no_table_falls_back_to_the_first_config_without_autotune(card, monkeypa
     assert _common.pick(("fwd", 1, 4096, 4096, torch.bfloat16, True, 64), [a, b], _never_run) == a
 
 
+def test_nothing_is_timed_at_run_time_by_default(card, monkeypatch):
+    """The first-call tuner is opt-in (LOWBIT_AUTOTUNE=1): without the variable, no table means the
+    first candidate, and _never_run proves nothing was launched to time it."""
+    monkeypatch.delenv("LOWBIT_AUTOTUNE", raising=False)
+    a, b = C("words", 1, 128, 32, 8, 1, 1), C("gemv", 1, 32, 64, 4, 4, 3)
+    assert not _common.autotune_enabled()
+    assert _common.pick(("fwd", 1, 4096, 2048, torch.bfloat16, True, 64), [a, b], _never_run) == a
+
+
 def test_a_table_of_another_version_is_refused(card):
     card([], version=99)
     with pytest.raises(ValueError, match="config table version 99.*lowbit tune"):

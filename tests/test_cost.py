@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lowbit.kernels import cost, nf4  # noqa: E402  (decorated under the interpreter here: nothing compiles in-process)
+from lowbit.kernels import cost, intq, nf4  # noqa: E402  (decorated under the interpreter here: nothing compiles in-process)
 
 # nvdisasm's layout: an outer loop .L_x_0 around an inner one .L_x_1, and the `BRA .` after EXIT.
 SASS = """
@@ -99,23 +99,41 @@ def _gemv_default_name() -> str:
     return f"{c.kind}_4bit[bf16,dq=True,{c.block_m}x{c.block_n}x{c.block_k},split={c.split_k},w={c.num_warps},"
 
 
+def _int_default_names() -> list[str]:
+    c = intq.FORWARD_CONFIGS[1][0]  # the M=1 default: the integer "words" GEMV
+    return [f"{c.kind}_int{b}[bf16,rows,{c.block_m}x{c.block_n}x{intq.words_step(b)},split={c.split_k},"
+            f"w={c.num_warps}," for b in (2, 3, 4)]
+
+
+# The issue's static goals for the shipped M=1 configs (sm_90, SASS instructions per weight).
+INT_BUDGET = {"int2": 4.0, "int3": 5.5, "int4": 6.0}
+NF4_BUDGET = 6.0  # nf4 (+dq), the same goal
+
+
+@pytest.fixture(scope="module")
+def int_records(report):
+    return report[3]
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     dump = tmp_path_factory.mktemp("cost")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cost", "--arch", "90", "--json", "--jobs", "1",
-                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,4096x4096]"],
+                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,4096x4096]",
+                          *_int_default_names()],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
     records = json.loads(out.stdout)
     gemv = [r for r in records if r["kernel"] == f"nf4.{nf4.FORWARD_CONFIGS[1][0].kind}"]
     sz = [r for r in records if r["kernel"] == "sz.decode"]
-    assert len(gemv) == 1 and len(sz) == 1, [r["name"] for r in records]
-    return gemv[0], sz[0], dump
+    ints = {r["format"]: r for r in records if r["kernel"] == "int.words"}
+    assert len(gemv) == 1 and len(sz) == 1 and set(ints) == set(INT_BUDGET), [r["name"] for r in records]
+    return gemv[0], sz[0], dump, ints
 
 
 def test_records_carry_the_keys_and_sane_values(report):
-    gemv, sz, _ = report
+    gemv, sz, _, _ = report
     for r in (gemv, sz):
         assert REQUIRED <= set(r), REQUIRED - set(r)
         assert r["arch"] == 90
@@ -133,7 +151,7 @@ def test_records_carry_the_keys_and_sane_values(report):
 
 
 def test_nf4_gemv_loop_streams_codes_scales_x_and_the_table(report):
-    gemv, _, _ = report
+    gemv, _, _, _ = report
     loads = gemv["loads"]
     # every global load in the loop is accounted for: the L1-resident code table is gathered per weight
     assert set(loads) == {"codes", "scales", "x", "table"}, loads
@@ -150,15 +168,35 @@ def test_nf4_gemv_loop_streams_codes_scales_x_and_the_table(report):
 def test_sz_loop_refills_one_word_per_two_symbols(report):
     """Stream v2: each lane reads its bits as 32-bit words into a 64-bit buffer (one refill per
     two symbols) and looks each symbol up in a 16-bit table entry."""
-    _, sz, _ = report
+    _, sz, _, _ = report
     assert sz["stores_per_iter"] >= 2  # one output element per symbol, two symbols per refill
     assert sz["loads"]["codes"] == [32] * (sz["stores_per_iter"] // 2)
     assert sz["loads"]["table"] == [16] * sz["stores_per_iter"]
 
 
 def test_dump_writes_each_cubin_and_its_sass(report):
-    gemv, sz, dump = report
+    gemv, sz, dump, _ = report
     files = sorted(p.name for p in dump.iterdir())
-    assert len(files) == 4 and sum(f.endswith(".sm90.cubin") for f in files) == 2
+    assert len(files) == 10 and sum(f.endswith(".sm90.cubin") for f in files) == 5
     sass = next(p for p in dump.iterdir() if p.name.startswith(nf4.FORWARD_CONFIGS[1][0].kind) and p.suffix == ".sass").read_text()
     assert "LDG" in sass and ".nv_debug_ptx_txt" in sass
+
+
+def test_nf4_m1_default_meets_the_static_goal(report):
+    gemv = report[0]
+    assert gemv["instr_per_weight"] <= NF4_BUDGET, gemv["instr_per_weight"]
+
+
+@pytest.mark.parametrize("fmt", sorted(INT_BUDGET))
+def test_int_m1_defaults_meet_the_static_goals(int_records, fmt):
+    """Packed int codes (format 3) in the words GEMV: within the issue's instruction budget, 128-bit
+    code loads, no barrier, no shuffle, no spill."""
+    r = int_records[fmt]
+    assert r["m_bucket"] == 1
+    assert r["instr_per_weight"] <= INT_BUDGET[fmt], r["instr_per_weight"]
+    assert r["code_load_bits"] == 128
+    assert r["barriers_per_iter"] == 0 and r["shuffles_per_iter"] == 0
+    assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0
+    bits = int(fmt[-1])
+    # every code bit is loaded exactly once per step: bits per weight of code loads
+    assert sum(r["loads"]["codes"]) == bits * r["weights_per_thread_per_iter"]

@@ -149,23 +149,49 @@ def test_matmul_4bit_autograd_and_noncontiguous_input():
 # ---------------------------------------------------------------- integer family
 
 
-INT_CASES = [(2, None), (3, 32), (4, None), (4, 64), (3, 128)]
+# (bits, group_size, K). Codes are packed fields (format version 3); int3 rows are quads of 4 chunks of 32 codes,
+# the last one short when K / 32 % 4 != 0 (K = 160, 224, 288: r = 1, 3, 1), decoded a whole quad at a time where
+# the group length is a multiple of 128 and chunk by chunk elsewhere.
+INT_CASES = [(2, None, 256), (3, 32, 256), (4, None, 256), (4, 64, 256), (3, 128, 256), (3, None, 160),
+             (3, 32, 224), (3, 64, 192), (3, 128, 384), (2, 96, 288), (4, None, 96), (2, 32, 160)]
 
 
-@pytest.mark.parametrize("bits,gs", INT_CASES)
+@pytest.mark.parametrize("bits,gs,k", INT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_int_dequantize_bit_identical(bits, gs, dtype):
-    q = lowbit.quantize_int(torch.randn(33, 256), bits, gs)
+def test_int_dequantize_bit_identical(bits, gs, k, dtype):
+    q = lowbit.quantize_int(torch.randn(33, k), bits, gs)
     with expect_calls("int.dequantize"):
         out = lowbit.dequantize_int(q, dtype)
     assert bits_equal(out, reference(lowbit.dequantize_int, q, dtype))
 
 
-@pytest.mark.parametrize("bits,gs", INT_CASES)
+def test_int_dequantize_rectangles_and_every_code():
+    # lb_dqi on sub-rectangles (what the chunked GEMM paths ask for), with every code value in every position
+    from lowbit.formats import intq
+
+    for bits, gs, k in INT_CASES:
+        n = 9
+        codes = (torch.arange(n * k) * 7 + torch.arange(n * k) // 5).remainder(2**bits).view(n, k)
+        g = k // (gs or k)
+        qi = intq.QuantInt(intq.pack_codes(codes, bits), torch.rand(n, g) + 0.5,
+                           torch.randint(0, 2**bits, (n, g), dtype=torch.uint8), torch.Size((n, k)), torch.float32,
+                           bits, gs)
+        if gs is None:
+            qi.scale, qi.zeros = qi.scale.view(n), qi.zeros.view(n)
+        full = intq.reference_weight(qi.codes, qi.scale, qi.zeros, bits, qi.group_len, n, k)
+        w = _cpu._WI(qi.codes, qi.scale, qi.zeros, bits, qi.group_len, n, k)
+        for n0, nr, k0, kc in [(0, n, 0, k), (2, 5, 32, k - 64), (n - 1, 1, k - 32, 32)]:
+            for dtype in DTYPES:
+                out = torch.empty(nr, kc, dtype=dtype)
+                w.rect(n0, nr, k0, kc, out)
+                assert bits_equal(out, full[n0:n0 + nr, k0:k0 + kc].to(dtype)), (bits, gs, k, n0, k0, dtype)
+
+
+@pytest.mark.parametrize("bits,gs,k", INT_CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", MS)
-def test_int_matmul_and_grads_vs_reference(bits, gs, dtype, m):
-    n, k = 33, 256
+def test_int_matmul_and_grads_vs_reference(bits, gs, k, dtype, m):
+    n = 33
     q = lowbit.quantize_int(torch.randn(n, k), bits, gs)
     x = torch.randn(m, k).to(dtype)
     bias = torch.randn(n).to(dtype)
@@ -242,6 +268,18 @@ def test_other_builds_match_reference(monkeypatch, variant):
     for dtype in DTYPES:
         assert bits_equal(lowbit.dequantize_4bit(q, dtype), reference(lowbit.dequantize_4bit, q, dtype))
         assert bits_equal(lowbit.dequantize_int(qi, dtype), reference(lowbit.dequantize_int, qi, dtype))
+    for bits, gs, k in INT_CASES:  # every integer layout and decode path, on these kernels too
+        qk = lowbit.quantize_int(torch.randn(17, k), bits, gs)
+        xk, gk = torch.randn(2, k), torch.randn(2, 17)
+        bf16 = torch.bfloat16
+        assert bits_equal(lowbit.dequantize_int(qk, bf16), reference(lowbit.dequantize_int, qk, bf16))
+        wk = (qk.codes, qk.scale, qk.zeros, bits, qk.group_len)
+        with expect_calls("int.gemv", "int.grad_x", "int.grad_scale"):
+            outs = (_ops.int_matmul(xk, *wk, 17, None), _ops.int_matmul_grad_x(gk, *wk, k),
+                    _ops.int_matmul_grad_scale(gk, xk, qk.codes, qk.zeros, bits, qk.group_len))
+        refs = (reference(_ops.int_matmul, xk, *wk, 17, None), reference(_ops.int_matmul_grad_x, gk, *wk, k),
+                reference(_ops.int_matmul_grad_scale, gk, xk, qk.codes, qk.zeros, bits, qk.group_len))
+        assert all(rel_err(o, r) <= 1e-5 for o, r in zip(outs, refs)), (bits, gs, k)
     with expect_calls("nf4.gemv", "nf4.grad_x", "int.gemv", "int.grad_x"):
         pairs = [(f, args) for f, args in [
             (_ops.matmul_4bit, (x, q.codes, absmax, q.code, 32, 33, nabs, ncode, off, 256, None)),

@@ -3,8 +3,8 @@
 The kernels are one C file beside this one (`_cpu.c`), built once per machine with the system C
 compiler (-O3 -march=native -fopenmp; ~1-2 s, cached on disk under `cache_dir()`) and called through
 ctypes. They take sizes at run time, so nothing recompiles across batch sizes, layers or shapes.
-AVX-512 intrinsics where the compiler targets them (a 16-entry table lookup is one `vpermps`; int bit
-planes are transposed with GFNI), plain C elsewhere. With OpenMP they run on torch's own OpenMP
+AVX-512 intrinsics where the compiler targets them (a 16-entry table lookup is one `vpermps`; int codes
+are packed fields, one shift from a table index), plain C elsewhere. With OpenMP they run on torch's own OpenMP
 workers. Why not torch.compile: inductor turns the 16-entry table gather into a scalar loop and
 specialises on shapes (the 4096x4096 NF4 GEMV: 44 ms static, 520 ms dynamic, 2-10 s of compiling
 per shape, against 1.5-2 ms here).
@@ -239,7 +239,8 @@ class _W4:
 
 
 class _WI:
-    """An integer weight [n, k] (bit planes, scale and zero per group of group_len) as the kernels take it."""
+    """An integer weight [n, k] (packed codes of format version 3, scale and zero per group of group_len) as the
+    kernels take it."""
 
     def __init__(self, codes, scale, zeros, bits, group_len, n, k):
         _need(bits in (2, 3, 4) and k % 32 == 0 and group_len % 32 == 0 and k % group_len == 0,
@@ -247,7 +248,8 @@ class _WI:
         g = n * (k // group_len)
         self.codes, self.zeros = codes.contiguous(), zeros.contiguous()
         self.scale = None if scale is None else scale.float().contiguous()  # None: grad_scale needs no scale
-        _need(self.codes.dtype == torch.int32 and self.codes.numel() == n * k // 32 * bits, "codes: int32 bit planes")
+        _need(self.codes.dtype == torch.int32 and self.codes.numel() == n * k // 32 * bits,
+              "codes: int32 words, K * bits / 32 per row (packed, format version 3)")
         _need(scale is None or self.scale.numel() == g, f"scale must have {g} values")
         _need(self.zeros.numel() == g and self.zeros.dtype == torch.uint8, f"zeros must be uint8 with {g} values")
         self.bits, self.L, self.n, self.k = bits, group_len, n, k
