@@ -136,3 +136,44 @@ def test_words_gemv_on_cuda_and_in_a_cuda_graph(split):
         torch.cuda.synchronize()
         ref = static_x.double() @ w64.t() + layer.bias.double()
         assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, None), (3, 128), (2, 64)])
+@pytest.mark.parametrize("split", [1, 8])
+def test_int_words_gemv_on_cuda_and_in_a_cuda_graph(bits, group_size, split):
+    """The integer one-launch decode GEMV (packed format-3 codes) at a real size, bf16 and fp16, M = 1
+    and 3, every split reduced by its counter; then an IntLinear decode step captured in a CUDA graph
+    and replayed with new inputs."""
+    import lowbit.kernels.intq as K
+
+    n, k = 4096 + 96, 4096
+    layer = lowbit.IntLinear.from_linear(torch.nn.Linear(k, n, device="cuda"), bits=bits, group_size=group_size)
+    q = layer.quantized_weight
+    w64 = lowbit.dequantize_int(q, torch.float32).double()
+    cfg = K.MatmulConfig("words", 4, 128, 0, split, 1, 1)
+    for dtype in (torch.bfloat16, torch.float16):
+        for m in (1, 3):
+            x = torch.randn(m, k, device="cuda", dtype=dtype)
+            with expect_launches("intq.words"):
+                y = K.matmul_int(x, q.codes, q.scale, q.zeros, bits, q.group_len, n, layer.bias.to(dtype),
+                                 config=cfg)
+            ref = x.double() @ w64.t() + layer.bias.double()
+            assert y.dtype == dtype and rel_err(y, ref) <= TOL[dtype]
+    layer = layer.to(torch.bfloat16)
+    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with expect_launches("intq.words"), torch.cuda.graph(graph), torch.no_grad():
+        static_y = layer(static_x)  # the captured step is the words GEMV
+    w64 = layer.dequantized_weight(torch.float32).double()
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = static_x.double() @ w64.t() + layer.bias.double()
+        assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
