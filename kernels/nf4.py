@@ -480,7 +480,7 @@ FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
         # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
         C("gemv", 1, 64, 32, 4, 4, 3), C("gemv", 1, 128, 32, 4, 4, 3)],
     # dot first: 9.4 instructions per weight against 33.8 for the M<=4 "gemv" (cost report)
-    4: [C("dot", 16, 128, 64, 2, 4, 3), C("words", 4, 128, 32, 8, 1, 1), C("gemv", 4, 32, 64, 4, 4, 3),
+    4: [C("dot", 16, 128, 64, 2, 4, 3), C("words", 4, 64, 64, 8, 1, 1), C("gemv", 4, 32, 64, 4, 4, 3),
         C("dot", 16, 128, 64, 4, 4, 3)],
     16: [C("dot", 16, 128, 64, 2, 4, 3), C("dot", 16, 256, 64, 2, 8, 3), C("dot", 16, 128, 64, 4, 4, 3),
          C("dot", 16, 64, 64, 4, 4, 4)],
