@@ -577,3 +577,98 @@ def test_minilm_bits_below_nf4_at_equal_rmse():
     p = counts.double() / counts.sum()
     entropy = float(-(p * p.log2()).sum())
     assert c.bits_per_param > entropy * 0.98
+
+
+# --------------------------------------------------------------------------- encoder: C kernels vs reference
+
+
+def _compress_counting(monkeypatch, backend: str, *args, **kw) -> tuple[bytes, dict]:
+    """sz_compress(*args) under LOWBIT_CPU_BACKEND=backend: (the stream's bytes, the encoder's C calls)."""
+    import collections
+
+    from lowbit import _cpu
+
+    monkeypatch.setenv("LOWBIT_CPU_BACKEND", backend)
+    before = collections.Counter(_cpu.CALLS)
+    blob = sz.sz_compress(*args, **kw).to_bytes()
+    ran = {k: v for k, v in (_cpu.CALLS - before).items() if k.startswith("sz.encode")}
+    return blob, ran
+
+
+def _encoder_inputs(g: torch.Generator):
+    """Fresh random inputs: shapes with short last chunks, every dtype, abs and rel bounds, tight bounds
+    (many suspects and outliers), heavy tails, fp16-overflowing and subnormal values."""
+    yield torch.randn(67, 130, generator=g) * 0.05, 3e-3, "abs", 4096
+    yield (torch.randn(300, 96, generator=g) * 0.02).half(), 1e-3, "abs", 4096
+    yield (torch.randn(5, 7, 33, generator=g) * 3).bfloat16(), 1e-2, "rel", 4096
+    yield torch.randn(70001, generator=g), 1e-4, "rel", 64  # > 1 suspect block, 1-D, short chunks
+    w = torch.randn(257, 384, generator=g) * 0.03
+    w.view(-1)[torch.randint(0, w.numel(), (40,), generator=g)] *= 1e4  # outliers beyond the radius
+    w.view(-1)[:4] = torch.tensor([7e4, -1e5, 3e-39, 3.0e38])
+    yield w, 1e-3, "abs", 4096
+    yield torch.randn(96, 64, generator=g) * 0.02, 4e-4, "abs", 16  # many suspects: ~1 code per element
+
+
+def test_encoder_c_kernels_bit_identical_to_reference(monkeypatch):
+    g = torch.Generator().manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs every run
+    for w, eb, mode, chunk in _encoder_inputs(g):
+        fast, ran = _compress_counting(monkeypatch, "fast", w, eb, mode, chunk_size=chunk)
+        # The C kernels ran (quantize for every step candidate, lane lengths, packing) ...
+        assert ran.get("sz.encode_quantize", 0) == len(sz.STEP_SHRINKS) and ran.get("sz.encode_pack") == 1, ran
+        assert ran.get("sz.encode_lane_bits", 0) >= 1, ran
+        ref, ran_ref = _compress_counting(monkeypatch, "reference", w, eb, mode, chunk_size=chunk)
+        assert not ran_ref, f"the reference encoder ran C kernels: {ran_ref}"
+        # ... and wrote the reference's bytes.
+        assert fast == ref, f"fast encoder differs from the reference: {tuple(w.shape)} {w.dtype} {eb} {mode}"
+
+
+def test_encoder_generic_c_build_bit_identical_to_reference(monkeypatch):
+    # The plain-C kernels (CPUs without AVX-512; AVX-512 builds also run them on the tails of blocks).
+    import ctypes
+
+    from lowbit import _cpu
+
+    lib = ctypes.CDLL(str(_cpu.build("generic")))
+    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    monkeypatch.setitem(_cpu._STATE, "tried", True)
+    g = torch.Generator().manual_seed(11)
+    for w, eb, mode, chunk in _encoder_inputs(g):
+        fast, ran = _compress_counting(monkeypatch, "fast", w, eb, mode, chunk_size=chunk)
+        assert ran.get("sz.encode_pack") == 1, ran
+        ref, _ = _compress_counting(monkeypatch, "reference", w, eb, mode, chunk_size=chunk)
+        assert fast == ref, f"generic C encoder differs from the reference: {tuple(w.shape)} {w.dtype} {eb} {mode}"
+
+
+def test_encoder_without_a_compiler_warns_and_writes_the_same_bytes(monkeypatch, tmp_path):
+    from lowbit import _cpu
+
+    w = torch.randn(40, 64) * 0.05
+    ref, _ = _compress_counting(monkeypatch, "reference", w, 1e-3)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(_cpu, "_machine", lambda: "a machine never built for")
+    monkeypatch.setitem(_cpu._STATE, "tried", False)
+    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    with pytest.warns(RuntimeWarning, match="could not be built"):
+        blob, ran = _compress_counting(monkeypatch, "fast", w, 1e-3)
+    assert not ran and blob == ref
+
+
+def test_encoder_c_huffman_lengths_equal_the_reference():
+    # Ties (equal counts), one dominant symbol (codes past 12 bits: halved and rebuilt), 2..1023 symbols.
+    from lowbit.formats import _sz_encode
+
+    lib = _sz_encode.fast_library()
+    if lib is None:
+        pytest.skip("no C compiler: the C kernels are not built (the reference runs; tested above)")
+    g = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
+    cases = [np.array([5, 5]), np.array([1, 1, 1, 1, 1]), np.array([0, 3, 0, 3, 3, 0]),
+             np.array([10**12] + [1] * 40), 2 ** np.arange(30, dtype=np.int64)]
+    cases += [g.integers(0, 4, size=int(g.integers(2, 1024))) for _ in range(20)]
+    cases += [(g.geometric(0.05, size=1023) ** 3).astype(np.int64) for _ in range(10)]
+    for hist in cases:
+        hist = np.asarray(hist, dtype=np.int64)
+        before = _sz_encode._cpu.CALLS["sz.encode_huffman"]
+        got = _sz_encode.code_lengths(lib, hist)
+        assert _sz_encode._cpu.CALLS["sz.encode_huffman"] == before + (np.count_nonzero(hist) >= 2)
+        np.testing.assert_array_equal(got, _entropy.huffman_lengths(hist, _entropy.MAX_LEN))

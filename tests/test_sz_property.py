@@ -56,6 +56,43 @@ def test_error_bound_holds_for_every_output_dtype(data, rel, mode):
             assert torch.equal(out[bad], w[bad].to(dt))
 
 
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=values, rel=st.floats(1e-7, 0.999), mode=st.sampled_from(["abs", "rel"]),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_c_encoder_writes_the_reference_bytes(data, rel, mode, dtype):
+    """The encoder's C kernels (lowbit/_cpu_sz_encode.c) against the numpy/torch reference: same bytes."""
+    import collections
+    import os
+    import warnings
+
+    from lowbit import _cpu
+
+    w = torch.from_numpy(data.copy()).to(dtype)
+    if not bool(torch.isfinite(w).all()):
+        return  # fp16 / bf16 overflow: not a valid input (tested in test_sz)
+    span = float(w.double().max() - w.double().min())
+    if mode == "rel" and span == 0.0:
+        return
+    eb = rel if mode == "rel" else rel * (span if span > 0 and np.isfinite(span) else 1.0)
+    old = os.environ.get("LOWBIT_CPU_BACKEND")
+    blobs = {}
+    try:
+        for backend in ("fast", "reference"):
+            os.environ["LOWBIT_CPU_BACKEND"] = backend
+            before = collections.Counter(_cpu.CALLS)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "larger than the input" for tight bounds
+                blobs[backend] = sz_compress(w, eb, mode=mode).to_bytes()
+            ran = _cpu.CALLS - before
+            assert bool(ran["sz.encode_pack"]) == (backend == "fast"), (backend, dict(ran))
+    finally:
+        if old is None:
+            os.environ.pop("LOWBIT_CPU_BACKEND", None)
+        else:
+            os.environ["LOWBIT_CPU_BACKEND"] = old
+    assert blobs["fast"] == blobs["reference"]
+
+
 # ----------------------------------------------------------------------------- parser fuzz (stream v2)
 
 from lowbit.formats import sz as szf  # noqa: E402

@@ -155,3 +155,84 @@ void lb_szpack(const int16_t *sym, i64 n, const uint32_t *code, i64 chunk, i64 l
     szp_t a = {sym, n, code, chunk, lanes, start, out};
     parallel(szp_range, &a, (n + chunk - 1) / chunk * lanes, 64, nt);
 }
+
+/* ---- per element and per symbol helpers of the encoder, bit-identical to their numpy/torch versions ---- */
+
+/* out[k] = 1 when, for some output dtype d (fp32, fp16, bf16), |d(v[k]) - w[k]| > max(|d(w[k]) - w[k]|, eb) in
+   float64 (_sz_encode._exceeds); v and w hold fp32 (fp16/bf16 values widened exactly). */
+void lb_szexc(const float *v, const float *w, i64 m, double eb, uint8_t *out) {
+    for (i64 k = 0; k < m; k++) {
+        const double wd = (double)w[k];
+        const double dv[3] = {(double)v[k], (double)from_fp16(to_fp16(v[k])), (double)u2f((uint32_t)to_bf16(v[k]) << 16)};
+        const double dw[3] = {wd, (double)from_fp16(to_fp16(w[k])), (double)u2f((uint32_t)to_bf16(w[k]) << 16)};
+        uint8_t bad = 0;
+        for (int d = 0; d < 3; d++) {
+            double floor = fabs(dw[d] - wd);
+            floor = floor < eb ? eb : floor;
+            bad |= fabs(dv[d] - wd) > floor;
+        }
+        out[k] = bad;
+    }
+}
+
+/* out[2 * b], out[2 * b + 1]: max |fp16(w) - w| and |bf16(w) - w| (float64) over block b of SZQ_BLOCK elements. */
+typedef struct { const float *w; i64 n; double *out; } szdm_t;
+static void szdm_range(const void *p, i64 lo, i64 hi) {
+    const szdm_t *a = (const szdm_t *)p;
+    for (i64 b0 = lo; b0 < hi; b0 += SZQ_BLOCK) {
+        const i64 b1 = MIN(hi, b0 + SZQ_BLOCK);
+        double m16 = 0, mbf = 0;
+        for (i64 i = b0; i < b1; i++) {
+            const float x = a->w[i];
+            const double e16 = fabs((double)from_fp16(to_fp16(x)) - (double)x);
+            const double ebf = fabs((double)u2f((uint32_t)to_bf16(x) << 16) - (double)x);
+            m16 = e16 > m16 ? e16 : m16;
+            mbf = ebf > mbf ? ebf : mbf;
+        }
+        a->out[2 * (b0 / SZQ_BLOCK)] = m16;
+        a->out[2 * (b0 / SZQ_BLOCK) + 1] = mbf;
+    }
+}
+void lb_szdm(const float *w, i64 n, double *out, int nt) {
+    szdm_t a = {w, n, out};
+    parallel(szdm_range, &a, n, SZQ_BLOCK, nt);
+}
+
+/* Huffman code lengths of n >= 2 positive weights f (overwritten), limited to max_len: _entropy.huffman_lengths.
+   Its heap pops the least (weight, id) pair, internal nodes numbered n, n + 1, ... in the order they are made;
+   the two-queue method pops the same pairs (merged weights never decrease, and their ids increase), so the
+   lengths are the same, ties included. Over-long codes: f = max(f >> 1, 1), rebuild. len[n] out. */
+typedef struct { i64 w, id; } hnode_t;
+static int hnode_cmp(const void *x, const void *y) {
+    const hnode_t *a = (const hnode_t *)x, *b = (const hnode_t *)y;
+    if (a->w != b->w) return a->w < b->w ? -1 : 1;
+    return a->id < b->id ? -1 : (a->id > b->id);
+}
+int lb_szhuff(int64_t *f, i64 n, int max_len, uint8_t *len) {
+    hnode_t *leaf = malloc(n * sizeof *leaf), *inner = malloc(n * sizeof *inner);
+    i64 *parent = malloc((2 * n - 1) * sizeof *parent), *depth = malloc((2 * n - 1) * sizeof *depth);
+    if (!leaf || !inner || !parent || !depth) { free(leaf); free(inner); free(parent); free(depth); return 1; }
+    for (;;) {
+        for (i64 i = 0; i < n; i++) leaf[i] = (hnode_t){f[i], i};
+        qsort(leaf, n, sizeof *leaf, hnode_cmp);
+        i64 li = 0, ih = 0, it = 0, nxt = n;
+        for (i64 k = 0; k < n - 1; k++) {
+            hnode_t ab[2];
+            for (int t = 0; t < 2; t++) {
+                if (li < n && (ih == it || hnode_cmp(&leaf[li], &inner[ih]) < 0)) ab[t] = leaf[li++];
+                else ab[t] = inner[ih++];
+            }
+            parent[ab[0].id] = parent[ab[1].id] = nxt;
+            inner[it++] = (hnode_t){ab[0].w + ab[1].w, nxt++};
+        }
+        depth[2 * n - 2] = 0;
+        i64 longest = 0;
+        for (i64 i = 2 * n - 3; i >= 0; i--) depth[i] = depth[parent[i]] + 1;
+        for (i64 i = 0; i < n; i++) longest = MAX(longest, depth[i]);
+        if (longest <= max_len) break;
+        for (i64 i = 0; i < n; i++) f[i] = MAX(f[i] >> 1, 1);
+    }
+    for (i64 i = 0; i < n; i++) len[i] = (uint8_t)depth[i];
+    free(leaf); free(inner); free(parent); free(depth);
+    return 0;
+}

@@ -19,20 +19,23 @@ from torch import Tensor
 
 from .. import _cpu
 from .._validate import FLOAT_DTYPES
-from ._entropy import pack_lsb, reversed_codes
+from ._entropy import MAX_LEN, huffman_lengths, pack_lsb, reversed_codes
 
 MAX_RADIUS = 511  # alphabet: codes -511..511 (1023 symbols); larger |code| are outliers
 DTYPE_BIT = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 4}
 _FLT_MAX = float(torch.finfo(torch.float32).max)
 SZQ_BLOCK = 65536  # lb_szq2 reports suspects per block of this many elements (uint16 offsets)
-SZ_PARALLEL_MIN = 1 << 16  # elements below which the C kernels use one thread
+SZ_PARALLEL_MIN = 1 << 20  # elements below which the C kernels use one thread (as lowbit._cpu.PARALLEL_MIN)
 
-_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_SIGNATURES = {  # the kernels of _cpu_sz_encode.c (all return void)
-    "lb_szq1": [_P, _I, _F, _P, _P, _C],
-    "lb_szq2": [_P, _I, _F, _C, _F, _P, _P, _P, _C],
-    "lb_szlb": [_P, _I, _P, _I, _I, _P, _C],
-    "lb_szpack": [_P, _I, _P, _I, _I, _P, _P, _C],
+_P, _I, _F, _C, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
+_SIGNATURES = {  # the kernels of _cpu_sz_encode.c: (argument types, return type)
+    "lb_szq1": ([_P, _I, _F, _P, _P, _C], None),
+    "lb_szq2": ([_P, _I, _F, _C, _F, _P, _P, _P, _C], None),
+    "lb_szlb": ([_P, _I, _P, _I, _I, _P, _C], None),
+    "lb_szpack": ([_P, _I, _P, _I, _I, _P, _P, _C], None),
+    "lb_szexc": ([_P, _P, _I, _D, _P], None),
+    "lb_szdm": ([_P, _I, _P, _C], None),
+    "lb_szhuff": ([_P, _I, _C, _P], _C),
 }
 
 
@@ -44,9 +47,9 @@ def fast_library() -> Optional[ctypes.CDLL]:
     lib = _cpu.library()
     if lib is None:
         return None
-    for name, args in _SIGNATURES.items():
+    for name, (args, res) in _SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, None
+        fn.argtypes, fn.restype = args, res
     return lib
 
 
@@ -75,12 +78,29 @@ class _Work:
         self.sym, self.kept = self.kept, self.sym
 
 
-def _dtype_mask(wt: Tensor, amax: float, eb: float) -> int:
-    """Bit per output dtype: w itself is within the bound in that dtype (cheap sufficient test first)."""
+def _dtype_mask(wt: Tensor, amax: float, eb: float, lib: Optional[ctypes.CDLL] = None,
+                w32: Optional[Tensor] = None) -> int:
+    """Bit per output dtype: w itself is within the bound in that dtype (cheap sufficient test first;
+    with `lib`, the exact test by lb_szdm on w32, w as fp32)."""
     mask = 0
+    cast_err = None
     for d, bits, sub in ((torch.float32, 24, 2.0**-150), (torch.float16, 11, 2.0**-25), (torch.bfloat16, 8, 2.0**-134)):
         cheap = amax * 2.0**-bits + sub <= eb and amax < 65504.0
-        if cheap or float((wt.to(d).double() - wt.double()).abs().max()) <= eb:
+        if cheap:
+            mask |= DTYPE_BIT[d]
+            continue
+        if lib is None:
+            err = float((wt.to(d).double() - wt.double()).abs().max())
+        elif d == torch.float32:
+            err = 0.0  # a finite fp32/fp16/bf16 w is exact in fp32
+        else:
+            if cast_err is None:
+                n = w32.numel()
+                out = np.zeros(2 * -(-n // SZQ_BLOCK))
+                lib.lb_szdm(w32.data_ptr(), n, out.ctypes.data, _threads(n))
+                cast_err = {torch.float16: float(out[0::2].max()), torch.bfloat16: float(out[1::2].max())}
+            err = cast_err[d]
+        if err <= eb:
             mask |= DTYPE_BIT[d]
     return mask
 
@@ -117,15 +137,15 @@ def _limit32(eb: float) -> float:
 
 
 def _resolve(suspect: np.ndarray, q_s: np.ndarray, wt: Tensor, radius: int, step32: np.float32, eb: float,
-             sym_hist: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             sym_hist: np.ndarray, lib: Optional[ctypes.CDLL] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The suspects (indices, their clamped codes q_s as float64) checked exactly: first the code itself,
     then the other neighbour code (w near the midpoint of two codes), then give up: outlier. Returns
     (final codes of the suspects, float64; which changed; outlier indices); sym_hist is updated."""
     wt_s = wt[torch.from_numpy(suspect)]
-    fails = _misses_bound(q_s, wt_s, radius, step32, eb)
+    fails = _misses_bound(q_s, wt_s, radius, step32, eb, lib)
     x_s = wt_s.double().numpy() / float(step32)
     q_alt = q_s + np.where(x_s >= q_s, 1.0, -1.0)
-    alt_ok = fails & ~_misses_bound(q_alt, wt_s, radius, step32, eb)
+    alt_ok = fails & ~_misses_bound(q_alt, wt_s, radius, step32, eb, lib)
     out = fails & ~alt_ok
     new = np.where(alt_ok, q_alt, np.where(out, 0.0, q_s))
     np.add.at(sym_hist, q_s.astype(np.int64) + radius, -1)
@@ -169,6 +189,21 @@ def _quantize(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float) -> t
     return step32, radius, outlier_idx, sym_hist
 
 
+def code_lengths(lib: Optional[ctypes.CDLL], hist: np.ndarray) -> np.ndarray:
+    """_entropy.huffman_lengths(hist, MAX_LEN), by lb_szhuff when `lib` is set (the same lengths)."""
+    present = np.flatnonzero(hist)
+    if lib is None or len(present) < 2:
+        return huffman_lengths(hist, MAX_LEN)
+    f = np.ascontiguousarray(hist[present], dtype=np.int64)
+    ln = np.zeros(len(present), dtype=np.uint8)
+    if lib.lb_szhuff(f.ctypes.data, len(f), MAX_LEN, ln.ctypes.data) != 0:
+        raise MemoryError("lb_szhuff: out of memory")
+    lengths = np.zeros(len(hist), dtype=np.uint8)
+    lengths[present] = ln
+    _cpu.CALLS["sz.encode_huffman"] += 1
+    return lengths
+
+
 def _threads(numel: int) -> int:
     return 1 if numel < SZ_PARALLEL_MIN else torch.get_num_threads()
 
@@ -191,21 +226,28 @@ def _quantize_fast(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float)
                                   for b in blocks])
         s = sym.numpy()
         q_s = s[suspect].astype(np.float64) - radius
-        new, changed, outlier_idx = _resolve(suspect, q_s, wt, radius, step32, eb, sym_hist)
+        new, changed, outlier_idx = _resolve(suspect, q_s, wt, radius, step32, eb, sym_hist, lib)
         s[suspect[changed]] = (new[changed] + radius).astype(np.int16)
     _cpu.CALLS["sz.encode_quantize"] += 1
     return step32, radius, outlier_idx, sym_hist
 
 
-def _misses_bound(q: np.ndarray, w: Tensor, radius: int, step32: np.float32, eb: float) -> np.ndarray:
+def _misses_bound(q: np.ndarray, w: Tensor, radius: int, step32: np.float32, eb: float,
+                  lib: Optional[ctypes.CDLL] = None) -> np.ndarray:
     """Per element: |q| > radius, or for some output dtype d the decoded value
     d(float32(q) * step32) is farther from w than max(eb, |d(w) - w|) (what an outlier gives)."""
     recon = torch.from_numpy(np.clip(q, -radius, radius).astype(np.float32)) * torch.tensor(step32)
-    return (np.abs(q) > radius) | _exceeds(recon, w, eb)
+    return (np.abs(q) > radius) | _exceeds(recon, w, eb, lib)
 
 
-def _exceeds(v: Tensor, w: Tensor, eb: float) -> np.ndarray:
-    """Per element: for some output dtype d, |d(v) - w| > max(eb, |d(w) - w|), compared in float64."""
+def _exceeds(v: Tensor, w: Tensor, eb: float, lib: Optional[ctypes.CDLL] = None) -> np.ndarray:
+    """Per element: for some output dtype d, |d(v) - w| > max(eb, |d(w) - w|), compared in float64
+    (by lb_szexc with `lib`: v and w widened to fp32 exactly, every cast to fp16/bf16 goes through fp32)."""
+    if lib is not None:
+        v32, w32 = v.float().contiguous(), w.float().contiguous()
+        res = np.empty(w.numel(), dtype=np.uint8)
+        lib.lb_szexc(v32.data_ptr(), w32.data_ptr(), w.numel(), eb, res.ctypes.data)
+        return res.view(bool)
     out = np.zeros(w.numel(), dtype=bool)
     w64 = w.double()
     for d in FLOAT_DTYPES:
@@ -214,13 +256,14 @@ def _exceeds(v: Tensor, w: Tensor, eb: float) -> np.ndarray:
     return out
 
 
-def _outlier_values(wt: Tensor, outlier_idx: np.ndarray, eb: float, dtype: torch.dtype) -> Tensor:
+def _outlier_values(wt: Tensor, outlier_idx: np.ndarray, eb: float, dtype: torch.dtype,
+                    lib: Optional[ctypes.CDLL] = None) -> Tensor:
     """The narrowest of bf16 / fp16 / w's dtype that keeps every outlier within the bound in every
     output dtype (bf16 usually does when the bound is not far below |w| / 256)."""
     vals = wt[torch.from_numpy(outlier_idx)].clone()
     if dtype == torch.float32 and len(vals):
         for narrow in (torch.bfloat16, torch.float16):
-            if not _exceeds(vals.to(narrow), vals, eb).any():
+            if not _exceeds(vals.to(narrow), vals, eb, lib).any():
                 return vals.to(narrow)
     return vals
 

@@ -24,7 +24,8 @@ sum and stores contiguous outputs with its neighbours at every step. See docs/sz
 Decoders, bit-identical: `decode_reference` (bit-by-bit canonical decode, the spec),
 `decode_vectorized` (numpy, all lanes in lockstep with a 12-bit table) and the Triton kernel in
 lowbit.kernels.sz (CUDA, or CPU under TRITON_INTERPRET=1). The encoder's inner loops are in
-_sz_encode.py, the version-1 reader in _sz_v1.py.
+_sz_encode.py (numpy/torch, and the same in C in lowbit/_cpu_sz_encode.c, used when the CPU
+kernels are built: the same bytes), the version-1 reader in _sz_v1.py.
 
 This file is over 500 lines: the container, its byte format, the layout rule and the two CPU
 decoders are one spec, read together.
@@ -46,13 +47,12 @@ from torch import Tensor
 from .._validate import check_choice, check_finite, check_float_tensor, check_has_values
 from . import _sz_v1
 from ._sz_encode import (DTYPE_BIT, MAX_RADIUS, _dtype_mask, _lane_bits, _outlier_values, _pack_payload, _quantize,
-                         _Work, fast_library, lane_bits, pack_payload)
+                         _Work, code_lengths, fast_library, lane_bits, pack_payload)
 from ._entropy import (
     MAX_LEN,
     canonical_codes,
     decode_table_lsb,
     gaps,
-    huffman_lengths,
     kraft_sum,
     pack_fixed,
     unpack_fixed,
@@ -484,19 +484,20 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
             raise ValueError(f"error_bound={error_bound!r} gives an absolute bound {eb} that is not finite and > 0")
     else:
         eb = eb_arg
-    mask = _dtype_mask(wt, amax, eb)
+    lib = fast_library()  # the C kernels, else numpy/torch: the same bytes
+    mask = _dtype_mask(wt, amax, eb, lib, w32)
     chunk, lanes = choose_layout(tuple(w.shape), chunk_size)
     # The step (bin width) defaults to 2*eb; a slightly narrower one leaves room for the rounding
     # of reconstructions to bf16/fp16, which turns fewer elements into outliers (~30 bits each)
     # at ~1.44*shrink bits/param more for the codes. Try a few, keep the smallest stream.
-    work = _Work(wt.numel(), fast_library())  # the C kernels, else numpy/torch: the same bytes
+    work = _Work(wt.numel(), lib)
     n_lanes = -(-wt.numel() // chunk) * lanes
     best = None
     for shrink in STEP_SHRINKS:
         step32, radius, outlier_idx, hist = _quantize(work, wt, w32, eb, 2.0 * eb * (1.0 - shrink))
-        lengths = huffman_lengths(hist, MAX_LEN)
+        lengths = code_lengths(lib, hist)
         nbits = int((hist * lengths).sum())
-        vals = _outlier_values(wt, outlier_idx, eb, w.dtype)
+        vals = _outlier_values(wt, outlier_idx, eb, w.dtype, lib)
         c = SZTensor(tuple(w.shape), w.dtype, mode, eb_arg, eb, float(step32), radius, mask, lengths, chunk, lanes,
                      np.zeros(n_lanes, dtype=np.int64), outlier_idx, vals,
                      np.zeros((nbits + 31) // 32, dtype=np.uint32), nbits)
