@@ -1,7 +1,8 @@
 """The one GPU script: correctness of every shipped kernel config on CUDA, then timings as ratios
 measured side by side in the same run. Prepared for a single call on a lent H100/H200: it starts
-no new work after `--budget-s` (330 s, 170 with `--quick`; each section stops at its share) and
-writes its JSON after every section, so a run cut short still leaves what it measured.
+no new work after `--budget-s` (420 s, 200 with `--quick`; each section stops at its share, so the
+default run ends within about 7.5 minutes, compiles included) and writes its JSON after every
+section, so a run cut short still leaves what it measured.
 
     python3 benchmarks/gpu_check.py --out DIR [--quick] [--sweep] [--budget-s S]
     python3 benchmarks/gpu_check.py --dry-run [--interpret] --out DIR     # CPU rehearsal, not timed
@@ -12,11 +13,21 @@ Sections, in this order:
    every config of kernels/nf4.py and kernels/intq.py (FORWARD_CONFIGS, GRAD_X_CONFIGS,
    GRAD_SCALE_CONFIGS, and DEQUANT) launched explicitly and compared with float64; the SZ decoder
    bit-identical to the bit-by-bit reference decoder.
-2. Timings (triton.testing.do_bench, median, L2 flushed between repetitions): NF4 matmul through
-   the public API and through the bare launcher vs torch bf16 (cuBLAS) vs bitsandbytes'
-   matmul_4bit when importable, M = 1, 4, 16, 4096 on Llama shapes, grad_x at M = 4096; the int
-   family on 8192x8192; SZ decode GB/s; then every shipped config timed on 8192x8192 (what the
-   config tables are chosen from; `--sweep` adds the other table-lookup decode methods).
+2. Timings (triton.testing.do_bench, median, L2 flushed between repetitions), what users get:
+   runtime autotuning is off (LOWBIT_AUTOTUNE unset), so each call runs the shipped per-card
+   table's config or the bucket's first fitting one, and every row records which.
+   a. NF4 + double quant, M = 1, 2, 4, 8, 16, 64, 4096 on the Llama shapes: the public API and the
+      bare launcher vs torch bf16 (cuBLAS) vs bitsandbytes' matmul_4bit when importable; grad_x
+      at M = 4096; GB/s and the fraction of the measured copy bandwidth.
+   b. The int family (int4 rows, int3 g128, int2 g64), same M and shapes, vs bf16; config, GB/s.
+   c. SZ decode GB/s (4096x4096, 8192x8192), and SZLinear's fused decode-GEMV at M = 1 and 4 vs
+      decode + cuBLAS vs bf16 on 4096x4096.
+   d. A decode loop: a Llama-shaped stack (8 layers, hidden 4096, MLP 11008), one token at a time
+      (M = 1, bf16), tokens/s for bf16 nn.Linear, bitsandbytes Linear4bit nf4, lowbit nf4, int4
+      and int3 g128, each eager and replayed from a CUDA graph.
+   e. Every shipped config timed on 8192x8192 (what the config tables are chosen from; `--sweep`
+      adds the other table-lookup decode methods). Not with --quick.
+3. `--tune` (last): `lowbit tune` on this card, writing OUT/<card>.json.
 
 bitsandbytes: the GPU machine cannot install packages. Stage it here with
 `bash ../shared/device/stage-anchors.sh` and take `.carry` along (the device tool's `carry`);
@@ -27,12 +38,14 @@ failed or a section crashed, 2 no CUDA device.
 
 `--dry-run` runs every section on tiny CPU shapes through the pure-torch reference (with
 `--interpret`: through the Triton launchers in the interpreter, every shipped config), with
-one-shot wall-clock "timings" that mean nothing: it checks this script, not the kernels.
+one-shot wall-clock "timings" that mean nothing: it checks this script, not the kernels. (CUDA
+graphs do not exist on the CPU: there the eager call stands in for the replay.)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import json
 import os
@@ -46,7 +59,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA_SHAPES = [(4096, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N): 7B attn; 70B attn, up, down
-MS = (1, 4, 16, 4096)
+MS = (1, 2, 4, 8, 16, 64, 4096)  # decode (1-16: batch of sequences, speculative drafts), 64, prefill
+QUICK_MS = (1, 4, 16, 4096)
+INT_VARIANTS = ((4, None), (3, 128), (2, 64))  # (bits, group size): int4 rows, int3 g128, int2 g64
+# The decode loop's stack: Llama-2-7B's decoder layer shapes (hidden 4096, MLP 11008), 8 layers =
+# 1.6e9 weights, 3.2 GB in bf16: far past L2, so each token streams every weight once, as in decode.
+DECODER = {"hidden": 4096, "intermediate": 11008, "layers": 8}
 # Relative Frobenius error vs float64, by activation dtype. Measured on an H100 (2026-11-26 run 3):
 # bf16 ~2.3e-3 (bf16 rounding of W tiles and of the output), fp16 ~3e-4, fp32 ~8e-4 (tensor-core
 # dots run in tf32: x and W rounded to 10-bit mantissas). Each tolerance is about 4-7x that.
@@ -135,24 +153,26 @@ class Run:
 
 
 class Background:
-    """fn() in a daemon thread (a run cut short does not wait for it); result() joins."""
+    """fn(out) in a daemon thread (a run cut short does not wait for it), filling the dict `out` as
+    it goes; wait(timeout) returns what is there by then, so a slow item costs only itself."""
 
     def __init__(self, fn) -> None:
-        self.out, self.err = None, None
+        self.out: dict = {}
+        self.err = None
         self.thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
         self.thread.start()
 
     def _run(self, fn) -> None:
         try:
-            self.out = fn()
-        except BaseException as e:  # re-raised in result()
+            fn(self.out)
+        except BaseException as e:  # re-raised in wait()
             self.err = e
 
-    def result(self):
-        self.thread.join()
+    def wait(self, timeout: float | None = None) -> dict:
+        self.thread.join(timeout)
         if self.err is not None:
             raise self.err
-        return self.out
+        return dict(self.out)
 
 
 class Impl:
@@ -216,10 +236,19 @@ class Ctx:
         self.quant_numel = 3 * 16384 + 17 if small else 4096 * 1024 + 17  # a short last block
         self.sz_check_shape = (32, 256) if small else (128, 1024)
         self.shapes = [(256, 128)] if small else (LLAMA_SHAPES[:2] if a.quick else LLAMA_SHAPES)
-        self.ms = (1, 4, 16, 64) if small else MS
+        # M = 1 and 2 and 16 and 64 cover Triton's integer specializations (== 1, % 16) and the buckets.
+        self.ms = (1, 2, 16, 64) if small else (QUICK_MS if a.quick else MS)
+        self.int_ms = (1, 64) if small and a.quick else (1, 16, BIG_BENCH_M) if a.quick else self.ms
         self.big_m = 64 if small else BIG_BENCH_M
-        self.int_kn = (1024, 128) if small else (8192, 8192)
         self.sweep_kn = (1024, 128) if small else (8192, 8192)
+        # SZ streams to time, (shape [N, K], sz_compress's chunk_size = most symbols per lane),
+        # compressed in the background; the first also serves the fused GEMV. (4096 and 1024 give
+        # the same layout on these shapes: choose_layout aims at 256-1024 symbols per lane.)
+        self.sz_streams = ([((64, 256), 256)] if small else [((4096, 4096), 4096)] if a.quick
+                           else [((4096, 4096), 4096), ((8192, 8192), 4096)])
+        self.decoder = dict(hidden=256, intermediate=384, layers=1) if small else DECODER
+        self.bf16_cache: dict = {}  # (K, N, M) -> bf16 ms: the nf4 and int sweeps share their baseline
+        self.bnb_memo = False  # load_bnb's memo (False: not tried yet)
 
     def launched(self, fn):
         """fn() and whether it launched a Triton kernel (always True for the reference)."""
@@ -333,8 +362,13 @@ def check_matmul(run: Run, ctx: Ctx, until: float) -> None:
 
         def check():
             if kind == "forward":
-                if k % (cfg.block_k * cfg.split_k or 1):
-                    return None, None, None, "K does not fit this config"
+                # the launchers refuse an explicit config that does not serve the call (ValueError)
+                if var.startswith("nf4"):
+                    fits = cfg.kind == "dequant" or nf4._fits_forward(cfg, m, k, dt, 64)
+                else:
+                    fits = intq._fits_forward(cfg, m, k, q.bits, q.group_len, dt)
+                if not fits:
+                    return None, None, None, "this config does not serve this shape / dtype"
                 x = torch.randn(m, k, dtype=dt, device=ctx.dev)
                 bias = torch.randn(n, dtype=dt, device=ctx.dev)
                 y, ran = ctx.launched(lambda: fn(x, q, bias, cfg))
@@ -403,25 +437,52 @@ def check_sz(run: Run, ctx: Ctx, until: float) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def copy_bandwidth(ctx: Ctx) -> float | None:
-    if ctx.dev != "cuda":
-        return None
-    src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda").random_(0, 255)  # 512 MiB
-    dst = torch.empty_like(src)
-    ms = ctx.bench(lambda: dst.copy_(src))
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
+def copy_bandwidth(run: Run, ctx: Ctx) -> float | None:
+    """Device-to-device copy GB/s (bytes read + written), measured once per run: the yardstick of
+    every GB/s column (a weight-streaming kernel can at best move bytes this fast)."""
+    meta = run.res["meta"]
+    if "copy_GBps" not in meta:
+        bw = None
+        if ctx.dev == "cuda":
+            src = torch.empty(1 << 29, dtype=torch.uint8, device="cuda").random_(0, 255)  # 512 MiB
+            dst = torch.empty_like(src)
+            bw = 2 * src.numel() / (ctx.bench(lambda: dst.copy_(src)) * 1e-3) / 1e9
+            del src, dst
+            run.log(f"device-to-device copy bandwidth: {bw:.0f} GB/s")
+        meta["copy_GBps"] = bw
+    return meta["copy_GBps"]
 
 
-def load_bnb(run: Run):
-    try:
-        import bitsandbytes as bnb
-        import bitsandbytes.functional as bnbF
-    except Exception as e:
-        run.log(f"bitsandbytes not importable ({type(e).__name__}: {e}); its column stays empty "
-                "(stage it with bash ../shared/device/stage-anchors.sh and carry .carry)")
-        return None
-    run.res["meta"]["bitsandbytes"] = bnb.__version__
-    return bnb, bnbF
+def add_bandwidth(r: dict, nbytes: int, ms: float, bw: float | None) -> None:
+    """r["GBps"]: bytes moved (packed weight + x + y) per second of the lowbit call; r["frac_copy_bw"]:
+    that over the copy bandwidth."""
+    r["GBps"] = nbytes / (ms * 1e-3) / 1e9
+    r["frac_copy_bw"] = r["GBps"] / bw if bw else None
+
+
+def bf16_time(ctx: Ctx, x: torch.Tensor, w: torch.Tensor) -> float:
+    """x @ w.t() in bf16 (cuBLAS), once per (K, N, M) in a run: the nf4 and int sweeps share it."""
+    key = (w.shape[1], w.shape[0], x.shape[0])
+    if key not in ctx.bf16_cache:
+        ctx.bf16_cache[key] = ctx.bench(lambda: x @ w.t())
+    return ctx.bf16_cache[key]
+
+
+def load_bnb(run: Run, ctx: Ctx):
+    """(bitsandbytes, bitsandbytes.functional), or None when not importable (logged once)."""
+    if ctx.bnb_memo is False:
+        try:
+            import bitsandbytes as bnb
+            import bitsandbytes.functional as bnbF
+
+            run.res["meta"]["bitsandbytes"] = bnb.__version__
+            ctx.bnb_memo = bnb, bnbF
+        except Exception as e:
+            run.log(f"bitsandbytes not importable ({type(e).__name__}: {e}); its columns stay empty "
+                    "(stage it with bash ../shared/device/stage-anchors.sh and carry .carry)")
+            run.res["meta"]["bitsandbytes"] = None
+            ctx.bnb_memo = None
+    return ctx.bnb_memo
 
 
 def sync(dev: str) -> None:
@@ -429,16 +490,30 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def first_call(ctx: Ctx, fn):
+    """fn() once outside any timing (the compile, and the config choice), and its seconds."""
+    t0 = time.perf_counter()
+    out = fn()
+    sync(ctx.dev)
+    return out, time.perf_counter() - t0
+
+
+def out_of_time(run: Run, until: float) -> bool:
+    if run.left(until) <= 0:
+        run.log("  (time budget: rest of section skipped)")
+        return True
+    return False
+
+
 def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
+    """NF4 with double quant (blocksize 64) at every M on every shape: lowbit's public API and its
+    bare launcher vs bf16 (cuBLAS) vs bitsandbytes' matmul_4bit; the config used; grad_x at big M."""
     import lowbit
     from lowbit import _ops
     from lowbit.kernels import _common
 
-    bnb = load_bnb(run)
-    bw = copy_bandwidth(ctx)
-    run.res["meta"]["copy_GBps"] = bw
-    if bw:
-        run.log(f"device-to-device copy bandwidth: {bw:.0f} GB/s")
+    bnb = load_bnb(run, ctx)
+    bw = copy_bandwidth(run, ctx)
     rows = run.res.setdefault("nf4", [])
     for k, n in ctx.shapes:
         w = torch.randn(n, k, device=ctx.dev, dtype=torch.bfloat16) * 0.02
@@ -447,17 +522,13 @@ def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
         if bnb is not None:
             bq, bstate = bnb[1].quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
         for m in ctx.ms:
-            if run.left(until) <= 0:
-                run.log("  (time budget: rest of section skipped)")
+            if out_of_time(run, until):
                 return rows
             x = torch.randn(m, k, device=ctx.dev, dtype=torch.bfloat16)
-            t0 = time.perf_counter()
-            lowbit.matmul_4bit(x, q)  # compile + tune outside the timing
-            sync(ctx.dev)
-            tune_s = time.perf_counter() - t0
+            _, first_s = first_call(ctx, lambda: lowbit.matmul_4bit(x, q))
             cfg = _common._tuned.get(("fwd", _common.tune_m(m), n, k, x.dtype, True, 64))
-            r = {"K": k, "N": n, "M": m, "config": cfg._asdict() if cfg else None, "tune_s": tune_s,
-                 "bf16_ms": ctx.bench(lambda: x @ w.t()),
+            r = {"K": k, "N": n, "M": m, "config": cfg._asdict() if cfg else None, "first_call_s": first_s,
+                 "bf16_ms": bf16_time(ctx, x, w),
                  "lowbit_ms": ctx.bench(lambda: lowbit.matmul_4bit(x, q)),
                  "launcher_ms": ctx.bench(lambda: ctx.impl.fwd(x, q, None, None)), "bnb_ms": None}
             if bnb is not None:
@@ -465,11 +536,9 @@ def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
                     r["bnb_ms"] = ctx.bench(lambda: bnb[0].matmul_4bit(x, bq.t(), quant_state=bstate))
                 except Exception as e:
                     run.log(f"  bitsandbytes failed at M={m}: {type(e).__name__}: {e}")
-            moved = q.nbytes + x.numel() * 2 + m * n * 2
             r["x_bf16"] = r["bf16_ms"] / r["lowbit_ms"]
             r["x_bnb"] = r["bnb_ms"] / r["lowbit_ms"] if r["bnb_ms"] else None
-            r["GBps"] = moved / (r["lowbit_ms"] * 1e-3) / 1e9
-            r["frac_copy_bw"] = r["GBps"] / bw if bw else None
+            add_bandwidth(r, q.nbytes + x.numel() * 2 + m * n * 2, r["lowbit_ms"], bw)
             if m == ctx.big_m:
                 g = torch.randn(m, n, device=ctx.dev, dtype=torch.bfloat16)
                 def gx():
@@ -480,69 +549,272 @@ def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
             rows.append(r)
             run.log(f"  K={k} N={n} M={m}: bf16 {r['bf16_ms']:.4f} ms, lowbit {r['lowbit_ms']:.4f} ms "
                     f"(launcher {r['launcher_ms']:.4f}), bnb {r['bnb_ms'] or float('nan'):.4f} ms, x{r['x_bf16']:.2f} "
-                    f"of bf16, config {tuple(cfg) if cfg else None}")
+                    f"of bf16, {r['GBps']:.0f} GB/s, config {tuple(cfg) if cfg else None}")
     return rows
 
 
 def time_int(run: Run, ctx: Ctx, until: float) -> list:
+    """int4 rows, int3 g128, int2 g64 (RTN) at every M on every shape: lowbit.matmul_int vs bf16,
+    with the config it used (the shipped table's, else the bucket's first that fits: at M = 1 the
+    "words" GEMV), GB/s and the fraction of copy bandwidth; grad_x at the big M."""
     import lowbit
     from lowbit import _ops
+    from lowbit.kernels import _common
 
-    k, n = ctx.int_kn
-    w = torch.randn(n, k, device=ctx.dev, dtype=torch.bfloat16) * 0.02
+    bw = copy_bandwidth(run, ctx)
     rows = run.res.setdefault("int", [])
-    ms = (ctx.ms[0], ctx.big_m) if ctx.a.quick else ctx.ms
-    for bits, gs in ((4, None), (3, 128), (2, 64)):
-        q = lowbit.quantize_int(w, bits=bits, group_size=gs, method="rtn")
-        wd = lowbit.dequantize_int(q, torch.float32).double()
-        for m in ms:
-            if run.left(until) <= 0:
-                run.log("  (time budget: rest of section skipped)")
+    for k, n in ctx.shapes:  # shapes outside, so a budget cut keeps whole shapes
+        w = torch.randn(n, k, device=ctx.dev, dtype=torch.bfloat16) * 0.02
+        for bits, gs in INT_VARIANTS:
+            if out_of_time(run, until):
                 return rows
-            x = torch.randn(m, k, device=ctx.dev, dtype=torch.bfloat16)
-            err = rel_err(lowbit.matmul_int(x, q), x.double() @ wd.t())
-            r = {"bits": bits, "group": gs, "K": k, "N": n, "M": m, "err": err,
-                 "bf16_ms": ctx.bench(lambda: x @ w.t()), "lowbit_ms": ctx.bench(lambda: lowbit.matmul_int(x, q))}
-            r["x_bf16"] = r["bf16_ms"] / r["lowbit_ms"]
-            if m == ctx.big_m:
-                g = torch.randn(m, n, device=ctx.dev, dtype=torch.bfloat16)
-                def gx():
-                    return _ops.int_matmul_grad_x(g, q.codes, q.scale, q.zeros, q.bits, q.group_len, k)
+            q = lowbit.quantize_int(w, bits=bits, group_size=gs, method="rtn")
+            wd = lowbit.dequantize_int(q, torch.float32).double()
+            for m in ctx.int_ms:
+                if out_of_time(run, until):
+                    return rows
+                x = torch.randn(m, k, device=ctx.dev, dtype=torch.bfloat16)
+                y, first_s = first_call(ctx, lambda: lowbit.matmul_int(x, q))
+                err = rel_err(y, x.double() @ wd.t())
+                cfg = _common._tuned.get(("int_fwd", _common.tune_m(m), n, k, x.dtype, bits, q.group_len))
+                r = {"bits": bits, "group": gs, "K": k, "N": n, "M": m, "config": cfg._asdict() if cfg else None,
+                     "first_call_s": first_s, "err": err, "bf16_ms": bf16_time(ctx, x, w),
+                     "lowbit_ms": ctx.bench(lambda: lowbit.matmul_int(x, q))}
+                r["x_bf16"] = r["bf16_ms"] / r["lowbit_ms"]
+                add_bandwidth(r, q.nbytes + x.numel() * 2 + m * n * 2, r["lowbit_ms"], bw)
+                if m == ctx.big_m:
+                    g = torch.randn(m, n, device=ctx.dev, dtype=torch.bfloat16)
+                    def gx():
+                        return _ops.int_matmul_grad_x(g, q.codes, q.scale, q.zeros, q.bits, q.group_len, k)
 
-                gx()
-                r["grad_x_ms"], r["grad_x_bf16_ms"] = ctx.bench(gx), ctx.bench(lambda: g @ w)
-            rows.append(r)
-            run.log(f"  int{bits} group={gs} M={m}: {r['lowbit_ms'] * 1e3:.1f} us vs bf16 {r['bf16_ms'] * 1e3:.1f} us "
-                    f"(x{r['x_bf16']:.2f}), rel err {err:.1e}")
+                    gx()
+                    r["grad_x_ms"], r["grad_x_bf16_ms"] = ctx.bench(gx), ctx.bench(lambda: g @ w)
+                rows.append(r)
+                run.log(f"  int{bits} group={gs} K={k} N={n} M={m}: {r['lowbit_ms'] * 1e3:.1f} us vs bf16 "
+                        f"{r['bf16_ms'] * 1e3:.1f} us (x{r['x_bf16']:.2f}), {r['GBps']:.0f} GB/s, rel err {err:.1e}, "
+                        f"config {tuple(cfg) if cfg else None}")
     return rows
 
 
-def time_sz(run: Run, ctx: Ctx, until: float, streams) -> list:
+def time_sz(run: Run, ctx: Ctx, until: float, streams: Background) -> list:
     """Decoded bytes per second (bf16 output), the bare launcher and the public sz_decompress (which
-    also copies the stream to the device)."""
+    also copies the stream to the device); then SZLinear's forward at M = 1 and 4 (the fused
+    decode-GEMV, lowbit._ops.sz_matmul) vs decode + cuBLAS (what it does past M = 16) vs bf16."""
     import lowbit
+    from lowbit import _ops
     from lowbit.formats import sz as ref
+    from lowbit.kernels._common import LAUNCHES
 
     rows = run.res.setdefault("sz", [])
-    for chunk, (c, compress_s) in streams.result().items():
-        if run.left(until) <= 0:
-            run.log("  (time budget: rest of section skipped)")
+    # The streams compress on the CPU in the background; wait for them no longer than this
+    # section's share allows (less ~10 s for the GEMV part): a late stream is left out, logged.
+    ready = streams.wait(max(0.0, run.left(until) - 10))
+    for key in ctx.sz_streams:
+        if key not in ready:
+            run.log(f"  sz stream {key[0]} chunk={key[1]}: not compressed in time, not timed")
+            continue
+        if out_of_time(run, until):
             return rows
+        c, compress_s = ready[key]
         args = c.decoder_args(ctx.dev)
         f = lambda: ctx.impl.sz_decode(args, c, torch.bfloat16)  # noqa: E731
         same = torch.equal(f().cpu(), ref.decode_vectorized(*c.decoder_args(), c.numel, c.chunk_size, c.max_len,
                                                             c.radius, torch.bfloat16))
         ms = ctx.bench(f)
         api_ms = ctx.bench(lambda: lowbit.sz_decompress(c, ctx.dev, torch.bfloat16))
-        r = {"shape": list(c.shape), "chunk": chunk, "ms": ms, "decoded_GBps": c.numel * 2 / (ms * 1e-3) / 1e9,
-             "api_ms": api_ms, "bits_per_param": c.bits_per_param, "equal_to_vectorized_decoder": same,
-             "compress_s": compress_s}
+        r = {"shape": list(c.shape), "chunk_size_arg": key[1], "chunk": c.chunk_size, "lanes": c.lanes, "ms": ms,
+             "decoded_GBps": c.numel * 2 / (ms * 1e-3) / 1e9, "api_ms": api_ms, "bits_per_param": c.bits_per_param,
+             "equal_to_vectorized_decoder": same, "compress_s": compress_s}
         rows.append(r)
-        run.log(f"  sz decode {tuple(c.shape)} chunk={chunk}: {ms * 1e3:.0f} us = {r['decoded_GBps']:.1f} GB/s of bf16 "
-                f"(sz_decompress {api_ms * 1e3:.0f} us), {c.bits_per_param:.3f} bits/param, equal to the "
-                f"vectorized CPU decoder: {same}")
+        run.log(f"  sz decode {tuple(c.shape)} (chunks of {c.chunk_size}, {c.lanes} lanes): {ms * 1e3:.0f} us = "
+                f"{r['decoded_GBps']:.1f} GB/s of bf16 (sz_decompress {api_ms * 1e3:.0f} us), {c.bits_per_param:.3f} "
+                f"bits/param, equal to the vectorized CPU decoder: {same}")
         if not same:
-            run.record("sz decode", f"sz decode {tuple(c.shape)} chunk={chunk} = vectorized decoder", False)
+            run.record("sz decode", f"sz decode {tuple(c.shape)} = vectorized decoder", False)
+
+    gemv = run.res.setdefault("sz_gemv", [])
+    if ctx.sz_streams[0] not in ready:
+        return rows
+    c = ready[ctx.sz_streams[0]][0]
+    n, k = c.shape
+    layer = lowbit.SZLinear(k, n, bias=False, device=ctx.dev, error_bound=c.error_bound, mode=c.mode,
+                            chunk_size=ctx.sz_streams[0][1])
+    layer.load_sz(c, verify=False)
+    wb = layer.dequantized_weight(torch.bfloat16)  # the bf16 baseline's weight
+    wd = layer.dequantized_weight(torch.float32).double()
+    dec_args = (layer.payload, layer.lane_start, layer.table, layer.step, layer.outlier_idx, layer.outlier_val)
+
+    def decode_cublas(x):  # what SZLinear does without the fused kernel: decode W, then F.linear
+        w = _ops.sz_decode(*dec_args, n * k, c.chunk_size, c.max_len, c.radius, x.dtype)
+        return torch.nn.functional.linear(x, w.view(n, k))
+
+    with torch.no_grad():
+        for m in (1, 4):
+            if out_of_time(run, until):
+                break
+            x = torch.randn(m, k, device=ctx.dev, dtype=torch.bfloat16)
+            before = LAUNCHES["sz.gemv"]
+            y = layer(x)
+            fused = LAUNCHES["sz.gemv"] > before  # did forward take the fused route?
+            r = {"shape": [n, k], "chunk": c.chunk_size, "M": m, "fused_gemv": fused,
+                 "err": rel_err(y, x.double() @ wd.t()),
+                 "sz_linear_ms": ctx.bench(lambda: layer(x)), "decode_cublas_ms": ctx.bench(lambda: decode_cublas(x)),
+                 "bf16_ms": ctx.bench(lambda: x @ wb.t())}
+            r["x_decode_cublas"] = r["decode_cublas_ms"] / r["sz_linear_ms"]
+            r["x_bf16"] = r["bf16_ms"] / r["sz_linear_ms"]
+            gemv.append(r)
+            run.log(f"  SZLinear {n}x{k} M={m} ({'fused GEMV' if fused else 'NOT fused'}): "
+                    f"{r['sz_linear_ms'] * 1e3:.1f} us; decode + cuBLAS {r['decode_cublas_ms'] * 1e3:.1f} us "
+                    f"(x{r['x_decode_cublas']:.2f}); bf16 {r['bf16_ms'] * 1e3:.1f} us (x{r['x_bf16']:.2f}); "
+                    f"rel err {r['err']:.1e}")
+    return rows
+
+
+# -- the decode loop -----------------------------------------------------------------------------
+
+
+class DecoderLayer(torch.nn.Module):
+    """The seven linear layers of a Llama decoder layer (transformers' names, so replace_linear and
+    the bitsandbytes swap see what they see in a real checkpoint), RMSNorms and the SwiGLU MLP,
+    around a trivial attention: one token and no KV cache, so softmax over its single score is 1
+    and attention returns v. What the stack measures is the linear layers as decode runs them."""
+
+    def __init__(self, hidden: int, intermediate: int, device, dtype) -> None:
+        super().__init__()
+
+        def lin(i, o):
+            return torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype)
+
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (lin(hidden, hidden) for _ in range(4))
+        self.gate_proj, self.up_proj, self.down_proj = lin(hidden, intermediate), lin(hidden, intermediate), \
+            lin(intermediate, hidden)
+        self.input_layernorm = torch.nn.RMSNorm(hidden, eps=1e-5, device=device, dtype=dtype)
+        self.post_attention_layernorm = torch.nn.RMSNorm(hidden, eps=1e-5, device=device, dtype=dtype)
+        self.scale = hidden ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.input_layernorm(x)
+        q, k, v = self.q_proj(h), self.k_proj(h), self.v_proj(h)
+        p = torch.softmax((q * k).sum(-1, keepdim=True) * self.scale, dim=-1)  # one position: p = 1
+        x = x + self.o_proj(p * v)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(torch.nn.functional.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+def bnb_stack(base: torch.nn.Module, bnb) -> torch.nn.Module:
+    """A copy of `base` with every nn.Linear a bitsandbytes Linear4bit (nf4, double quant,
+    blocksize 64: the QLoRA defaults, and lowbit's), quantized by bitsandbytes when moved to the
+    device (bitsandbytes' own test idiom: the layer built on "meta", the weight set, then .to)."""
+    model = copy.deepcopy(base)
+    for name, lin in [(nm, mod) for nm, mod in model.named_modules() if type(mod) is torch.nn.Linear]:
+        layer = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  compress_statistics=True, quant_type="nf4", device="meta")
+        layer.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, blocksize=64, compress_statistics=True,
+                                         quant_type="nf4", module=layer)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.to(lin.weight.device))
+    return model.eval()
+
+
+def cuda_graph(fn, dev: str):
+    """(replay, static output, error): fn warmed up on a side stream (compiles, config choices,
+    cached workspaces happen there, outside the capture), then captured on that stream into a CUDA
+    graph; replay() reruns it and refreshes the static output. A failed capture returns its error
+    string instead of raising. On the CPU (dry run) there are no graphs: the eager call stands in."""
+    if dev != "cuda":
+        return fn, None, None
+    try:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        # thread_local: the SZ compression thread (CPU work) cannot invalidate this capture
+        with torch.cuda.graph(g, stream=s, capture_error_mode="thread_local"):
+            out = fn()
+        g.replay()
+        torch.cuda.synchronize()
+        return g.replay, out, None
+    except Exception as e:
+        try:
+            torch.cuda.synchronize()
+        except Exception:
+            pass
+        return None, None, f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def time_decode(run: Run, ctx: Ctx, until: float) -> list:
+    """Tokens/s of a Llama-shaped stack decoding one token at a time (x [1, 1, hidden] bf16, M = 1):
+    bf16 nn.Linear, bitsandbytes Linear4bit nf4 (when importable), lowbit.replace_linear to nf4,
+    int4 (rows) and int3 (g128); each eager, then replayed from a CUDA graph (no Python, no launch
+    overhead: the kernels alone). One token = one do_bench call; tokens/s = 1000 / its median ms."""
+    import lowbit
+
+    d = ctx.decoder
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(*(DecoderLayer(d["hidden"], d["intermediate"], ctx.dev, torch.bfloat16)
+                                 for _ in range(d["layers"]))).eval()
+    x = torch.randn(1, 1, d["hidden"], device=ctx.dev, dtype=torch.bfloat16)
+    bnb = load_bnb(run, ctx)
+
+    def lowbit_stack(quant_type, **opts):
+        return lambda: lowbit.replace_linear(copy.deepcopy(base), quant_type, progress=False, **opts)
+
+    variants = {"bf16": lambda: base}  # name -> builder (each stack is built when timed, dropped after)
+    if bnb is not None:
+        variants["bnb nf4"] = lambda: bnb_stack(base, bnb[0])
+    variants.update({"lowbit nf4": lowbit_stack("nf4"), "lowbit int4": lowbit_stack("int4"),
+                     "lowbit int3 g128": lowbit_stack("int3", group_size=128)})
+    rows = run.res.setdefault("decode", [])
+    run.log(f"  stack: {d['layers']} layers, hidden {d['hidden']}, MLP {d['intermediate']}, "
+            f"{sum(p.numel() for p in base.parameters()) / 1e6:.1f}M weights")
+    with torch.no_grad():
+        want = base(x)
+        for name, build in variants.items():
+            if out_of_time(run, until):
+                break
+            r = {"variant": name, **d, "M": 1}
+            try:
+                model, r["build_s"] = first_call(ctx, build)
+                y, r["first_call_s"] = first_call(ctx, lambda: model(x))
+                r["err_vs_bf16"] = rel_err(y, want)
+                r["eager_ms"] = ctx.bench(lambda: model(x))
+            except Exception as e:  # e.g. bitsandbytes without its CUDA library: the others go on
+                r["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                run.log(f"  {name}: {r['error']}")
+                rows.append(r)
+                continue
+            if run.left(until) > 0:
+                replay, out, err = cuda_graph(lambda: model(x), ctx.dev)
+                if err:
+                    r["graph_error"] = err
+                else:
+                    r["graph_ms"] = ctx.bench(replay)
+                    if out is not None:
+                        r["graph_err_vs_eager"] = rel_err(out, y)
+                    else:
+                        r["graph_note"] = "dry run: no CUDA graphs on the CPU, the eager call stood in"
+                replay = out = None  # the graph and its memory pool go before the next stack is built
+            r["eager_tok_s"] = 1e3 / r["eager_ms"]
+            r["graph_tok_s"] = 1e3 / r["graph_ms"] if r.get("graph_ms") else None
+            rows.append(r)
+            g = f"{r['graph_tok_s']:.0f} tok/s" if r["graph_tok_s"] else f"not captured ({r.get('graph_error')})"
+            g += " (dry run: the eager call stood in)" if r.get("graph_note") else ""
+            run.log(f"  {name:17} eager {r['eager_tok_s']:8.1f} tok/s, CUDA graph {g}; rel err vs bf16 "
+                    f"{r['err_vs_bf16']:.1e} (built in {r['build_s']:.1f} s)")
+            model = None
+            if ctx.dev == "cuda":
+                torch.cuda.empty_cache()
+    # ratios, same mode against same mode: >1 = this variant decodes faster
+    by = {r["variant"]: r for r in rows}
+    for r in rows:
+        for mode in ("eager", "graph"):
+            for ref, col in (("bf16", "x_bf16"), ("bnb nf4", "x_bnb")):
+                t, b = r.get(f"{mode}_ms"), by.get(ref, {}).get(f"{mode}_ms")
+                r[f"{mode}_{col}"] = b / t if t and b else None
+        r["graph_speedup"] = r["eager_ms"] / r["graph_ms"] if r.get("eager_ms") and r.get("graph_ms") else None
     return rows
 
 
@@ -632,19 +904,80 @@ def import_lowbit() -> None:
         sys.path.append(str(site))
 
 
+def fmt(v, spec: str = ".2f", none: str = "-") -> str:
+    return none if v is None else format(v, spec)
+
+
 def summary(run: Run) -> None:
+    """The compact tables, printed last; their key ratios also go to the JSON's "key_ratios"."""
+    key = run.res["key_ratios"] = {}
     rows = run.res.get("nf4") or []
     if rows:
         run.log("")
+        run.log("nf4 + double quant (x = other time / lowbit time: >1 lowbit faster)")
         run.log(f"{'K x N':>13} {'M':>5} {'bf16 ms':>9} {'lowbit ms':>9} {'launch ms':>9} {'bnb ms':>9} {'x bf16':>7} "
                 f"{'x bnb':>6} {'GB/s':>6} {'%bw':>5} {'gx/bf16':>7}")
     for r in rows:
-        bnb_ms = f"{r['bnb_ms']:.4f}" if r["bnb_ms"] else "-"
-        xb = f"{r['x_bnb']:.2f}" if r["x_bnb"] else "-"
         bw = f"{100 * r['frac_copy_bw']:4.0f}%" if r["frac_copy_bw"] else "-"
         gx = f"{r['grad_x_bf16_ms'] / r['grad_x_ms']:.2f}" if r.get("grad_x_ms") else ""
         run.log(f"{r['K']:>6}x{r['N']:<6} {r['M']:>5} {r['bf16_ms']:>9.4f} {r['lowbit_ms']:>9.4f} "
-                f"{r['launcher_ms']:>9.4f} {bnb_ms:>9} {r['x_bf16']:>7.2f} {xb:>6} {r['GBps']:>6.0f} {bw:>5} {gx:>7}")
+                f"{r['launcher_ms']:>9.4f} {fmt(r['bnb_ms'], '.4f'):>9} {r['x_bf16']:>7.2f} {fmt(r['x_bnb']):>6} "
+                f"{r['GBps']:>6.0f} {bw:>5} {gx:>7}")
+        key[f"nf4 {r['K']}x{r['N']} M={r['M']} x_bf16"] = r["x_bf16"]
+        key[f"nf4 {r['K']}x{r['N']} M={r['M']} x_bnb"] = r["x_bnb"]
+
+    rows = run.res.get("int") or []
+    if rows:  # one line per (format, shape), M across: compact enough for 4 shapes x 3 formats x 7 M
+        ms = sorted({r["M"] for r in rows})
+        run.log("")
+        run.log("int (RTN): x bf16 by M (bf16 time / lowbit time); at M=1: % of copy bandwidth and kernel kind")
+        run.log(f"{'format':>9} {'K x N':>13} " + " ".join(f"{'M=' + str(m):>7}" for m in ms)
+                + f" {'%bw@1':>6} {'kind@1':>7}")
+        groups: dict = {}
+        for r in rows:
+            groups.setdefault((r["bits"], r["group"], r["K"], r["N"]), {})[r["M"]] = r
+        for (bits, gs, k, n), by_m in groups.items():
+            name = f"int{bits} " + ("rows" if gs is None else f"g{gs}")
+            one = by_m.get(1)
+            bw = f"{100 * one['frac_copy_bw']:5.0f}%" if one and one["frac_copy_bw"] else "-"
+            kind = (one["config"] or {}).get("kind", "-") if one else "-"
+            run.log(f"{name:>9} {k:>6}x{n:<6} " + " ".join(f"{fmt(by_m[m]['x_bf16'] if m in by_m else None):>7}"
+                                                          for m in ms) + f" {bw:>6} {kind:>7}")
+            for m, r in by_m.items():
+                key[f"{name} {k}x{n} M={m} x_bf16"] = r["x_bf16"]
+
+    rows = run.res.get("sz") or []
+    if rows:
+        run.log("")
+    for r in rows:
+        run.log(f"sz decode {r['shape'][0]}x{r['shape'][1]}: {r['decoded_GBps']:.0f} GB/s of bf16, "
+                f"{r['bits_per_param']:.2f} bits/param")
+        key[f"sz decode {r['shape'][0]}x{r['shape'][1]} GBps"] = r["decoded_GBps"]
+    for r in run.res.get("sz_gemv") or []:
+        run.log(f"SZLinear {r['shape'][0]}x{r['shape'][1]} M={r['M']} ({'fused' if r['fused_gemv'] else 'NOT fused'}): "
+                f"x{r['x_decode_cublas']:.2f} of decode + cuBLAS, x{r['x_bf16']:.2f} of bf16")
+        key[f"sz_linear M={r['M']} x_decode_cublas"] = r["x_decode_cublas"]
+        key[f"sz_linear M={r['M']} x_bf16"] = r["x_bf16"]
+
+    rows = run.res.get("decode") or []
+    if rows:
+        r0 = rows[0]
+        run.log("")
+        run.log(f"decode loop: {r0['layers']} layers, hidden {r0['hidden']}, MLP {r0['intermediate']}, M=1 bf16, "
+                "tokens/s (x = same mode vs bf16 / vs bnb: >1 faster)")
+        run.log(f"{'variant':>17} {'eager':>8} {'graph':>8} {'eager x bf16':>12} {'graph x bf16':>12} "
+                f"{'eager x bnb':>11} {'graph x bnb':>11} {'graph/eager':>11}")
+    for r in rows:
+        if "error" in r:
+            run.log(f"{r['variant']:>17} failed: {r['error'][:90]}")
+            continue
+        run.log(f"{r['variant']:>17} {r['eager_tok_s']:>8.0f} {fmt(r['graph_tok_s'], '.0f', 'no graph'):>8} "
+                f"{fmt(r['eager_x_bf16']):>12} {fmt(r['graph_x_bf16']):>12} {fmt(r['eager_x_bnb']):>11} "
+                f"{fmt(r['graph_x_bnb']):>11} {fmt(r['graph_speedup']):>11}")
+        for col in ("eager_tok_s", "graph_tok_s", "eager_x_bf16", "graph_x_bf16", "eager_x_bnb", "graph_x_bnb"):
+            key[f"decode {r['variant']} {col}"] = r[col]
+        if r.get("graph_error"):
+            run.log(f"{'':>17} CUDA graph capture failed: {r['graph_error'][:120]}")
     from lowbit.kernels import _common
 
     run.res["tuned"] = [{"key": [str(x) for x in key], "config": cfg._asdict()} for key, cfg in _common._tuned.items()]
@@ -662,11 +995,11 @@ def summary(run: Run) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for gpu_check.log / .json ($OUT)")
-    p.add_argument("--quick", action="store_true", help="bf16-only checks, two shapes, fewer timings (~2-3 min)")
+    p.add_argument("--quick", action="store_true", help="bf16-only checks, two shapes, fewer timings (budget 200 s)")
     p.add_argument("--sweep", action="store_true", help="also time the nf4 configs with decode methods 0 and 1")
     p.add_argument("--skip-correctness", action="store_true")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="start no new work after this many seconds (330; 170 with --quick; none with --dry-run)")
+                   help="start no new work after this many seconds (420; 200 with --quick; none with --dry-run)")
     p.add_argument("--dry-run", action="store_true", help="CPU rehearsal on tiny shapes; nothing is timed")
     p.add_argument("--tune", action="store_true", help="last: `lowbit tune` for M in 1, 4, 16 on the Llama shapes, "
                    "writing OUT/<card>.json (commit it to kernels/_configs/)")
@@ -684,7 +1017,7 @@ def main(argv=None) -> int:
     os.environ["TRITON_INTERPRET"] = "1" if a.interpret else "0"
     if a.interpret:  # the ops route CPU tensors to the kernels too, as they do CUDA tensors
         os.environ["LOWBIT_CPU_BACKEND"] = "triton"
-    budget = a.budget_s if a.budget_s is not None else (1e9 if a.dry_run else 170.0 if a.quick else 330.0)
+    budget = a.budget_s if a.budget_s is not None else (1e9 if a.dry_run else 200.0 if a.quick else 420.0)
     run = Run(a.out, budget)
     import_lowbit()
     import lowbit
@@ -716,30 +1049,38 @@ def main(argv=None) -> int:
     run.log(f"gpu_check: {meta['device']}  torch {torch.__version__} (CUDA {torch.version.cuda})  triton "
             f"{triton.__version__}  lowbit {lowbit.__version__} from {meta['lowbit_path']}  implementation "
             f"{impl.name}  budget {budget:.0f} s{'  DRY RUN: nothing is timed' if a.dry_run else ''}")
+    if dev == "cuda":  # which configs the timings get: this card's shipped table, else each bucket's first
+        from lowbit.kernels import _common
+
+        try:
+            card = _common.card_name()
+            meta["config_table"] = {"card": card, "entries": len(_common.load_table(card))}
+        except Exception as e:
+            meta["config_table"] = f"{type(e).__name__}: {e}"
+        run.log(f"shipped config table: {meta['config_table']}")
     torch.manual_seed(0)
     ctx = Ctx(a, impl, K, dev, bench)
-    # SZ streams for the timing compress on the CPU (numpy) while the GPU sections compile and run.
-    shape = (64, 256) if a.dry_run else (4096, 4096)
-    chunks = (256,) if a.dry_run else (1024,) if a.quick else (4096, 1024)
-
-    def make_streams():
-        out = {}
-        for chunk in chunks:
+    # SZ streams for the timing compress on the CPU (numpy and C) while the GPU sections compile and run.
+    def make_streams(out: dict) -> None:
+        for shape, chunk in ctx.sz_streams:
             t = time.perf_counter()
-            out[chunk] = (sz_stream(shape, chunk, outliers=False), time.perf_counter() - t)
-        return out
+            c = sz_stream(shape, chunk, outliers=False)
+            out[(shape, chunk)] = (c, time.perf_counter() - t)
 
     streams = Background(make_streams)
 
     if not a.skip_correctness:
         os.environ["LOWBIT_POISON"] = "1"
-        run.section("correctness: 4-bit quantize/dequantize", check_quant, ctx, until=0.15)
-        run.section("correctness: nf4 and int matmul configs", check_matmul, ctx, until=0.5)
-        run.section("correctness: sz decode", check_sz, ctx, until=0.55)
+        run.section("correctness: 4-bit quantize/dequantize", check_quant, ctx, until=0.12)
+        run.section("correctness: nf4 and int matmul configs", check_matmul, ctx, until=0.4)
+        run.section("correctness: sz decode", check_sz, ctx, until=0.43)
         os.environ.pop("LOWBIT_POISON")
-    run.section("timing: nf4 matmul", time_nf4, ctx, until=0.8)
-    run.section("timing: int matmul", time_int, ctx, until=0.88)
-    run.section("timing: sz decode", lambda r, c, until: time_sz(r, c, until, streams), ctx, until=0.95)
+    # Deadlines as fractions of the budget: a section that finishes early leaves its time to the next.
+    run.section("timing: nf4 matmul sweep", time_nf4, ctx, until=0.56)
+    run.section("timing: int matmul sweep", time_int, ctx, until=0.68)
+    run.section("timing: sz decode and fused GEMV", lambda r, c, until: time_sz(r, c, until, streams), ctx,
+                until=0.73)
+    run.section("timing: decode loop (Llama-shaped stack)", time_decode, ctx, until=0.85)
     if not a.quick:
         run.section("timing: every shipped config", time_configs, ctx, until=1.0)
     if a.tune and not a.dry_run:

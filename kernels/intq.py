@@ -36,7 +36,6 @@ from ._common import (
     reduce_split,
     store_output,
     tune_m,
-    WORKSPACES,
     fma_x_pair,
     words_epilogue,
     words_out_dtype,
@@ -71,10 +70,11 @@ def _unpack_tile(codes_ptr, rows, row_mask, col_start, K, COLS: tl.constexpr, BI
     else:
         PER_WORD: tl.constexpr = 32 // BITS
         base = row_base + (chunk * BITS)[None, :]
-        for t in tl.static_range(BITS):  # word t of the chunk holds lanes PER_WORD * t ..
-            word = tl.load(codes_ptr + base + t, mask=row_mask[:, None], other=0)[:, :, None]
-            field = (word >> (BITS * (lane % PER_WORD))) & ((1 << BITS) - 1)
-            q = tl.where(lane // PER_WORD == t, field, q)
+        word = tl.load(codes_ptr + base, mask=row_mask[:, None], other=0)[:, :, None]
+        for t in tl.static_range(1, BITS):  # word t of the chunk holds lanes PER_WORD * t ..: pick the word
+            wt = tl.load(codes_ptr + base + t, mask=row_mask[:, None], other=0)[:, :, None]
+            word = tl.where(lane // PER_WORD == t, wt, word)
+        q = (word >> (BITS * (lane % PER_WORD))) & ((1 << BITS) - 1)
     return q
 
 
@@ -370,8 +370,8 @@ S = GradScaleConfig
 # "words" (gemv_int_words_kernel, M <= 4): block_k is unused (a step is one 128-bit word tile: 32, 64 or
 # 128 codes for int4, int2, int3); the split-K ladder lets every K that is a multiple of the step find
 # a config (with autotuning off, the first that fits is used).
-_WORDS_M1 = [C("words", 1, 128, 0, s, 1, 1) for s in (16, 8, 4, 2, 1)]
-_WORDS_M4 = [C("words", 4, 64, 0, s, 1, 1) for s in (8, 4, 2, 1)]
+_WORDS_M1 = [C("words", 1, 128, 0, s, 1, 1) for s in (16, 4, 1)]
+_WORDS_M4 = [C("words", 4, 64, 0, s, 1, 1) for s in (8, 1)]
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     1: _WORDS_M1 + [C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 32, 128, 4, 8, 3)],
     4: _WORDS_M4 + [C("gemv", 4, 32, 64, 4, 4, 3), C("dot", 16, 64, 64, 4, 4, 3)],
@@ -381,7 +381,7 @@ FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     1 << 30: [C("dot", 128, 128, 64, 1, 8, 3), C("dot", 128, 128, 32, 1, 8, 4), C("dot", 64, 128, 32, 1, 4, 4)],
 }
 GRAD_X_CONFIGS: dict[int, list[GradXConfig]] = {
-    16: [G(16, 64, 128, 4, 4, 3), G(16, 64, 64, 4, 4, 3)],
+    16: [G(16, 64, 128, 4, 8, 3), G(16, 64, 64, 4, 4, 3)],  # 4 warps: int2 spills 12 B (sm_90, format 3)
     256: [G(64, 64, 64, 1, 4, 3), G(64, 128, 32, 1, 4, 3)],
     1 << 30: [G(128, 128, 32, 1, 8, 3), G(128, 64, 32, 1, 4, 3)],
 }
@@ -450,6 +450,9 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
         )
         return reduce_split(y, bias, out_dtype)
 
+    if config is not None and not _fits_forward(config, m, k, bits, group_len, x.dtype):
+        raise ValueError(f"config {config} does not serve M={m}, K={k}, int{bits}, group_len={group_len}, "
+                         f"{x.dtype} (an explicit config must fit the call: see _fits_forward)")
     if config is None:
         if x.device.type == "cpu":
             cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k, bits, group_len, x.dtype)

@@ -468,13 +468,14 @@ G = GradXConfig
 # benchmarks/results/2026-11-26-h100-sweep.log (H100): decode=2 (tl.gather from a register
 # table) beat the global-memory gather and the select tree everywhere, and BLOCK_K=64 beat 128/256.
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
-    # "words" (gemv_4bit_words_kernel): 6.1 SASS instructions per weight on sm_90 at 4 rows per
-    # thread (block_n = 128 per warp), 0 barriers, 0 shuffles, 128-bit code loads, against 12.4-15.2
-    # for the "gemv" configs (python -m lowbit.kernels.cost, 2026-11-27; never timed on a GPU yet: the
-    # tuner times every candidate of the bucket on first use). Fewer rows per thread (32 per warp)
-    # cost 8.7 instructions per weight but put more warps in flight at small N.
-    1: [C("words", 1, 128, 64, 16, 1, 1), C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1), C("words", 1, 32, 32, 16, 1, 1),
-        C("words", 1, 256, 32, 8, 2, 1),
+    # "words" (gemv_4bit_words_kernel): 5.8 SASS instructions per weight on sm_90 at 4 rows per
+    # thread and steps of 64 codes, 0 barriers, 0 shuffles, 128-bit code loads, against 12.4-15.2 for
+    # the "gemv" configs (python -m lowbit.kernels.cost, 2026-11-27; never timed on a GPU yet). The
+    # default runs 2 warps of 128 rows: with 1 warp ptxas keeps 96 registers and spills 8 B without
+    # double quant (sm_90). The 32-code steps serve K that 64 * split does not divide. Fewer rows per
+    # thread (32 per warp) cost 8.1 instructions per weight but put more warps in flight at small N.
+    1: [C("words", 1, 256, 64, 16, 2, 1), C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1),
+        C("words", 1, 32, 32, 16, 1, 1), C("words", 1, 256, 32, 8, 2, 1),
         C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
         C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 128, 64, 2, 4, 3),
         # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
@@ -599,6 +600,9 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
         )
         return reduce_split(y, bias, out_dtype)
 
+    if config is not None and config.kind != "dequant" and not _fits_forward(config, m, k, x.dtype, blocksize):
+        raise ValueError(f"config {config} does not serve M={m}, K={k}, blocksize={blocksize}, {x.dtype} "
+                         "(an explicit config must fit the call: see _fits_forward)")
     if config is None:
         if x.device.type == "cpu":
             cands = [c for c in INTERPRETER_FORWARD if _fits_forward(c, m, k, blocksize=blocksize)

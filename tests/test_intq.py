@@ -322,7 +322,9 @@ def test_words_gemv_against_float64(bits, group_size, m, split, block_n, dtype):
         assert y.dtype == dtype and y.shape == (m, n)
         ref = x.double() @ oracle_weight(q).t() + (0 if b is None else b.double())
         assert rel_err(y, ref) <= TOL[dtype]
-    assert all(int(c.abs().sum()) == 0 for _, c in K.WORKSPACES.values() if c.numel() > 1)
+    from lowbit.kernels._common import WORKSPACES
+
+    assert all(int(c.abs().sum()) == 0 for _, c in WORKSPACES.values() if c.numel() > 1)
 
 
 @pytest.mark.interp
@@ -523,3 +525,18 @@ def test_gpu_forward_backward(dtype, bits, group_size, m):
     assert rel_err(y.detach().cpu(), y64.detach()) <= tol
     assert rel_err(xx.grad.cpu(), x64.grad) <= tol
     assert rel_err(scale.grad.cpu(), s64.grad) <= tol
+
+
+def test_an_explicit_config_that_does_not_serve_the_call_is_refused():
+    """A words config over more codes than K (or groups shorter than its step) would read past the row
+    or mix groups: the launcher raises instead of returning a wrong tensor."""
+    import lowbit.kernels.intq as K
+
+    q = quantize_int(torch.randn(8, 128), 3, None)
+    x = torch.randn(1, 128)
+    with pytest.raises(ValueError, match="does not serve M=1, K=128, int3"):
+        K.matmul_int(x, q.codes, q.scale, q.zeros, 3, 128, 8, None, config=K.MatmulConfig("words", 1, 32, 0, 16, 1, 1))
+    q = quantize_int(torch.randn(8, 256), 2, 32)
+    with pytest.raises(ValueError, match="group_len=32"):
+        K.matmul_int(torch.randn(1, 256), q.codes, q.scale, q.zeros, 2, 32, 8, None,
+                     config=K.MatmulConfig("words", 1, 32, 0, 1, 1, 1))
