@@ -513,3 +513,21 @@ def test_folder_written_by_bitsandbytes_api_loads_into_lowbit(quant_type, double
     with torch.no_grad():
         h, h_ref = loaded(tokens).last_hidden_state, deq.model(tokens).last_hidden_state
     assert ((h - h_ref).norm() / h_ref.norm()).item() < 1e-5
+
+
+def test_the_doc_recipes_run_as_written(tmp_path):
+    """docs/integrations.md promises its recipes run as written: every python block, in order, in a fresh
+    folder and interpreter (offline). A recipe that raises or asserts fails this test."""
+    import re
+    import subprocess
+    import sys
+
+    doc = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "integrations.md")
+    blocks = re.findall(r"```python\n(.*?)```", open(doc).read(), re.S)
+    assert len(blocks) >= 6, "the recipes went missing from docs/integrations.md"
+    (tmp_path / "recipes.py").write_text("\n\n".join(blocks))
+    pytest.importorskip("bitsandbytes", reason="recipe 5 loads a folder with transformers + bitsandbytes")
+    out = subprocess.run([sys.executable, "recipes.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "Linear4bit" in out.stdout
