@@ -108,10 +108,20 @@ def matmul_int(x: Tensor, q: QuantInt, scale: Optional[Tensor] = None, bias: Opt
     n, k = q.shape
     bias = check_matmul_args(x, n, k, bias)
     check_same_device(x=x, codes=q.codes, scale=scale, bias=bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, k)
-    y = MatmulInt.apply(x2d, scale, bias, q.codes, q.zeros, q.bits, q.group_len, n)
-    return y if x.dim() == 2 else y.reshape(*lead, n)
+    return matmul_int_unchecked(x, scale, bias, q.codes, q.zeros, q.bits, q.group_len, n, k)
+
+
+def matmul_int_unchecked(x, scale, bias, codes, zeros, bits, group_len, n, k) -> Tensor:
+    """matmul_int on arguments already checked (IntLinear's own buffers): the decode-time path. Without
+    a gradient to compute (no_grad, or nothing that needs one) it calls the op directly."""
+    x2d = x if x.dim() == 2 else x.reshape(-1, k)
+    if torch.is_grad_enabled() and (x.requires_grad or scale.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        y = MatmulInt.apply(x2d, scale, bias, codes, zeros, bits, group_len, n)
+    else:
+        y = _ops.int_matmul(x2d, codes, scale, zeros, bits, group_len, n, bias)
+    # 2-D x: return the op's output itself, not a view of it (FSDP2 warns on views)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], n)
 
 
 __all__ = ["Matmul4bit", "MatmulInt", "matmul_4bit", "matmul_int"]
