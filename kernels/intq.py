@@ -370,7 +370,7 @@ S = GradScaleConfig
 # "words" (gemv_int_words_kernel, M <= 4): block_k is unused (a step is one 128-bit word tile: 32, 64 or
 # 128 codes for int4, int2, int3); the split-K ladder lets every K that is a multiple of the step find
 # a config (with autotuning off, the first that fits is used).
-_WORDS_M1 = [C("words", 1, 128, 0, s, 1, 1) for s in (16, 4, 1)]
+_WORDS_M1 = [C("words", 1, 128, 0, s, 1, 1) for s in (16, 4, 2, 1)]  # 2: K = 11008 (int3)
 _WORDS_M4 = [C("words", 4, 64, 0, s, 1, 1) for s in (8, 1)]
 FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     1: _WORDS_M1 + [C("gemv", 1, 16, 256, 4, 4, 3), C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 32, 128, 4, 8, 3)],

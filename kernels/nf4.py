@@ -472,10 +472,11 @@ FORWARD_CONFIGS: dict[int, list[MatmulConfig]] = {
     # thread and steps of 64 codes, 0 barriers, 0 shuffles, 128-bit code loads, against 12.4-15.2 for
     # the "gemv" configs (python -m lowbit.kernels.cost, 2026-11-27; never timed on a GPU yet). The
     # default runs 2 warps of 128 rows: with 1 warp ptxas keeps 96 registers and spills 8 B without
-    # double quant (sm_90). The 32-code steps serve K that 64 * split does not divide. Fewer rows per
-    # thread (32 per warp) cost 8.1 instructions per weight but put more warps in flight at small N.
-    1: [C("words", 1, 256, 64, 16, 2, 1), C("words", 1, 128, 32, 16, 1, 1), C("words", 1, 128, 32, 8, 1, 1),
-        C("words", 1, 32, 32, 16, 1, 1), C("words", 1, 256, 32, 8, 2, 1),
+    # double quant (sm_90). Split 4 serves K = 11008 (Llama's MLP); the 32-code steps serve K that
+    # 64 * split does not divide. Fewer rows per thread (32 per warp) cost 8.1 instructions per weight
+    # but put more warps in flight at small N.
+    1: [C("words", 1, 256, 64, 16, 2, 1), C("words", 1, 256, 64, 4, 2, 1), C("words", 1, 128, 32, 16, 1, 1),
+        C("words", 1, 128, 32, 8, 1, 1), C("words", 1, 32, 32, 16, 1, 1), C("words", 1, 256, 32, 8, 2, 1),
         C("gemv", 1, 32, 64, 4, 4, 3), C("gemv", 1, 64, 64, 2, 4, 3), C("gemv", 1, 32, 64, 8, 4, 3),
         C("gemv", 1, 64, 64, 4, 4, 3), C("gemv", 1, 128, 64, 2, 4, 3),
         # untimed guesses that extend the sweep's trend (smaller BLOCK_K was faster); the tuner decides
