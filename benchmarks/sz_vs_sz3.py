@@ -329,23 +329,15 @@ def main() -> None:
 
 def timings(streams) -> None:
     """lowbit compress / decompress, warm, the least of 3 runs: the 37 weights, then 4096 x 4096."""
-    def best(f, reps=3):
-        t = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f()
-            t.append(time.perf_counter() - t0)
-        return min(t)
-
-    tc = best(lambda: [sz_compress(w, eb) for w, eb, _ in streams])
-    td = best(lambda: [sz_decompress(c) for _, _, c in streams])
+    tc = _least(lambda: [sz_compress(w, eb) for w, eb, _ in streams])
+    td = _least(lambda: [sz_decompress(c) for _, _, c in streams])
     n = sum(w.numel() for w, _, _ in streams)
     print(f"\nlowbit, warm (least of 3 runs): the {len(streams)} weights ({n} params) compress {tc:.3f} s, "
           f"decompress {td:.3f} s")
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02
     c = sz_compress(w, 2.5e-3)
-    tc = best(lambda: sz_compress(w, 2.5e-3))
-    td = best(lambda: sz_decompress(c))
+    tc = _least(lambda: sz_compress(w, 2.5e-3))
+    td = _least(lambda: sz_decompress(c))
     print(f"lowbit 4096 x 4096 N(0, 0.02) fp32 at eb 2.5e-3 ({c.bits_per_param:.3f} bits/param, {c.n_lanes} lanes of "
           f"{c.lane_symbols} symbols): compress {tc:.2f} s, decompress {td:.2f} s")
 

@@ -325,6 +325,20 @@ def words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, p
 
 
 @triton.jit
+def _fma_x_row(p, v0, v1, x_ptr, kp, row, K, PAIRS: tl.constexpr):
+    """p += v0 * x[row, 2 kp] + v1 * x[row, 2 kp + 1] (see fma_x_pair)."""
+    if PAIRS:
+        xw = tl.load(x_ptr + kp + row * (K // 2), eviction_policy="evict_last")
+        p += v0 * (xw << 16).to(tl.float32, bitcast=True)
+        p += v1 * (xw & -65536).to(tl.float32, bitcast=True)
+    else:
+        xk = x_ptr + 2 * kp + row * K
+        p += v0 * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
+        p += v1 * tl.load(xk + 1, eviction_policy="evict_last").to(tl.float32)
+    return p
+
+
+@triton.jit
 def fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M: tl.constexpr, PAIRS: tl.constexpr):
     """p_m += v0 * x[m, 2 kp] + v1 * x[m, 2 kp + 1] for the M <= 4 rows of x (contiguous [M, K]).
 
@@ -332,36 +346,27 @@ def fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M: tl.constexpr, PAIRS: tl.
     upper half of an fp32, so the two conversions are a shift and a mask (the 16-bit loads plus
     IMAD conversions they replace cost ~0.1 SASS instruction per weight of an M=1 GEMV). Integer
     and bitcast work only: the Triton interpreter runs it as the GPU does."""
-    if PAIRS:
-        xw = tl.load(x_ptr + kp, eviction_policy="evict_last")
-        p0 += v0 * (xw << 16).to(tl.float32, bitcast=True)
-        p0 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
-        if M > 1:
-            xw = tl.load(x_ptr + kp + K // 2, eviction_policy="evict_last")
-            p1 += v0 * (xw << 16).to(tl.float32, bitcast=True)
-            p1 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
-        if M > 2:
-            xw = tl.load(x_ptr + kp + K, eviction_policy="evict_last")
-            p2 += v0 * (xw << 16).to(tl.float32, bitcast=True)
-            p2 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
-        if M > 3:
-            xw = tl.load(x_ptr + kp + 3 * (K // 2), eviction_policy="evict_last")
-            p3 += v0 * (xw << 16).to(tl.float32, bitcast=True)
-            p3 += v1 * (xw & -65536).to(tl.float32, bitcast=True)
-    else:
-        xk = x_ptr + 2 * kp
-        p0 += v0 * tl.load(xk, eviction_policy="evict_last").to(tl.float32)
-        p0 += v1 * tl.load(xk + 1, eviction_policy="evict_last").to(tl.float32)
-        if M > 1:
-            p1 += v0 * tl.load(xk + K, eviction_policy="evict_last").to(tl.float32)
-            p1 += v1 * tl.load(xk + K + 1, eviction_policy="evict_last").to(tl.float32)
-        if M > 2:
-            p2 += v0 * tl.load(xk + 2 * K, eviction_policy="evict_last").to(tl.float32)
-            p2 += v1 * tl.load(xk + 2 * K + 1, eviction_policy="evict_last").to(tl.float32)
-        if M > 3:
-            p3 += v0 * tl.load(xk + 3 * K, eviction_policy="evict_last").to(tl.float32)
-            p3 += v1 * tl.load(xk + 3 * K + 1, eviction_policy="evict_last").to(tl.float32)
+    p0 = _fma_x_row(p0, v0, v1, x_ptr, kp, 0, K, PAIRS)
+    if M > 1:
+        p1 = _fma_x_row(p1, v0, v1, x_ptr, kp, 1, K, PAIRS)
+    if M > 2:
+        p2 = _fma_x_row(p2, v0, v1, x_ptr, kp, 2, K, PAIRS)
+    if M > 3:
+        p3 = _fma_x_row(p3, v0, v1, x_ptr, kp, 3, K, PAIRS)
     return p0, p1, p2, p3
+
+
+@triton.jit
+def words_accumulate(acc0, acc1, acc2, acc3, p0, p1, p2, p3, s, M: tl.constexpr):
+    """acc_m += (the step's partial p_m summed over its columns, inside the thread) * s, M <= 4 rows."""
+    acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
+    if M > 1:
+        acc1 += tl.sum(p1, axis=1, keep_dims=True) * s
+    if M > 2:
+        acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
+    if M > 3:
+        acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
+    return acc0, acc1, acc2, acc3
 
 
 def words_x(x: torch.Tensor) -> tuple[torch.Tensor, bool]:

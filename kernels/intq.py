@@ -37,6 +37,7 @@ from ._common import (
     store_output,
     tune_m,
     fma_x_pair,
+    words_accumulate,
     words_epilogue,
     words_out_dtype,
     words_workspace,
@@ -168,11 +169,12 @@ def gemv_int_kernel(
 
 
 @triton.jit
-def _field(w, third, magic, O: tl.constexpr, WIDTH: tl.constexpr, THIRD: tl.constexpr):
-    """2^(23 - O) + Q as fp32 for the WIDTH-bit code field at bit O of w (O + WIDTH <= 23); with THIRD
-    (int3) the code's bit 2 comes from bit O + 2 of `third`. The field is OR-ed into the mantissa of
-    2^(23 - O): one LOP3 (two with THIRD) instead of a shift, a mask and a slow int->float convert;
-    the caller's subtraction of 2^(23 - O) + z (one FADD) leaves Q - z exactly. `magic` is the
+def _field(w, third, magic, z, O: tl.constexpr, WIDTH: tl.constexpr, THIRD: tl.constexpr):
+    """Q - z as fp32 (exactly) for the WIDTH-bit code field at bit O of w (O + WIDTH <= 23), z the
+    row's zero point as fp32; with THIRD (int3) the code's bit 2 comes from bit O + 2 of `third`. The
+    field is OR-ed into the mantissa of 2^(23 - O), giving 2^(23 - O) + Q: one LOP3 (two with THIRD)
+    instead of a shift, a mask and a slow int->float convert; one FADD of -(2^(23 - O) + z), whose
+    constant part the compiler hoists out of the loop, leaves Q - z. `magic` is the
     bit pattern of 2^23 (0x4B000000) passed in at run time: a constant the compiler knew would be
     re-materialized (a MOV) for every use, since a LOP3 takes one immediate and the mask is it."""
     # XOR, not OR: the bits are disjoint, and an XOR keeps the compiler from re-associating the int3
@@ -180,7 +182,7 @@ def _field(w, third, magic, O: tl.constexpr, WIDTH: tl.constexpr, THIRD: tl.cons
     t = (w & (((1 << WIDTH) - 1) << O)) ^ (magic - (O << 23))
     if THIRD:
         t = t | (third & (4 << O))
-    return t.to(tl.float32, bitcast=True)
+    return t.to(tl.float32, bitcast=True) - (z + (1 << (23 - O)))
 
 
 @triton.jit
@@ -239,10 +241,10 @@ def gemv_int_words_kernel(
                 else:
                     a_, b_, ha, hb = a >> 16, b >> 16, h >> 15, h >> 14
                 for i in tl.static_range(0, 8, 2):
-                    va0 = _field(a_, ha, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
-                    va1 = _field(a_, ha, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
-                    vb0 = _field(b_, hb, magic, 2 * i, 2, True) - (z + (1 << (23 - 2 * i)))
-                    vb1 = _field(b_, hb, magic, 2 * i + 2, 2, True) - (z + (1 << (21 - 2 * i)))
+                    va0 = _field(a_, ha, magic, z, 2 * i, 2, True)
+                    va1 = _field(a_, ha, magic, z, 2 * i + 2, 2, True)
+                    vb0 = _field(b_, hb, magic, z, 2 * i, 2, True)
+                    vb1 = _field(b_, hb, magic, z, 2 * i + 2, 2, True)
                     kp = k0 // 2 + 16 * cols + 4 * half + i // 2  # pair index of code i of word A (constants fold)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, va0, va1, x_ptr, kp, K, M, PAIRS)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, vb0, vb1, x_ptr, kp + 8, K, M, PAIRS)
@@ -251,27 +253,15 @@ def gemv_int_words_kernel(
             for half in tl.static_range(2):
                 w_ = w if half == 0 else w >> 16
                 for i in tl.static_range(0, CPW // 2, 2):
-                    v0 = _field(w_, w_, magic, BITS * i, BITS, False) - (z + (1 << (23 - BITS * i)))
-                    v1 = _field(w_, w_, magic, BITS * i + BITS, BITS, False) - (z + (1 << (23 - BITS * i - BITS)))
+                    v0 = _field(w_, w_, magic, z, BITS * i, BITS, False)
+                    v1 = _field(w_, w_, magic, z, BITS * i + BITS, BITS, False)
                     kp = k0 // 2 + (CPW // 2) * cols + (CPW // 4) * half + i // 2  # pair index (constants fold)
                     p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
-        if PER_ROW:
-            acc0 += tl.sum(p0, axis=1, keep_dims=True)
-            if M > 1:
-                acc1 += tl.sum(p1, axis=1, keep_dims=True)
-            if M > 2:
-                acc2 += tl.sum(p2, axis=1, keep_dims=True)
-            if M > 3:
-                acc3 += tl.sum(p3, axis=1, keep_dims=True)
+        if PER_ROW:  # the row's scale multiplies once, after the loop (x * 1.0 folds away)
+            s_step = 1.0
         else:
-            s = tl.load(scale_ptr + rows64 * NG + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
-            acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
-            if M > 1:
-                acc1 += tl.sum(p1, axis=1, keep_dims=True) * s
-            if M > 2:
-                acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
-            if M > 3:
-                acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
+            s_step = tl.load(scale_ptr + rows64 * NG + k0 // GROUP, mask=n_mask, other=0.0).to(tl.float32)
+        acc0, acc1, acc2, acc3 = words_accumulate(acc0, acc1, acc2, acc3, p0, p1, p2, p3, s_step, M)
     if PER_ROW:
         s = tl.load(scale_ptr + rows64, mask=n_mask, other=0.0).to(tl.float32)
         acc0 *= s
@@ -405,12 +395,12 @@ def words_step(bits: int) -> int:
     return 128 if bits == 3 else 128 // bits
 
 
-def _fits_forward(cfg: MatmulConfig, m: int, k: int, bits: int = 3, group_len: int = 0,
-                  dtype: torch.dtype = torch.bfloat16) -> bool:
+def _fits_forward(cfg: MatmulConfig, m: int, k: int, bits: int, group_len: int, dtype: torch.dtype) -> bool:
     if cfg.kind == "words":
         step = words_step(bits)
-        # fp32 activations: like the nf4 words GEMV, kept to fp16/bf16 on GPUs (register budget)
-        return (m <= cfg.block_m and k % (step * cfg.split_k) == 0 and (group_len in (0, k) or group_len % step == 0)
+        # a group holds whole steps (rows: group_len = K, a multiple of the step when K is); fp32
+        # activations: like the nf4 words GEMV, kept to fp16/bf16 on GPUs (register budget)
+        return (m <= cfg.block_m and k % (step * cfg.split_k) == 0 and group_len % step == 0
                 and (dtype != torch.float32 or interpreting()))
     return (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
 

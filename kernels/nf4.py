@@ -50,11 +50,11 @@ from ._common import (
     store_output,
     tune_m,
     fma_x_pair,
+    words_accumulate,
     words_epilogue,
     words_out_dtype,
     words_workspace,
     words_x,
-    WORKSPACES,
 )
 from ._spec import launch_spec, meta
 
@@ -407,13 +407,7 @@ def gemv_4bit_words_kernel(
                 p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         s = _words_row_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
                         rows64 * (K // BLOCKSIZE) + k0 // BLOCKSIZE, n_mask, DOUBLE_QUANT, NESTED_BLOCKSIZE)
-        acc0 += tl.sum(p0, axis=1, keep_dims=True) * s
-        if M > 1:
-            acc1 += tl.sum(p1, axis=1, keep_dims=True) * s
-        if M > 2:
-            acc2 += tl.sum(p2, axis=1, keep_dims=True) * s
-        if M > 3:
-            acc3 += tl.sum(p3, axis=1, keep_dims=True) * s
+        acc0, acc1, acc2, acc3 = words_accumulate(acc0, acc1, acc2, acc3, p0, p1, p2, p3, s, M)
     words_epilogue(y_ptr, ws_ptr, count_ptr, bias_ptr, acc0, acc1, acc2, acc3, pid_n, pid_k, offs_n, n_mask, N,
                    M, HAS_BIAS, SPLIT_K)
 
@@ -511,15 +505,12 @@ FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1, 1)
 def _fits_forward(cfg: MatmulConfig, m: int, k: int, dtype: torch.dtype = torch.bfloat16, blocksize: int = 64) -> bool:
     # "words" with fp32 activations spills 8 B on sm_90 (ptxas keeps 80 registers): fp16/bf16 only,
     # except under the interpreter, which runs everything in fp32.
-    if cfg.kind == "words" and dtype == torch.float32 and not interpreting():
-        return False
-    if cfg.kind == "words" and (blocksize % cfg.block_k or cfg.block_k % 32):  # a step inside one block
+    # A words step lies inside one scale block.
+    if cfg.kind == "words" and ((dtype == torch.float32 and not interpreting())
+                                or blocksize % cfg.block_k or cfg.block_k % 32):
         return False
     return (cfg.kind != "dequant" and (cfg.kind not in ("gemv", "words") or m <= cfg.block_m)
             and k % (cfg.block_k * cfg.split_k) == 0)
-
-
-_WORKSPACES = WORKSPACES  # the words GEMV's split-K workspaces (kernels._common)
 
 
 def _words_gemv(x, codes, scales, dq, code, blocksize, nested_blocksize, n, bias, cfg: MatmulConfig, out_dtype):

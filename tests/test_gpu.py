@@ -100,6 +100,27 @@ def test_sz_decode_cuda_bit_identical():
             assert float((got - w).abs().max()) <= 1e-3
 
 
+def _decode_step_in_a_cuda_graph(layer, k: int, w64: torch.Tensor, launcher: str) -> None:
+    """A bf16 M=1 forward of `layer` captured in a CUDA graph (warm-up on a side stream first; the
+    capture must go through `launcher`) and replayed with new inputs, each against float64 W `w64`."""
+    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s), torch.no_grad():
+        for _ in range(3):
+            layer(static_x)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with expect_launches(launcher), torch.cuda.graph(graph), torch.no_grad():
+        static_y = layer(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = static_x.double() @ w64.t() + layer.bias.double()
+        assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
+
+
 @pytest.mark.parametrize("split", [1, 8])
 def test_words_gemv_on_cuda_and_in_a_cuda_graph(split):
     """The one-launch decode GEMV at a real size (every split reduced by its counter), then a
@@ -119,23 +140,7 @@ def test_words_gemv_on_cuda_and_in_a_cuda_graph(split):
                               layer.bias, config=cfg)
         ref = x.double() @ w64.t() + layer.bias.double()
         assert rel_err(y, ref) <= TOL[torch.bfloat16]
-    # CUDA graph: warm up (the tuner times candidates) on a side stream, capture, replay.
-    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(3):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.no_grad():
-        static_y = layer(static_x)
-    for _ in range(3):
-        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = static_x.double() @ w64.t() + layer.bias.double()
-        assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
+    _decode_step_in_a_cuda_graph(layer, k, w64, "nf4.words")
 
 
 @pytest.mark.parametrize("bits,group_size", [(4, None), (3, 128), (2, 64)])
@@ -160,20 +165,4 @@ def test_int_words_gemv_on_cuda_and_in_a_cuda_graph(bits, group_size, split):
             ref = x.double() @ w64.t() + layer.bias.double()
             assert y.dtype == dtype and rel_err(y, ref) <= TOL[dtype]
     layer = layer.to(torch.bfloat16)
-    static_x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), torch.no_grad():
-        for _ in range(3):
-            layer(static_x)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with expect_launches("intq.words"), torch.cuda.graph(graph), torch.no_grad():
-        static_y = layer(static_x)  # the captured step is the words GEMV
-    w64 = layer.dequantized_weight(torch.float32).double()
-    for _ in range(3):
-        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.bfloat16))
-        graph.replay()
-        torch.cuda.synchronize()
-        ref = static_x.double() @ w64.t() + layer.bias.double()
-        assert rel_err(static_y, ref) <= TOL[torch.bfloat16]
+    _decode_step_in_a_cuda_graph(layer, k, layer.dequantized_weight(torch.float32).double(), "intq.words")

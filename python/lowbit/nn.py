@@ -189,6 +189,15 @@ class QuantLinear(nn.Module):
             self.compute_dtype = target
         return self
 
+    def _decode_bias(self, x: Tensor, storage: Tensor) -> Optional[Tensor]:
+        """What a decode-time forward checks: x only (the layer's own buffers are consistent by
+        construction, so no format object is built and nothing else is re-validated: Python overhead
+        per call, docs/benchmarks.md). Returns the bias as the matmul takes it."""
+        bias = check_matmul_args(x, self.out_features, self.in_features, self.bias)
+        if x.device != storage.device:
+            raise ValueError(f"x is on {x.device} but this {type(self).__name__} is on {storage.device}")
+        return bias
+
     def _compute(self, x: Tensor) -> tuple[Tensor, torch.dtype]:
         in_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
@@ -396,13 +405,9 @@ class Linear4bit(QuantLinear):
         return dequantize_4bit(self.quantized_weight, self._default_dtype(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        # The decode-time path: the buffers are this layer's own (consistent by construction), so
-        # only x is checked and no Quant4bit is built (docs/benchmarks.md: Python overhead per call).
         x, in_dtype = self._compute(x)
         codes = self.weight
-        bias = check_matmul_args(x, self.out_features, self.in_features, self.bias)
-        if x.device != codes.device:
-            raise ValueError(f"x is on {x.device} but this Linear4bit is on {codes.device}")
+        bias = self._decode_bias(x, codes)
         dq = self.double_quant
         buffers = self._buffers
         y = matmul_4bit_unchecked(
@@ -534,11 +539,7 @@ class IntLinear(QuantLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         x, in_dtype = self._compute(x)
-        # the layer's own buffers need no checks: the unchecked path (a QuantInt and its validation per
-        # call cost ~15 us of Python at decode time); x is checked as matmul_int checks it
-        bias = check_matmul_args(x, self.out_features, self.in_features, self.bias)
-        if x.device != self.codes.device:
-            raise ValueError(f"x is on {x.device} but this IntLinear is on {self.codes.device}")
+        bias = self._decode_bias(x, self.codes)  # a QuantInt and its validation per call cost ~15 us
         y = matmul_int_unchecked(x, self.scale, bias, self.codes, self.zeros, self.bits,
                                  self.group_size or self.in_features, self.out_features, self.in_features)
         return y if y.dtype == in_dtype else y.to(in_dtype)
