@@ -1,17 +1,22 @@
 # lowbit: `make test` (the CI command) and `make demo`. Both create .venv on a fresh machine.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
+LOCK := requirements/test.lock
+TICK := tools/ticking
 
-.PHONY: test demo bench install clean
+.PHONY: test test-latest demo bench install clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(LOCK)
+	@echo "== $(VENV): the locked test environment ($(LOCK)); about 1-2 min on a fresh clone"
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(TICK) "pip + setuptools" $(PY) -m pip install -q -c $(LOCK) pip setuptools
 	# torch first, pinned: a looser pin pulls a multi-GB CUDA build on a machine without torch
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -c "import torch" 2>/dev/null || $(TICK) "torch" $(PY) -m pip install -q -c $(LOCK) torch
+	# --no-build-isolation: the build backend is the locked setuptools above, not whatever PyPI has today
+	$(TICK) "lowbit + test extras" $(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,6 +27,20 @@ test: $(STAMP)
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m interp; fi
 
+# Not in CI: the suite against the newest releases of every dependency but torch (newer torch wheels
+# here are multi-GB CUDA builds; bump torch on purpose). How the lock gets bumped: if it is green, copy
+# .venv-latest/freeze.txt into $(LOCK) and record the date and result in docs/testing.md.
+test-latest:
+	rm -rf .venv-latest
+	$(PYTHON) -m venv .venv-latest
+	grep -E '^(torch|pip|setuptools)==' $(LOCK) > .venv-latest/torch.txt
+	$(TICK) "pip + setuptools" .venv-latest/bin/python -m pip install -q -c .venv-latest/torch.txt pip setuptools
+	$(TICK) "newest releases" .venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
+		-c .venv-latest/torch.txt --no-build-isolation -e '.[test]'
+	.venv-latest/bin/python -m pip freeze --exclude-editable > .venv-latest/freeze.txt
+	@echo "== what differs from $(LOCK):"; diff <(grep -v '^#' $(LOCK) | sort -f) <(sort -f .venv-latest/freeze.txt) || true
+	.venv-latest/bin/python -m pytest -q
+
 demo: $(STAMP)
 	# matplotlib for the rate-distortion plot (optional: the demo prints the table without it)
 	$(PY) -m pip install -q -e '.[demo]' || echo "demo extras not installed; continuing without the plot"
@@ -31,4 +50,4 @@ bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only
 
 clean:
-	rm -rf $(VENV) build *.egg-info lowbit-demo
+	rm -rf $(VENV) .venv-latest build *.egg-info lowbit-demo

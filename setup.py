@@ -13,7 +13,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels.
-    package_dir={"lowbit": "python/lowbit", "lowbit.kernels": "kernels"},
+    package_dir={"lowbit": "python/lowbit"},
     packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels"],
     package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "_cpu.c", "_cpu_sz_encode.c"], "lowbit.kernels": ["_configs/*.json"]},
     install_requires=[

@@ -33,7 +33,9 @@ def poison_like(t: torch.Tensor) -> torch.Tensor:
 def kernels_interpreted() -> bool:
     """Whether lowbit's @triton.jit kernels were decorated under the interpreter (TRITON_INTERPRET=1
     when lowbit.kernels was first imported: the switch is read at decoration time)."""
-    import lowbit.kernels as K
+    from lowbit._backend import kernels
+
+    K = kernels()
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(K.nf4.quantize_4bit_kernel, InterpretedFunction)

@@ -42,7 +42,9 @@ def use_triton(t: torch.Tensor) -> bool:
 
 
 def kernels() -> ModuleType:
-    """The lowbit.kernels package (imports Triton)."""
-    import lowbit.kernels as k
+    """The lowbit.kernels package, every family's kernels imported (imports Triton)."""
+    import lowbit.kernels.intq
+    import lowbit.kernels.nf4
+    import lowbit.kernels.sz
 
-    return k
+    return lowbit.kernels
