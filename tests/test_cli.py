@@ -223,6 +223,66 @@ def test_bench_json_quick(capsys):
     assert res["bitsandbytes"] == ("bnb_nf4" in kernels)
 
 
+def test_bench_spread_is_a_robust_relative_spread():
+    from lowbit._bench import relative_spread
+
+    # nine repeats of ~10 us and one 17 ms scheduler stall: (max - min) / median printed 170513%
+    times = [10e-6, 10.2e-6, 9.9e-6, 10.1e-6, 10e-6, 10.3e-6, 9.8e-6, 10e-6, 10.1e-6, 17e-3]
+    assert relative_spread(times) < 0.05
+    assert relative_spread([1.0, 1.5, 2.0, 2.5, 3.0]) == pytest.approx((2.5 - 1.5) / 2.0)
+    assert relative_spread([3.0, 1.0, 2.0]) == pytest.approx((2.5 - 1.5) / 2.0)  # order does not matter
+
+
+def test_bench_spread_formatting():
+    from lowbit._bench import format_spread
+
+    assert format_spread(0.123) == "12%"
+    assert format_spread(0.0) == "0%"
+    assert format_spread(1.5) == "150%"
+    assert format_spread(1705.13) == ">999%"
+    assert format_spread(None) == "-"
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_bench_header_names_every_column_of_a_row(cuda):
+    from lowbit._bench import format_header, format_row
+
+    header = format_header(cuda)
+    names = ["kernel", "K", "N", "M", "median ms", "vs dense"] + (["GB/s", "of copy"] if cuda else ["spread"])
+    assert header.split() == " ".join(names).split()
+    row = {"kernel": "sz3_decompress (pysz, same bound)", "M": 16, "K": 1024, "N": 4096, "ms": 0.1234,
+           "vs_dense": 3.5, "spread": 0.12, "gbs": 812.4, "frac_copy_bw": 0.41}
+    line = format_row(row, cuda)
+    assert len(line) == len(header)  # aligned under the header
+    cells = line[len(row["kernel"]):].split()
+    assert cells == ["1024", "4096", "16", "0.123", "x3.50"] + (["812", "41%"] if cuda else ["12%"])
+    assert line.endswith(cells[-1]) and header.endswith(names[-1])  # right-aligned under its name
+    decoder = format_row({**row, "M": 0}, cuda)
+    assert decoder[len(row["kernel"]):].split()[2] == "-"
+
+
+def test_bench_noise_warning_advice_depends_on_threads():
+    from lowbit._bench import noise_warning
+
+    assert noise_warning([], 4) is None
+    many = noise_warning(["dense M=1 K=256 N=256"], 4)
+    one = noise_warning(["dense M=1 K=256 N=256"], 1)
+    assert "--threads 1" in many and "dense M=1 K=256 N=256" in many
+    assert "--threads 1" not in one and "quieter machine" in one  # it was already one thread
+
+
+def test_bench_text_output_has_a_header_and_no_threads_advice_at_one_thread(capsys):
+    from lowbit._bench import format_header
+
+    assert cli.main(["bench", "--quick", "--threads", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == format_header(False)
+    rows = [ln for ln in out[1:] if ln.startswith(("dense ", "lowbit_", "sz", "bnb_"))]
+    # every row under the header; spread "-" only where a slow kernel ran under 3 times
+    assert rows and all(len(ln) == len(out[0]) and (ln.endswith("%") or ln.endswith(" -")) for ln in rows)
+    assert not any("--threads 1" in ln for ln in out)  # the run already used one thread
+
+
 def test_bench_cuda_without_device(capsys):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
@@ -274,6 +334,91 @@ def test_demo_formats_cover_every_format():
     assert set(cli.FORMATS) == set(lowbit.nn.quant_types())
 
 
+def _label_boxes(points, widths, offsets, height):
+    return [(x + dx, y + dy, x + dx + w, y + dy + height) for (x, y), w, (dx, dy) in zip(points, widths, offsets)]
+
+
+def _overlapping(boxes, tol=1e-9):
+    return [(i, j) for i, a in enumerate(boxes) for j, b in enumerate(boxes[:i])
+            if a[0] < b[2] - tol and b[0] < a[2] - tol and a[1] < b[3] - tol and b[1] < a[3] - tol]
+
+
+# the demo's rows near 4.1 bits/param (format, bits/param, cosine): the labels used to print over each other
+CROWD = [("nf4", 4.157, 0.9746), ("fp4", 4.157, 0.9485), ("optimal", 4.157, 0.9728), ("int4 (rows)", 4.078, 0.9416),
+         ("sz (abs 0.008)", 3.942, 0.9741), ("int3 (g128)", 3.312, 0.8384), ("int2 (g64)", 2.625, 0.4646)]
+
+
+def test_demo_plot_labels_do_not_overlap():
+    h = 1.25 * _demo.LABEL_FONTSIZE
+    # the crowd as drawn: ~170 points per bit, ~420 points per unit of cosine
+    pts = [(170 * b, 420 * c) for _, b, c in CROWD]
+    widths = [_demo.label_width(f) for f, _, _ in CROWD]
+    naive = [(_demo.LABEL_PAD, -h / 2)] * len(pts)
+    assert _overlapping(_label_boxes(pts, widths, naive, h))  # the bug: fixed offsets collide
+    offsets = _demo.label_offsets(pts, widths, height=h)
+    assert not _overlapping(_label_boxes(pts, widths, offsets, h))
+    crowd = [i for i, (f, _, _) in enumerate(CROWD) if f not in ("int3 (g128)", "int2 (g64)")]
+    # the crowd's labels: one column right of its rightmost marker, in the order of the points' y
+    starts = {round(pts[i][0] + offsets[i][0], 6) for i in crowd}
+    assert len(starts) == 1 and starts.pop() > max(pts[i][0] for i in crowd)
+    by_y = sorted(crowd, key=lambda i: pts[i][1])
+    assert [pts[i][1] + offsets[i][1] for i in by_y] == sorted(pts[i][1] + offsets[i][1] for i in crowd)
+    # lone points keep the plain offset, right of the marker and centred on it
+    for f in ("int3 (g128)", "int2 (g64)"):
+        i = [c[0] for c in CROWD].index(f)
+        assert offsets[i] == (_demo.LABEL_PAD, -h / 2)
+
+
+def test_demo_plot_labels_random_layouts_and_bounds():
+    gen = torch.Generator().manual_seed(7)
+    h = 8.75
+    for _ in range(200):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        xy = (torch.rand(n, 2, generator=gen) * torch.tensor([120.0, 60.0])).tolist()
+        widths = (torch.rand(n, generator=gen) * 60 + 5).tolist()
+        offsets = _demo.label_offsets(xy, widths, height=h, bounds=(-50.0, 150.0))
+        boxes = _label_boxes(xy, widths, offsets, h)
+        assert not _overlapping(boxes)
+        assert all(b[0] >= x + _demo.LABEL_PAD - 1e-9 for b, (x, _) in zip(boxes, xy))  # right of the marker
+        assert all(-50 - 1e-9 <= b[1] and b[3] <= 150 + 1e-9 for b in boxes)  # inside the bounds
+    # a stack pushed over the top edge comes back inside, gaps kept
+    pts = [(0.0, 99.0)] * 4
+    offsets = _demo.label_offsets(pts, [20.0] * 4, height=10, gap=1, bounds=(0.0, 100.0))
+    tops = sorted(y + dy + 10 for (_, y), (_, dy) in zip(pts, offsets))
+    assert tops[-1] == pytest.approx(100.0) and [b - a for a, b in zip(tops, tops[1:])] == pytest.approx([11.0] * 3)
+    with pytest.raises(ValueError, match="label widths"):
+        _demo.label_offsets([(0, 0)], [])
+
+
+def test_demo_plot_right_limit_keeps_labels_inside():
+    # axis [2, 4] drawn 200 points wide; a point at x=4 (px 200) whose label needs 4 + 46 points
+    x1 = _demo.right_limit([200.0, 50.0], [(4.0, 0.0), (4.0, 0.0)], [46.0, 46.0], 2.0, 4.0, 200.0)
+    assert 200 * (4 - 2) / (x1 - 2) + 4 + 46 == pytest.approx(200.0)  # the point moves left: ends at the edge
+    assert _demo.right_limit([10.0], [(4.0, 0.0)], [20.0], 2.0, 4.0, 200.0) == 4.0  # fits: unchanged
+    assert _demo.right_limit([10.0], [(4.0, 0.0)], [500.0], 2.0, 4.0, 200.0) == 4.0  # cannot fit: unchanged
+
+
+def test_demo_plot_renders_without_overlapping_labels(tmp_path):
+    pytest.importorskip("matplotlib")
+    families = {label: fam for label, fam, _, _ in _demo.DEMO_FORMATS}
+    rmse = {"nf4": 5.727e-3, "fp4": 7.752e-3, "optimal": 5.508e-3, "int4 (rows)": 8.144e-3, "int3 (g128)": 1.393e-2,
+            "int2 (g64)": 2.870e-2, "sz (abs 0.008)": 4.554e-3}
+    rows = [{"format": f, "family": families[f], "bits_per_param": b, "cosine": c, "rmse": rmse[f]} for f, b, c in CROWD]
+    fig = _demo._figure(rows)
+    from matplotlib.text import Text
+
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for t in ax.texts:
+            t.get_window_extent(renderer)  # places the annotation's text (and its leader line)
+        boxes = [Text.get_window_extent(t) for t in ax.texts]  # the text alone, without the leader line
+        assert len(boxes) == len(rows)
+        assert not _overlapping([(b.x0, b.y0, b.x1, b.y1) for b in boxes], tol=0.5)
+        frame = ax.get_window_extent(renderer)
+        assert all(b.x1 <= frame.x1 + 0.5 for b in boxes)  # no label runs over the right edge
+    assert _demo._plot(rows, str(tmp_path / "rd.png")) and (tmp_path / "rd.png").stat().st_size > 10_000
+
+
 def test_export_hf_bnb_folder_loads_in_transformers_bitsandbytes(tmp_path):
     """`lowbit export MODEL_DIR OUT_DIR --to hf-bnb`: bnb's keys and config; refuses to overwrite."""
     transformers = pytest.importorskip("transformers")
@@ -293,6 +438,66 @@ def test_export_hf_bnb_folder_loads_in_transformers_bitsandbytes(tmp_path):
     assert cli.main(["export", str(src), str(out), "--to", "hf-bnb"]) == 2  # exists: needs --force
     assert cli.main(["export", str(src), str(out), "--to", "gguf", "--force"]) == 2
     assert cli.main(["export", str(src), str(out), "--to", "hf-bnb", "--format", "int3", "--force"]) == 2
+
+
+@pytest.fixture(scope="module")
+def quantized_minilm(tmp_path_factory, model_dir):
+    """The folder `lowbit quantize MiniLM OUT --format int4` writes (lowbit.json, lowbit's keys)."""
+    out = tmp_path_factory.mktemp("quantized") / "q"
+    assert cli.main(["quantize", model_dir, str(out), "--format", "int4"]) == 0
+    return out
+
+
+def test_export_refuses_a_lowbit_quantize_folder_up_front(tmp_path, quantized_minilm):
+    # used to be a 162-line traceback from transformers with exit status 1
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli", "export", str(quantized_minilm), str(tmp_path / "o"),
+                        "--to", "hf-bnb"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("lowbit: error: MODEL_DIR") and str(quantized_minilm) in lines[0]
+    assert "lowbit quantize" in lines[0] and "full-precision" in lines[0] and "LowbitConfig" in lines[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_export_model_load_failures_are_one_line(tmp_path, capfd, quantized_minilm):
+    import shutil
+
+    # lowbit's keys without lowbit.json: transformers' own failure, reported as one line
+    stripped = tmp_path / "no-manifest"
+    shutil.copytree(quantized_minilm, stripped)
+    (stripped / "lowbit.json").unlink()
+    capfd.readouterr()
+    assert cli.main(["export", str(stripped), str(tmp_path / "o"), "--to", "hf-bnb"]) == 2
+    _one_line_error(capfd, "cannot load a model from MODEL_DIR", str(stripped))
+    # a config.json without weights
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    shutil.copy(quantized_minilm / "config.json", bare / "config.json")
+    assert cli.main(["export", str(bare), str(tmp_path / "o"), "--to", "hf-bnb"]) == 2
+    _one_line_error(capfd, "cannot load a model from MODEL_DIR", str(bare))
+    # config.json that is not JSON
+    (bare / "config.json").write_text("{not json")
+    assert cli.main(["export", str(bare), str(tmp_path / "o"), "--to", "hf-bnb"]) == 2
+    _one_line_error(capfd, "cannot read", "config.json")
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------------------ no command
+
+
+def test_no_command_lists_the_commands(capsys):
+    assert cli.main([]) == 2
+    line = _one_line_error(capsys, "choose a command:", "lowbit COMMAND --help")
+    for name in ("demo", "quantize", "bench", "export", "tune", "finetune"):
+        assert name in line
+
+
+def test_no_command_from_the_entry_point():
+    p = subprocess.run([sys.executable, "-m", "lowbit.cli"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.strip() == ("lowbit: error: choose a command: demo, quantize, bench, export, tune, finetune "
+                                "(lowbit COMMAND --help)")
 
 
 # ------------------------------------------------------------------ quantize: bitsandbytes 4-bit folders
@@ -326,6 +531,14 @@ def _load_out(out):
     cfg = transformers.AutoConfig.from_pretrained(str(out), local_files_only=True)
     torch.manual_seed(4321)  # random weights: equal outputs prove the checkpoint was loaded
     return load_quantized(transformers.AutoModel.from_config(cfg).eval(), str(out))
+
+
+def test_export_refuses_a_bitsandbytes_folder_up_front(tmp_path, capsys, bnb_dirs):
+    _, bnb = bnb_dirs
+    capsys.readouterr()
+    assert cli.main(["export", str(bnb), str(tmp_path / "o"), "--to", "hf-bnb"]) == 2
+    _one_line_error(capsys, str(bnb), "already a bitsandbytes folder", "full-precision", "LowbitConfig")
+    assert not (tmp_path / "o").exists()
 
 
 def test_quantize_bnb_folder_keeps_the_bitsandbytes_bytes(tmp_path, capsys, bnb_dirs):

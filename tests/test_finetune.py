@@ -4,11 +4,18 @@ text that ships with lowbit: nf4 + LoRA + gradient checkpointing + OffloadedAdam
 from __future__ import annotations
 
 import json
+import os
+import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lowbit import _finetune
+from lowbit._tools import UsageError
+
+TRAINING_MD = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +50,46 @@ def test_finetune_lowers_the_loss_and_saves_the_adapter(tiny_llama, tmp_path):
     assert len(lora) == 2 * 7 * 2 and all(k.endswith(("lora_A", "lora_B")) for k in lora)
     assert json.loads((tmp_path / "adapter" / "adapter.json").read_text())["r"] == 8
 
+    # docs/training.md's loading snippet, run as written on a folder named as in the snippet
+    os.rename(tmp_path / "adapter", tmp_path / "lowbit-finetune")
+    snippet = _loading_snippet()
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        ns: dict = {}
+        exec(compile(snippet, str(TRAINING_MD), "exec"), ns)
+    finally:
+        os.chdir(cwd)
+    model = ns["model"]
+    assert ns["logits"].shape == (1, len(b"The quick brown fox"), 256)
+    # the loaded model is the trained one: the same held-out loss as run() measured after training
+    ids = _finetune.tokens(tiny_llama, text, 256)
+    held_out = _finetune._windows(ids, 8, 64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loss = float(model(input_ids=held_out, labels=held_out).loss)
+    assert loss == pytest.approx(res["eval_loss_after"], rel=1e-5, abs=1e-5)
+    assert abs(loss - res["eval_loss_before"]) > 0.2  # and not the untrained base + zero LoRA
+
+
+def _loading_snippet() -> str:
+    """The python block under "### Loading the adapter" in docs/training.md."""
+    doc = TRAINING_MD.read_text(encoding="utf-8")
+    section = doc[doc.index("### Loading the adapter"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_load_adapter_refuses_an_adapter_that_does_not_fit(tiny_llama, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    text = _finetune.SAMPLE_TEXT.read_text(encoding="utf-8")
+    out = tmp_path / "a"
+    _finetune.run(tiny_llama, text, steps=1, seq_len=16, batch=1, r=2, out=str(out), progress=False)
+    lora = load_file(out / "adapter.safetensors")
+    lora.pop(next(iter(lora)))  # a tensor missing: must not load silently at its initial value
+    save_file(lora, out / "adapter.safetensors")
+    with pytest.raises(ValueError, match="keys differ"):
+        _finetune.load_adapter(str(out))
+
 
 def test_dense_lora_baseline_holds_more_memory(tiny_llama):
     text = _finetune.SAMPLE_TEXT.read_text(encoding="utf-8")
@@ -58,13 +105,91 @@ def test_too_short_a_text_is_refused(tiny_llama):
         _finetune.run(tiny_llama, "too short", steps=1, seq_len=64, progress=False)
 
 
+ARGS = dict(text=None, steps=1, seq_len=16, batch=1, r=2, out=None, force=False, compare=False)
+
+
 def test_command_body_reports_bad_paths_as_usage_errors(tiny_llama, tmp_path):
-    from types import SimpleNamespace
-
-    from lowbit._tools import UsageError
-
-    args = dict(text=None, steps=1, seq_len=16, batch=1, r=2, out=None, compare=False)
+    args = ARGS
     with pytest.raises(UsageError, match="not a model folder"):
         _finetune._finetune(SimpleNamespace(model_dir=str(tmp_path), **args))
     with pytest.raises(UsageError, match="no text file"):
         _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **{**args, "text": str(tmp_path / "none.txt")}))
+
+
+def test_command_saves_to_a_default_folder_without_out(tiny_llama, tmp_path, monkeypatch, capsys):
+    # without --out the adapter used to be trained and then dropped; now it lands in ./lowbit-finetune
+    monkeypatch.chdir(tmp_path)
+    assert _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **ARGS)) == 0
+    out = capsys.readouterr().out
+    assert os.path.join("lowbit-finetune", "adapter.safetensors") in out and "load_adapter" in out
+    assert sorted(os.listdir(tmp_path / "lowbit-finetune")) == ["adapter.json", "adapter.safetensors"]
+    cfg = json.loads((tmp_path / "lowbit-finetune" / "adapter.json").read_text())
+    assert cfg["model_dir"] == os.path.abspath(tiny_llama)
+
+
+def test_command_refuses_a_non_empty_out_before_training(tiny_llama, tmp_path, monkeypatch):
+    out = tmp_path / "lowbit-finetune"
+    out.mkdir()
+    (out / "adapter.safetensors").write_bytes(b"an earlier adapter")
+    monkeypatch.chdir(tmp_path)
+
+    def no_training(*a, **k):
+        raise AssertionError("trained although the adapter could not be saved")
+
+    monkeypatch.setattr(_finetune, "run", no_training)
+    with pytest.raises(UsageError, match=r"--out 'lowbit-finetune' exists and is not empty; pass --force"):
+        _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **ARGS))
+    with pytest.raises(UsageError, match=r"--out .* exists and is not empty"):
+        _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **{**ARGS, "out": str(out)}))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError, match="is not a folder"):
+        _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **{**ARGS, "out": str(tmp_path / "file"),
+                                                                      "force": True}))
+    assert (out / "adapter.safetensors").read_bytes() == b"an earlier adapter"
+
+
+def test_command_force_writes_into_a_non_empty_out(tiny_llama, tmp_path):
+    out = tmp_path / "a"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep")
+    assert _finetune._finetune(SimpleNamespace(model_dir=tiny_llama, **{**ARGS, "out": str(out), "force": True})) == 0
+    assert sorted(os.listdir(out)) == ["adapter.json", "adapter.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep"
+
+
+def test_command_refuses_an_encoder_before_loading(tmp_path, monkeypatch):
+    minilm = pytest.importorskip("lowbit.minilm")
+    try:
+        bert = minilm.model_dir()
+    except ImportError as e:
+        pytest.skip(str(e))
+    monkeypatch.setattr(_finetune, "run", lambda *a, **k: pytest.fail("loaded an encoder for causal-LM training"))
+    with pytest.raises(UsageError, match=r"is not a causal LM .*BertModel"):
+        _finetune._finetune(SimpleNamespace(model_dir=bert, **{**ARGS, "out": str(tmp_path / "o")}))
+    assert not (tmp_path / "o").exists()  # refused before the adapter folder was made
+
+
+@pytest.mark.parametrize("config,causal", [
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, True),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, True),  # a causal LM without the suffix
+    ({"model_type": "llama"}, True),  # no architectures: the model type decides
+    ({"architectures": ["BertModel"], "model_type": "bert"}, False),  # bert has BertLMHeadModel: architectures win
+    ({"architectures": ["BertForMaskedLM"], "model_type": "bert"}, False),
+    ({"architectures": ["LlamaForSequenceClassification"], "model_type": "llama"}, False),
+    ({"model_type": "no-such-model"}, False),
+])
+def test_causal_lm_check(config, causal):
+    pytest.importorskip("transformers")
+    assert (_finetune.causal_lm_problem(config) is None) == causal
+
+
+def test_cli_finetune_errors_are_one_line(tmp_path, capsys):
+    """Through cli.main: exit status 2 and one line, before any model is loaded."""
+    from lowbit import cli
+
+    d = tmp_path / "enc"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"architectures": ["BertModel"], "model_type": "bert"}))
+    assert cli.main(["finetune", str(d), "--out", str(tmp_path / "o")]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("lowbit: error: MODEL_DIR") and "causal LM" in lines[0], lines

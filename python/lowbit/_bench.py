@@ -10,15 +10,16 @@ import time
 from ._tools import UsageError, _threads
 
 NOISY = 0.20  # a spread above this (of the median) makes a timing untrustworthy
+KERNEL_W = 34  # the longest kernel name: "sz3_decompress (pysz, same bound)"
 
 
 def _cpu_time(fn, budget_s: float = 0.25, max_reps: int = 50, spreads: list | None = None) -> float:
     """Median seconds of fn() after one warmup call, repeated until budget_s or max_reps; the
-    spread (max - min) / median of the repeats is appended to `spreads`."""
+    spread of the repeats (`relative_spread`) is appended to `spreads`."""
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
-    min_reps = 3 if first < budget_s / 3 else 1  # slow kernels: one timed call after the warmup
+    min_reps = 5 if first < budget_s / 5 else 1  # slow kernels: one timed call after the warmup
     times = []
     t_end = time.perf_counter() + budget_s
     while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() < t_end):
@@ -28,8 +29,58 @@ def _cpu_time(fn, budget_s: float = 0.25, max_reps: int = 50, spreads: list | No
     times.sort()
     med = times[len(times) // 2]
     if spreads is not None and len(times) >= 3:
-        spreads.append((times[-1] - times[0]) / med)
+        spreads.append(relative_spread(times))
     return med
+
+
+def relative_spread(times) -> float:
+    """Interquartile range / median of repeated timings.
+
+    Not (max - min) / median: on a busy machine one repeat of a microseconds-long kernel that
+    waits for the scheduler takes milliseconds, and that single stall made spreads of 170513%.
+    The quartiles ignore a stall or two and still grow when the timings really scatter."""
+    import statistics
+
+    ts = sorted(times)
+    q1, med, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+    return (q3 - q1) / med if med > 0 else 0.0
+
+
+def format_spread(spread) -> str:
+    """A spread (a fraction of the median) as a percentage, e.g. 0.123 -> "12%"; "-" when none."""
+    if spread is None:
+        return "-"
+    if spread >= 10:
+        return ">999%"  # the timing is meaningless either way; keep the column's width
+    return f"{spread:.0%}"
+
+
+def format_header(cuda: bool) -> str:
+    """The column names of `format_row`'s lines."""
+    extra = f" {'GB/s':>7s} {'of copy':>8s}" if cuda else f" {'spread':>7s}"
+    return f"{'kernel':{KERNEL_W}s} {'K':>5s} {'N':>5s} {'M':>4s} {'median ms':>10s} {'vs dense':>9s}{extra}"
+
+
+def format_row(r: dict, cuda: bool) -> str:
+    """One result as a line under `format_header`; a decoder row (M 0) shows M as "-" (its vs dense
+    is relative to the M=1 dense matmul)."""
+    m = str(r["M"]) if r["M"] else "-"
+    if cuda:
+        extra = f" {r['gbs']:7.0f} {r['frac_copy_bw']:8.0%}" if "gbs" in r else f" {'-':>7s} {'-':>8s}"
+    else:
+        extra = f" {format_spread(r.get('spread')):>7s}"
+    return (f"{r['kernel']:{KERNEL_W}s} {r['K']:5d} {r['N']:5d} {m:>4s} {r['ms']:10.3f} "
+            f"{'x' + format(r['vs_dense'], '.2f'):>9s}{extra}")
+
+
+def noise_warning(noisy: list, threads: int) -> str | None:
+    """The warning for timings whose spread is over NOISY, or None when there are none. The advice
+    to rerun with --threads 1 only when the run used more than one thread."""
+    if not noisy:
+        return None
+    advice = "rerun on a quiet machine or with --threads 1" if threads > 1 else "rerun on a quieter machine"
+    return (f"warning: {len(noisy)} timings spread over {NOISY:.0%} of their median (e.g. {noisy[0]}): "
+            f"this machine is too noisy to trust them; {advice}")
 
 
 def _bnb_4bit(w):
@@ -111,6 +162,7 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
 
     spreads: list = []  # the last CPU timing's spread (empty on CUDA)
     noisy: list = []
+    log(format_header(cuda))
     gen = torch.Generator().manual_seed(0)
     for k, n in shapes:
         w32 = torch.randn(n, k, generator=gen) * 0.02
@@ -139,11 +191,15 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
             t = timer(fn)
             r = {"kernel": name, "M": 0, "K": k, "N": n, "ms": t * 1e3, "vs_dense": t / t_dense1,
                  "note": "decode the whole weight; vs_dense relative to the M=1 dense matmul"}
+            if spreads:
+                r["spread"] = spreads[-1]
+                if spreads[-1] > NOISY:
+                    noisy.append(f"{name} K={k} N={n}")
             if cuda:
                 r["gbs"] = (nb + w.numel() * w.element_size()) / t / 1e9
                 r["frac_copy_bw"] = r["gbs"] / bw
             res["results"].append(r)
-            log(f"{name:20s} K={k:5d} N={n:5d}        {t * 1e3:9.3f} ms  x{t / t_dense1:6.2f} vs dense M=1")
+            log(format_row(r, cuda))
         for m in ms_list:
             x = torch.randn(m, k, generator=gen).to(dev, dt)
             kern = {"dense": lambda: x @ w.t(),
@@ -174,14 +230,12 @@ def run_bench(device: str = "cpu", quick: bool = False, log=None) -> dict:
                     r["gbs"] = (wbytes[name] + (m * k + m * n) * x.element_size()) / t / 1e9
                     r["frac_copy_bw"] = r["gbs"] / bw
                 res["results"].append(r)
-                extra = (f"  {r['gbs']:7.0f} GB/s ({r['frac_copy_bw']:.0%} of copy)" if cuda
-                         else f"  spread {r['spread']:.0%}" if "spread" in r else "")
-                log(f"{name:20s} K={k:5d} N={n:5d} M={m:4d} {t * 1e3:9.3f} ms  x{t / t_dense:6.2f} vs dense{extra}")
+                log(format_row(r, cuda))
     res["bitsandbytes"] = any(r["kernel"] == "bnb_nf4" for r in res["results"])
     res["noisy"] = noisy
-    if noisy:
-        log(f"warning: {len(noisy)} timings spread over {NOISY:.0%} of their median (e.g. {noisy[0]}): this machine "
-            "is too noisy to trust them; rerun on a quiet machine or with --threads 1")
+    warning = noise_warning(noisy, res["threads"])
+    if warning:
+        log(warning)
     return res
 
 
@@ -200,7 +254,9 @@ def _bench(a) -> int:
     if a.json:
         print(json.dumps(res, indent=1))
     else:
-        print(f"(vs dense: time / torch dense matmul time in this run; {res['wall_s']:.1f} s)")
+        spread = "" if a.device == "cuda" else "; spread: interquartile range of the repeats / median"
+        print(f"(vs dense: time / torch dense matmul time in this run, M - rows: decoding the whole weight, "
+              f"vs the M=1 dense matmul{spread}; torch threads: {res['threads']}; {res['wall_s']:.1f} s)")
     return 0
 
 

@@ -106,28 +106,115 @@ def _best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+LABEL_FONTSIZE = 7  # points
+
+
+def label_width(text: str, fontsize: float = LABEL_FONTSIZE) -> float:
+    """A label's width in points, estimated (0.62 em a character: DejaVu Sans averages less), so
+    that the layout needs no renderer and can be tested without matplotlib."""
+    return 0.62 * fontsize * len(text)
+
+
+LABEL_PAD = 4.0  # points between a marker and its label
+LABEL_LEADER = 8.0  # points more for a stacked label, so that its leader line shows
+
+
+def label_offsets(points, widths, height: float = 1.25 * LABEL_FONTSIZE, gap: float = 1.0, pad: float = LABEL_PAD,
+                  leader: float = LABEL_LEADER, bounds: tuple[float, float] | None = None) -> list[tuple[float, float]]:
+    """Offsets (dx, dy) in points from each point to its label's lower-left corner, so that no two
+    labels overlap. The demo's formats crowd at ~4.1 bits/param (nf4, fp4, optimal, int4, sz)
+    with nearly equal errors, and labels placed at a fixed offset printed over each other.
+
+    points: (x, y) of the marked points in points (display units); widths: each label's width.
+    A lone label sits `pad` right of its point, vertically centred on it. Points whose labels
+    would overlap horizontally (chained: sorted by x, a point joins the group while its label
+    would start before the group's labels end) form a group, whose labels go in one column
+    `pad` + `leader` right of the group's rightmost point (so no label runs over the group's
+    markers), stacked in the order of their points' y at least height + gap apart, the stack
+    shifted to be on average centred on its points, then moved (whole) inside `bounds` =
+    (bottom, top) when given and tall enough. The plot draws a leader line to each stacked label.
+    Groups do not overlap horizontally, so no labels do."""
+    n = len(points)
+    if len(widths) != n:
+        raise ValueError(f"{n} points but {len(widths)} label widths")
+    groups: list[list[int]] = []
+    right = -math.inf
+    for i in sorted(range(n), key=lambda i: points[i][0]):
+        if groups and points[i][0] + pad < right:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+        g = groups[-1]
+        # where the group's labels end once in a column (a lone label: only pad, which is less)
+        right = max(points[j][0] for j in g) + pad + leader + max(widths[j] for j in g)
+    dx, dy = [pad] * n, [-height / 2] * n
+    for g in groups:
+        if len(g) == 1:
+            continue
+        column = max(points[i][0] for i in g) + pad + leader
+        g.sort(key=lambda i: (points[i][1], points[i][0]))
+        desired = {i: points[i][1] - height / 2 for i in g}
+        placed = dict(desired)
+        for prev, i in zip(g, g[1:]):
+            placed[i] = max(desired[i], placed[prev] + height + gap)
+        shift = sum(desired[i] - placed[i] for i in g) / len(g)
+        if bounds is not None:
+            lo, hi = placed[g[0]] + shift, placed[g[-1]] + shift + height
+            if hi - lo <= bounds[1] - bounds[0]:  # a stack taller than the axes stays centred
+                shift += max(0.0, bounds[0] - lo) - max(0.0, hi - bounds[1])
+        for i in g:
+            dx[i] = column - points[i][0]
+            dy[i] = placed[i] + shift - points[i][1]
+    return list(zip(dx, dy))
+
+
+def right_limit(px, offsets, widths, x0: float, x1: float, width: float) -> float:
+    """The right x limit of a linear axis [x0, x1], drawn `width` points wide, at which every label
+    ends inside the axes; px: the points' x in points from the axes' left edge, offsets: their
+    label_offsets. The demo's best formats sit at the right edge, and their labels ran over the
+    frame. Widening the axis moves the points (px scale by (x1 - x0) / (x1' - x0)), not the
+    offsets or widths, which are in points."""
+    scale = 1.0
+    for p, (dx, _), w in zip(px, offsets, widths):
+        if p > 0 and dx + w < width:  # a label wider than the axes fits at no limit
+            scale = min(scale, (width - dx - w) / p)
+    return x0 + (x1 - x0) / scale
+
+
 def _plot(rows: list[dict], path: str) -> bool:
+    """rate_distortion.png from the demo's rows; False when matplotlib does not import."""
+    fig = _figure(rows)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # "tight": keeps a label that sticks out of the axes
+    plt.close(fig)
+    return True
+
+
+def _figure(rows: list[dict]):
+    """The two-panel rate-distortion figure (weight RMSE, embedding cosine), labels laid out by
+    label_offsets; None when matplotlib does not import."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
-        return False
+        return None
     fams = {}
     for r in rows:
         fams.setdefault(r["family"], []).append(r)
     markers = ["o", "s", "^", "D", "v", "P"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = ((axes[0], "rmse"), (axes[1], "cosine"))
     for i, (fam, rs) in enumerate(fams.items()):
         rs = sorted(rs, key=lambda r: r["bits_per_param"])
         x = [r["bits_per_param"] for r in rs]
-        for ax, key in ((axes[0], "rmse"), (axes[1], "cosine")):
+        for ax, key in panels:
             ax.plot(x, [r[key] for r in rs], marker=markers[i % len(markers)], label=fam,
                     linestyle="-" if len(set(x)) > 1 else "none")
-            for r in rs:
-                ax.annotate(r["format"], (r["bits_per_param"], r[key]), fontsize=7, xytext=(3, 3),
-                            textcoords="offset points")
     axes[0].set_xlabel("bits / param (incl. scales)")
     axes[0].set_ylabel("weight RMSE vs fp32")
     axes[0].set_yscale("log")
@@ -138,10 +225,26 @@ def _plot(rows: list[dict], path: str) -> bool:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    fig.tight_layout()  # first: the labels are laid out in the final axes' display coordinates
+    to_pts = 72.0 / fig.dpi
+    widths = [label_width(r["format"]) for r in rows]
+    for ax, key in panels:
+        box = ax.get_window_extent()
+        xy = [(r["bits_per_param"], r[key]) for r in rows]
+        for _ in range(3):  # widening the axis brings points closer, which can regroup their labels
+            pts = [(px * to_pts, py * to_pts) for px, py in ax.transData.transform(xy)]
+            offsets = label_offsets(pts, widths, bounds=(box.y0 * to_pts, box.y1 * to_pts))
+            x0, x1 = ax.get_xlim()
+            x1_new = right_limit([p[0] - box.x0 * to_pts for p in pts], offsets, widths, x0, x1, box.width * to_pts)
+            if x1_new <= x1 * (1 + 1e-9):
+                break
+            ax.set_xlim(x0, x1_new)
+        for r, p, (dx, dy) in zip(rows, xy, offsets):
+            moved = dx > LABEL_PAD  # a stacked label: a leader line to its point
+            ax.annotate(r["format"], p, fontsize=LABEL_FONTSIZE, xytext=(dx, dy), textcoords="offset points",
+                        ha="left", va="bottom", annotation_clip=False,
+                        arrowprops=dict(arrowstyle="-", lw=0.5, color="0.5", shrinkA=0, shrinkB=2) if moved else None)
+    return fig
 
 
 def _backend_name() -> str:

@@ -2,8 +2,9 @@
 
 Every Linear except lm_head becomes nf4 (double quantized) + LoRA; the run uses gradient
 checkpointing and lowbit.optim.OffloadedAdamW, shows a progress bar with the loss, saves the
-adapter (lowbit's format: adapter.safetensors with the LoRA tensors by module path, adapter.json)
-and, with compare=True, runs the same steps as dense LoRA (bf16 on CUDA) to report both memories.
+adapter (lowbit's format: adapter.safetensors with the LoRA tensors by module path, adapter.json;
+`load_adapter` rebuilds the fine-tuned model from it, PEFT cannot read it) and, with compare=True,
+runs the same steps as dense LoRA (bf16 on CUDA) to report both memories.
 
 Memory: on CUDA the peak allocated memory of the run; on the CPU the bytes of the weights and
 optimizer states held after the run (activations and gradients are not counted).
@@ -27,6 +28,35 @@ from .nn import LoRALinear, QuantLinear, replace_linear
 from .optim import OffloadedAdamW
 
 SAMPLE_TEXT = Path(__file__).with_name("_finetune_sample.txt")
+DEFAULT_OUT = "lowbit-finetune"  # `lowbit finetune` without --out: never train only to throw the adapter away
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter.safetensors", "adapter.json"
+
+
+class TextTooShort(ValueError):
+    """The text has no more tokens than one training window (a usage error on the command line)."""
+
+
+def causal_lm_problem(config: dict) -> Optional[str]:
+    """Why a config.json does not describe a causal LM, or None when it does.
+
+    Checked before loading: AutoModelForCausalLM.from_pretrained accepts an encoder such as BERT
+    (it builds BertLMHeadModel with a freshly initialised head), so a wrong folder would train for
+    minutes on a model that is not the one the user has. The folder's `architectures` decide when
+    present (a *ForCausalLM class, or another class transformers maps a model type to for causal
+    LM, e.g. GPT2LMHeadModel); without them, the model type must have a causal-LM class."""
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES as causal
+    except ImportError:
+        causal = {}
+    archs = [str(x) for x in config.get("architectures") or ()]
+    if archs:
+        if any(x.endswith("ForCausalLM") or x in causal.values() for x in archs):
+            return None
+        return f"its architectures {archs} hold no causal LM (a class ending in ForCausalLM)"
+    model_type = config.get("model_type")
+    if model_type in causal:
+        return None
+    return f"its model_type {model_type!r} has no causal-LM class in transformers (and config.json names no architectures)"
 
 
 def tokens(model_dir: str, text: str, vocab_size: int) -> torch.Tensor:
@@ -96,10 +126,14 @@ def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, s
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(seed)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        problem = causal_lm_problem(json.load(f))
+    if problem:
+        raise ValueError(f"{model_dir!r} is not a causal-LM folder: {problem}")
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     ids = tokens(model_dir, text, model.config.vocab_size)
     if len(ids) <= seq_len:
-        raise ValueError(f"the text has {len(ids)} tokens; it needs more than seq_len={seq_len}")
+        raise TextTooShort(f"the text has {len(ids)} tokens; it needs more than seq_len={seq_len}")
     if quantized:
         replace_linear(model, "nf4")
     model.to(device=device, dtype=dtype)  # lowbit layers: compute dtype only, storage untouched
@@ -149,28 +183,103 @@ def save_adapter(model: nn.Module, out: str, **config) -> None:
     from safetensors.torch import save_file
 
     os.makedirs(out, exist_ok=True)
+    if "model_dir" in config:  # absolute: load_adapter must find the base model from any directory
+        config["model_dir"] = os.path.abspath(config["model_dir"])
     lora = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
-    save_file(lora, os.path.join(out, "adapter.safetensors"))
-    with open(os.path.join(out, "adapter.json"), "w") as f:
+    save_file(lora, os.path.join(out, ADAPTER_WEIGHTS))
+    with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
         json.dump({"format": "lowbit-lora", **config}, f, indent=1)
 
 
+def load_adapter(adapter_dir: str, model: Optional[nn.Module] = None) -> nn.Module:
+    """The fine-tuned model from a folder `save_adapter` (and so `lowbit finetune`) wrote.
+
+    `model`: the base model to put the adapter on (default: AutoModelForCausalLM from adapter.json's
+    model_dir). It is quantized to nf4 as in training (when the run was quantized), the layers named
+    in adapter.json are wrapped in LoRALinear(r, alpha), and the saved LoRA tensors are loaded into
+    them. Every saved tensor must land and every LoRA tensor must be saved: a mismatch raises
+    ValueError instead of leaving part of the adapter at its initial values."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(adapter_dir, ADAPTER_CONFIG)) as f:
+        cfg = json.load(f)
+    if cfg.get("format") != "lowbit-lora":
+        raise ValueError(f"{adapter_dir!r}: {ADAPTER_CONFIG} is not a lowbit LoRA adapter (format {cfg.get('format')!r})")
+    if model is None:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(cfg["model_dir"])
+    if cfg.get("quantized", True):
+        replace_linear(model, "nf4", progress=False)  # run()'s quantization: the base the adapter was trained on
+    wrapped = add_lora(model, cfg["r"], cfg["alpha"])
+    if sorted(wrapped) != sorted(cfg["targets"]):
+        raise ValueError(f"{adapter_dir!r}: the model's layers {sorted(set(wrapped) ^ set(cfg['targets']))[:4]} "
+                         "differ from the adapter's targets; is it the model the adapter was trained on?")
+    lora = load_file(os.path.join(adapter_dir, ADAPTER_WEIGHTS))
+    expected = {n for n, _ in model.named_parameters() if "lora_" in n}
+    if set(lora) != expected:
+        raise ValueError(f"{adapter_dir!r}: {ADAPTER_WEIGHTS} keys differ from the model's LoRA parameters "
+                         f"(e.g. {sorted(set(lora) ^ expected)[:2]})")
+    model.load_state_dict(lora, strict=False)  # strict=False: the base weights are not in the adapter
+    return model.eval()
+
+
 def _finetune(a) -> int:
-    """The CLI body: a = argparse namespace with model_dir, text, steps, out, compare, seq_len, batch, r."""
-    if not os.path.isfile(os.path.join(a.model_dir, "config.json")):
-        raise UsageError(f"{a.model_dir!r} is not a model folder (no config.json)")
+    """The CLI body: a = argparse namespace with model_dir, text, steps, out, force, compare, seq_len,
+    batch, r. Every check that can fail runs before the model is loaded, so a mistake costs no training."""
+    config_path = os.path.join(a.model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"MODEL_DIR {a.model_dir!r} is not a model folder (no config.json)")
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {config_path!r}: {e}") from None
+    try:
+        import transformers  # noqa: F401  (run() loads the model with it; say so before any work)
+    except ImportError as e:
+        raise UsageError(f"lowbit finetune needs transformers (pip install 'lowbit[transformers]'): {e}") from None
+    problem = causal_lm_problem(config if isinstance(config, dict) else {})
+    if problem:
+        raise UsageError(f"MODEL_DIR {a.model_dir!r} is not a causal LM ({problem}); lowbit finetune trains "
+                         "causal-LM folders (e.g. Llama, GPT-2, Qwen)")
     if a.text is not None and not os.path.isfile(a.text):
         raise UsageError(f"no text file {a.text!r}")
-    text = Path(a.text or SAMPLE_TEXT).read_text(encoding="utf-8")
+    try:
+        text = Path(a.text or SAMPLE_TEXT).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"TEXT {a.text!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    out = _output_dir(a.out or DEFAULT_OUT, getattr(a, "force", False))
     kw = dict(steps=a.steps, seq_len=a.seq_len, batch=a.batch, r=a.r)
-    runs = {"nf4 + LoRA": run(a.model_dir, text, out=a.out, **kw)}
+    try:
+        runs = {"nf4 + LoRA": run(a.model_dir, text, out=out, **kw)}
+    except TextTooShort as e:
+        raise UsageError(f"TEXT {a.text or str(SAMPLE_TEXT)!r}: {e}; give a longer text or a smaller --seq-len") from None
     if a.compare:
         runs["dense LoRA"] = run(a.model_dir, text, quantized=False, **kw)
     for name, res in runs.items():
         print(f"{name} ({res['device']}, {res['dtype']}): eval loss {res['eval_loss_before']:.3f} -> "
               f"{res['eval_loss_after']:.3f} in {len(res['losses'])} steps; {res['memory_kind']}: "
               f"{res['memory_bytes'] / 2**20:.2f} MiB; {res['trainable']:,} trainable")
-    if a.out:
-        print(f"adapter: {a.out}/adapter.safetensors, {a.out}/adapter.json", file=sys.stderr)
+    print(f"saved the adapter to {os.path.join(out, ADAPTER_WEIGHTS)} and {os.path.join(out, ADAPTER_CONFIG)}; "
+          f"load it with lowbit._finetune.load_adapter({out!r}) (docs/training.md)")
     first = next(iter(runs.values()))
     return 0 if math.isfinite(first["eval_loss_after"]) else 1
+
+
+def _output_dir(out: str, force: bool) -> str:
+    """The adapter's folder, created now: a folder that holds files needs --force, and a path that
+    cannot be written fails here rather than after the training it would throw away."""
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise UsageError(f"--out {out!r} exists and is not a folder")
+        if os.listdir(out) and not force:
+            raise UsageError(f"--out {out!r} exists and is not empty; pass --force to write the adapter into it "
+                             "(adapter.safetensors and adapter.json are replaced), or choose another --out")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out!r}: cannot create the folder ({e.strerror or e})") from None
+    if not os.access(out, os.W_OK):
+        raise UsageError(f"--out {out!r}: the folder is not writable")
+    return out

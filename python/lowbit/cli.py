@@ -17,9 +17,11 @@
     lowbit tune     --out FILE [--shapes NxK,...] [--quick] [--force]
         On a CUDA card: time every candidate config for those shapes and write the card's table
         (kernels/_configs/<card>.json), used at run time instead of timing on first call.
-    lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--compare]
+    lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--force]
+                    [--compare]
         QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
-        before/after, the adapter in DIR, memory vs dense LoRA with --compare (docs/training.md).
+        before/after, the adapter in DIR (default ./lowbit-finetune; load it with
+        lowbit._finetune.load_adapter(DIR)), memory vs dense LoRA with --compare (docs/training.md).
 
 Usage errors print one line on stderr and exit with status 2.
 """
@@ -48,7 +50,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="low-bit quantization kernels for PyTorch")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    # Not required=True: argparse would then say only "required: cmd"; main() names the commands instead.
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
     d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 with each format and report the cost")
     d.add_argument("--out", default="lowbit-demo", help="folder for report.md and rate_distortion.png")
     d.add_argument("--no-plot", action="store_true", help="do not write rate_distortion.png")
@@ -60,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "bitsandbytes 4-bit (nf4/fp4; --format nf4/fp4 keeps its bytes, other formats re-quantize)")
     q.add_argument("out_dir", metavar="OUT_DIR")
     q.add_argument("--format", required=True, help=f"one of {', '.join(FORMATS)}")
-    q.add_argument("--skip", default=None, help="comma-separated module names to leave dense "
-                   "(full name or last component; default lm_head; '' for none)")
+    q.add_argument("--skip", default=None, help="comma-separated modules to leave dense, by full name or dotted "
+                   "suffix; a module keeps every Linear inside it dense (replace_linear's rule, "
+                   "lowbit.nn.skip_matches); default lm_head; '' for none")
     q.add_argument("--group-size", type=_positive_int, help="int2/3/4: weights per scale (multiple of 32; "
                    "default one scale per row)")
     q.add_argument("--blocksize", type=_positive_int, help="nf4/fp4/optimal: weights per scale (default 64)")
@@ -94,14 +98,25 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--seq-len", type=_positive_int, default=64)
     f.add_argument("--batch", type=_positive_int, default=4)
     f.add_argument("--r", type=_positive_int, default=16, help="LoRA rank")
-    f.add_argument("--out", default=None, help="folder for adapter.safetensors and adapter.json")
+    f.add_argument("--out", default=None, help="folder for adapter.safetensors and adapter.json (default: "
+                   "./lowbit-finetune; an existing non-empty folder needs --force)")
+    f.add_argument("--force", action="store_true", help="write the adapter into --out even if it holds files")
     f.add_argument("--compare", action="store_true", help="also run dense LoRA and compare memory")
     return p
 
 
+def commands(parser: argparse.ArgumentParser) -> list[str]:
+    """The sub-command names, in the order they were registered."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        a = build_parser().parse_args(argv)
+        parser = build_parser()
+        a = parser.parse_args(argv)
+        if a.cmd is None:
+            raise UsageError(f"choose a command: {', '.join(commands(parser))} (lowbit COMMAND --help)")
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
         return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune}[a.cmd](a)
