@@ -3,8 +3,11 @@
 W [N, K] is stored as in lowbit.formats.intq (format version 3): int32 words, per row a stream of
 K * bits / 32 words holding the codes Q as packed fields (int4 nibbles, int2 crumbs, int3 quads of
 crumb words A, B and third-bit words H), scale [N, G] (any float dtype, read as fp32) and zeros
-uint8 [N, G], W = s * (Q - z). Tiles of W are unpacked and scaled in registers and fed to tl.dot with fp32
-accumulation:
+uint8 [N, G], W = s * (Q - z), column k in group k // GROUP, G = NG = ceil(K / GROUP): when GROUP does
+not divide K the last group of a row is ragged (shorter). No kernel derives the group length from
+K / NG, and every K loop stops at K (the launchers pick tiles that divide K; a tile or words step
+that divides GROUP and K never straddles a group, the ragged one included). Tiles of W are unpacked
+and scaled in registers and fed to tl.dot with fp32 accumulation:
 
   forward     y[M, N]  = x[M, K] @ W^T            (GEMM with tl.dot, or GEMV for small M)
   grad_x      gx[M, K] = gy[M, N] @ W
@@ -307,27 +310,29 @@ def matmul_int_grad_x_kernel(
 def matmul_int_grad_scale_kernel(
     g_ptr, x_ptr, codes_ptr, zero_ptr, gs_ptr,
     M, N, K, NG,
-    stride_gm, stride_gn, stride_xm, stride_xk, stride_s,
+    stride_gm, stride_gn, stride_xm, stride_xk, stride_s, GLEN,
     BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     SPLIT_M: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """gs[pid_s, n, g] = sum over this split's rows m of gy[m, n] * x[m, k in g] @ (Q - z)[n, k].
 
     Grid (cdiv(N, BLOCK_N), NG, SPLIT_M). Each (BLOCK_N, BLOCK_K) tile of gy^T x lives only in
-    registers; it is multiplied by (Q - z) and reduced over k at once.
+    registers; it is multiplied by (Q - z) and reduced over k at once. GLEN: the group length (K for
+    per-row scales); group g covers columns g * GLEN .. min(K, (g + 1) * GLEN), so a ragged last group
+    stops at K (BLOCK_K divides GLEN and K, hence that group's length too).
     """
     pid_n = tl.program_id(0)
     pid_g = tl.program_id(1)
     pid_s = tl.program_id(2)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
-    glen = K // NG
+    glen = tl.minimum(GLEN, K - pid_g * GLEN)  # the ragged last group: its real columns only
     m_len = tl.cdiv(tl.cdiv(M, SPLIT_M), BLOCK_M) * BLOCK_M
     m_start = pid_s * m_len
     z = tl.load(zero_ptr + offs_n * NG + pid_g, mask=n_mask, other=0).to(tl.float32)
     total = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for kk in range(0, glen, BLOCK_K):
-        k0 = pid_g * glen + kk
+        k0 = pid_g * GLEN + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for mm in range(0, m_len, BLOCK_M):
@@ -400,13 +405,19 @@ def _fits_forward(cfg: MatmulConfig, m: int, k: int, bits: int, group_len: int, 
         step = words_step(bits)
         # a group holds whole steps (rows: group_len = K, a multiple of the step when K is); fp32
         # activations: like the nf4 words GEMV, kept to fp16/bf16 on GPUs (register budget)
-        return (m <= cfg.block_m and k % (step * cfg.split_k) == 0 and group_len % step == 0
+        # (a ragged last group: K and the group both whole steps, so no step straddles it either)
+        return (m <= cfg.block_m and k % (step * cfg.split_k) == 0 and min(group_len, k) % step == 0
                 and (dtype != torch.float32 or interpreting()))
     return (cfg.kind != "gemv" or m <= cfg.block_m) and k % (cfg.block_k * cfg.split_k) == 0
 
 
+def n_groups(k: int, group_len: int) -> int:
+    """Scale/zero groups per row: ceil(K / group_len) (the last one ragged when group_len does not divide K)."""
+    return -(-k // group_len)
+
+
 def _scale_mode(k: int, group_len: int, block_k: int) -> dict:
-    per_row = group_len == k
+    per_row = group_len >= k  # one group per row ([N] or [N, 1] scales: the same index, row * 1 + 0)
     return {"GROUP": group_len if not per_row else 32, "PER_ROW": per_row,
             "TILE_IN_GROUP": per_row or group_len % block_k == 0}
 
@@ -418,7 +429,7 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
     if x.device.type == "cpu" and x.dtype == torch.bfloat16:
         x = x.float()
     dot_dt = dot_dtype(x.dtype, x.device)
-    ng = k // group_len
+    ng = n_groups(k, group_len)
     scale = _cpu_scale(scale)
 
     def run(cfg: MatmulConfig):
@@ -467,11 +478,11 @@ def _words_gemv(x, codes, scale, zeros, bits, group_len, n, bias, cfg: MatmulCon
     ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
     y = alloc_output((m, n), words_out_dtype(x.dtype), x.device)
     xw, pairs = words_x(x)
-    per_row = group_len == k
+    per_row = group_len >= k
     count_launch("intq.words")
     gemv_int_words_kernel[(tiles, cfg.split_k)](
         xw, codes, scale, zeros, bias if bias is not None else x, y, ws, count,
-        n, k, k // group_len, k * bits // 128, 0x4B000000,
+        n, k, n_groups(k, group_len), k * bits // 128, 0x4B000000,
         BITS=bits, GROUP=32 if per_row else group_len, PER_ROW=per_row, HAS_BIAS=bias is not None,
         M=m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, PAIRS=pairs, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -486,7 +497,7 @@ def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config: GradXC
     if g.device.type == "cpu" and g.dtype == torch.bfloat16:
         g = g.float()
     dot_dt = dot_dtype(g.dtype, g.device)
-    ng = k // group_len
+    ng = n_groups(k, group_len)
     scale = _cpu_scale(scale)
 
     def run(cfg: GradXConfig):
@@ -522,7 +533,7 @@ def _split_m(m: int, n: int, ng: int, bn: int, bm: int, device) -> int:
 
 
 def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config: GradScaleConfig | None = None):
-    """gs[N, K/group_len] fp32 = dL/ds for y = x @ W^T with g = dL/dy [M, N], x [M, K]."""
+    """gs[N, ceil(K/group_len)] fp32 = dL/ds for y = x @ W^T with g = dL/dy [M, N], x [M, K]."""
     m, n = g.shape
     k = x.shape[1]
     if g.device.type == "cpu" and g.dtype == torch.bfloat16:
@@ -530,17 +541,19 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config: GradScale
     if x.dtype != g.dtype:
         x = x.to(g.dtype)
     dot_dt = dot_dtype(g.dtype, g.device)
-    ng = k // group_len
+    ng = n_groups(k, group_len)
 
     def run(cfg: GradScaleConfig):
-        bk = cfg.block_k if group_len % cfg.block_k == 0 else 32
+        glen = min(group_len, k)
+        # a K-tile must divide the group and K (so also a ragged last group, K - (ng - 1) * glen): 32 always does
+        bk = cfg.block_k if glen % cfg.block_k == 0 and k % cfg.block_k == 0 else 32
         split = _split_m(m, n, ng, cfg.block_n, cfg.block_m, g.device)
         gs = alloc_output((split, n, ng), torch.float32, g.device)
         grid = (triton.cdiv(n, cfg.block_n), ng, split)
         count_launch("intq.grad_scale")
         matmul_int_grad_scale_kernel[grid](
             g, x, codes, zeros, gs,
-            m, n, k, ng, g.stride(0), g.stride(1), x.stride(0), x.stride(1), gs.stride(0),
+            m, n, k, ng, g.stride(0), g.stride(1), x.stride(0), x.stride(1), gs.stride(0), glen,
             BITS=bits, BLOCK_N=cfg.block_n, BLOCK_K=bk, BLOCK_M=cfg.block_m, SPLIT_M=split, DOT_DTYPE=dot_dt,
             PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
@@ -577,7 +590,7 @@ def aot_specs() -> list:
     n = k = 4096
 
     def weights(bits: int, group_len: int):  # codes, scale, zeros
-        ng = k // group_len
+        ng = n_groups(k, group_len)
         return meta(n, k // 32, bits, dtype=torch.int32), meta(n, ng), meta(n, ng, dtype=torch.uint8)
 
     def buckets(table: dict) -> dict:  # config -> the largest M bucket that lists it

@@ -80,10 +80,11 @@ def quantize_4bit_kernel(
     x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)
     nblocks = tl.cdiv(n, BLOCKSIZE)
-    tl.store(absmax_ptr + blk, absmax, mask=blk < nblocks)
     # As the reference (bnb): whole blocks multiply by a correctly rounded 1/absmax, the short
-    # last block divides; a zero block scales to 0 (its values take the code of 0).
+    # last block divides; a zero block scales to 0 (its values take the code of 0). bnb stores
+    # the short block's divisor max(absmax, 1e-38) as its scale, whole blocks' absmax as it is.
     denom = tl.maximum(absmax, 1e-38)
+    tl.store(absmax_ptr + blk, tl.where((blk + 1) * BLOCKSIZE > n, denom, absmax), mask=blk < nblocks)
     recip = tl.where(absmax > 0, tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), denom), 0.0)
     tail = (blk[:, None] + 1) * BLOCKSIZE > n
     quot = tl.math.div_rn(x, tl.broadcast_to(denom[:, None], x.shape))

@@ -150,11 +150,15 @@ def test_quantize_bad_options(tmp_path, capsys, model_dir, args, needle):
     assert not (tmp_path / "o").exists()
 
 
-def test_quantize_group_size_not_dividing_layers(tmp_path, capsys, model_dir):
-    # 256 is a multiple of 32 but does not divide MiniLM's in_features (384): caught at replace time
-    assert cli.main(["quantize", model_dir, str(tmp_path / "o"), "--format", "int2", "--group-size", "256"]) == 2
-    _one_line_error(capsys, "group_size")
-    assert not (tmp_path / "o").exists()
+def test_quantize_group_size_not_dividing_layers(tmp_path, model_dir):
+    # 256 does not divide MiniLM's in_features (384): each row gets a ragged second group of 128 (docs/int.md),
+    # where it used to be refused; the stored scales say so
+    assert cli.main(["quantize", model_dir, str(tmp_path / "o"), "--format", "int2", "--group-size", "256"]) == 0
+    from lowbit.io import read_state_dict
+
+    sd = read_state_dict(tmp_path / "o" / "model.safetensors")
+    assert sd["encoder.layer.0.attention.self.query.scale"].shape == (384, 2)  # ceil(384 / 256)
+    assert sd["encoder.layer.0.intermediate.dense.scale"].shape == (1536, 2)
 
 
 def test_quantize_refuses_out_dir_equal_model_dir(tmp_path, capsys):
@@ -496,8 +500,9 @@ def test_no_command_lists_the_commands(capsys):
 def test_no_command_from_the_entry_point():
     p = subprocess.run([sys.executable, "-m", "lowbit.cli"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stdout == ""
-    assert p.stderr.strip() == ("lowbit: error: choose a command: demo, quantize, bench, export, tune, finetune "
-                                "(lowbit COMMAND --help)")
+    names = cli.commands(cli.build_parser())
+    assert {"demo", "quantize", "bench", "export", "tune", "finetune"} <= set(names)
+    assert p.stderr.strip() == f"lowbit: error: choose a command: {', '.join(names)} (lowbit COMMAND --help)"
 
 
 # ------------------------------------------------------------------ quantize: bitsandbytes 4-bit folders
@@ -607,3 +612,54 @@ def test_quantize_refuses_bnb_8bit_and_lowbit_folders(tmp_path, capsys):
     assert cli.main(["quantize", str(src), str(tmp_path / "q"), "--format", "nf4"]) == 2
     _one_line_error(capsys, "already a lowbit model", "lowbit.integrations.transformers")
     assert not (tmp_path / "q").exists()
+
+
+# ------------------------------------------------------------------------------ quantize: causal LMs keep their head
+
+
+def _tiny_causal_lm(path, tied: bool):
+    torch.manual_seed(3)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_quantize_keeps_a_causal_lms_head(tmp_path, tied):
+    """`lowbit quantize` loaded every folder with AutoModel: a causal LM lost its head (keys without `model.`,
+    no lm_head) and load_quantized(AutoModelForCausalLM ...) failed with hundreds of key errors."""
+    from lowbit.io import read_state_dict
+
+    src = _tiny_causal_lm(tmp_path / "src", tied)
+    assert cli.main(["quantize", str(src), str(tmp_path / "q"), "--format", "int4"]) == 0
+    keys = set(read_state_dict(tmp_path / "q" / "model.safetensors"))
+    assert "lm_head.weight" in keys and all(k.startswith(("model.", "lm_head.")) for k in keys)
+    fresh = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(tmp_path / "q"))
+    load_quantized(fresh.eval(), tmp_path / "q")
+    assert (fresh.lm_head.weight is fresh.model.embed_tokens.weight) == tied  # tied embeddings stay tied
+    expect = lowbit.replace_linear(transformers.LlamaForCausalLM.from_pretrained(src).eval(), "int4")
+    x = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(fresh(x).logits, expect(x).logits)
+    assert isinstance(fresh.lm_head, nn.Linear) and type(fresh.model.layers[0].mlp.up_proj) is lowbit.IntLinear
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_a_folder_of_the_old_backbone_layout_loads_or_says_how_to_convert(tmp_path, tied):
+    from lowbit.io import WEIGHTS, write_manifest
+
+    src = _tiny_causal_lm(tmp_path / "src", tied)
+    backbone = lowbit.replace_linear(transformers.AutoModel.from_pretrained(src).eval(), "nf4")  # the old layout
+    (tmp_path / "old").mkdir()
+    lowbit.save_state_dict(backbone, tmp_path / "old" / WEIGHTS)
+    write_manifest(tmp_path / "old", "nf4", {}, ("lm_head",))
+    fresh = transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(src)).eval()
+    if not tied:
+        with pytest.raises(ValueError, match="older `lowbit quantize`.*untied LM head.*again"):
+            load_quantized(fresh, tmp_path / "old")
+        return
+    load_quantized(fresh, tmp_path / "old")
+    x = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh.model(x).last_hidden_state, backbone(x).last_hidden_state)

@@ -4,6 +4,8 @@ truncated or foreign files raise lowbit's CheckpointError naming the path (and t
 from __future__ import annotations
 
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -94,3 +96,62 @@ def test_save_refuses_to_overwrite(tmp_path):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         lowbit.save_state_dict(_model(), path)
     assert path.read_bytes() == b"keep me"
+
+
+# ------------------------------------------------------------------------------ file mode (the umask)
+
+
+def _saved_mode(tmp_path, umask, name="m.safetensors", **kw):
+    old = os.umask(umask)
+    try:
+        lowbit.save_state_dict(_model(), tmp_path / name, **kw)
+        with open(tmp_path / f"{name}.plain", "w"):  # what open() makes under the same umask
+            pass
+    finally:
+        os.umask(old)
+    return stat.S_IMODE(os.stat(tmp_path / name).st_mode), stat.S_IMODE(os.stat(tmp_path / f"{name}.plain").st_mode)
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)],
+                         ids=["umask022", "umask077", "umask002"])
+def test_saved_files_follow_the_umask(tmp_path, umask, mode):
+    # safetensors' save_file writes 0600 whatever the umask: a checkpoint others should read was private
+    assert _saved_mode(tmp_path, umask) == (mode, mode)
+
+
+def test_an_overwritten_file_keeps_its_mode(tmp_path):
+    _saved_mode(tmp_path, 0o022)
+    os.chmod(tmp_path / "m.safetensors", 0o640)
+    got, _ = _saved_mode(tmp_path, 0o077, overwrite=True)  # open(path, "w") keeps an existing file's mode too
+    assert got == 0o640
+
+
+def test_the_umask_is_read_without_proc_and_left_as_it_was(monkeypatch):
+    from lowbit import io
+
+    def no_proc(*a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(io, "open", no_proc, raising=False)  # shadows the builtin inside lowbit.io only
+    old = os.umask(0o027)
+    try:
+        assert io._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # still set
+    finally:
+        os.umask(old)
+
+
+def test_save_pretrained_bnb_follows_the_umask(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lowbit.integrations.transformers import save_pretrained_bnb
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16)
+    model = lowbit.replace_linear(transformers.LlamaForCausalLM(cfg).eval(), "nf4", progress=False)
+    old = os.umask(0o022)
+    try:
+        save_pretrained_bnb(model, tmp_path / "bnb")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "bnb" / "model.safetensors").st_mode) == 0o644

@@ -202,7 +202,8 @@ void lb_dq4(const uint8_t *codes, const float *absmax, const uint8_t *qabs, cons
     parallel(dq4_range, &a, nr * ((kc + DQ_CHUNK - 1) / DQ_CHUNK), 1, nt);
 }
 
-/* quantize (formats.nf4.quantize_flat, bit for bit): per block absmax = max |x|, d = max(absmax, 1e-38),
+/* quantize (formats.nf4.quantize_flat, bit for bit): per block absmax = max |x| (stored as d in a short last
+   block), d = max(absmax, 1e-38),
    s = x * (1 / d) (x / d in a short last block), clamped to [-1, 1]; code order[#(bounds < s)]; element 2i
    in the high nibble of byte i; an odd tail is padded with the code of 0. x: fp32, bf16 or fp16 (dt). */
 INLINE float from_fp16(uint16_t h) { /* the FP16 library's fp16_ieee_to_fp32_value, as c10 */
@@ -228,9 +229,9 @@ static void q4_range(const void *p, i64 b0, i64 b1) {
         const i64 i0 = b * a->bs, i1 = MIN(a->n, i0 + a->bs);
         float amax = 0.0f;
         for (i64 i = i0; i < i1; i++) { float t = fabsf(load_any(a->x, a->dt, i)); amax = t > amax ? t : amax; }
-        a->absmax[b] = amax;
         const float d = amax < 1e-38f ? 1e-38f : amax, r = 1.0f / d;
         const int whole = i1 - i0 == a->bs;
+        a->absmax[b] = whole ? amax : d; /* bnb stores a short last block's divisor, max(absmax, 1e-38) */
         for (i64 j0 = i0; j0 < i1; j0 += 64) { /* 64 elements (32 bytes) at a time; bs is even */
             const int len = (int)MIN(64, i1 - j0);
             for (int l = 0; l < len; l++) {
@@ -439,14 +440,17 @@ void lb_mv4t(const float *g, i64 M, i64 N, const uint8_t *codes, const float *ab
 }
 
 /* =============================== integer family (int2 / int3 / int4) ===============================
-   Element (n, k): code Q, value s[n, g] * (Q - z[n, g]), g = k / L. Codes (format version 3, formats/intq.py): row
-   n is a stream of K * bits / 32 words from word n * K * bits / 32, 32 codes (a chunk) in `bits` words. int4: word
-   t holds code 8t + i in bits 4i..4i+3; int2: code 16t + i in bits 2i..2i+1. int3: the row's chunks go in quads of
-   4 (the last one has r = (K / 32) % 4 chunks when that is not 0), a quad being r words A, r words B, r words H;
-   chunk j of it: A[j] bits 2i..2i+1 = low 2 bits of code i, B[j] those of code 16 + i, H[j] bit 2i + 1 = bit 2 of
-   code i and bit 2i = bit 2 of code 16 + i (i < 16). The kernels decode (Q - z) exactly as a float; W = (Q - z) * s
-   is rounded as the reference rounds it (a 16-entry table per group: one lookup per weight). */
+   Element (n, k): code Q, value s[n, g] * (Q - z[n, g]), g = k / L; G = ceil(K / L) groups per row, the last one
+   ragged (K - (G - 1) L columns, a multiple of 32) when L does not divide K: no loop may assume L | K. Codes (format
+   version 3, formats/intq.py): row n is a stream of K * bits / 32 words from word n * K * bits / 32, 32 codes (a
+   chunk) in `bits` words. int4: word t holds code 8t + i in bits 4i..4i+3; int2: code 16t + i in bits 2i..2i+1.
+   int3: the row's chunks go in quads of 4 (the last one has r = (K / 32) % 4 chunks when that is not 0), a quad
+   being r words A, r words B, r words H; chunk j of it: A[j] bits 2i..2i+1 = low 2 bits of code i, B[j] those of
+   code 16 + i, H[j] bit 2i + 1 = bit 2 of code i and bit 2i = bit 2 of code 16 + i (i < 16). The kernels decode
+   (Q - z) exactly as a float; W = (Q - z) * s is rounded as the reference rounds it (a 16-entry table per group: one
+   lookup per weight). */
 typedef struct { const int32_t *codes; const float *scale; const uint8_t *zeros; int bits; i64 L, N, K; } qint_t;
+INLINE i64 qgroups(i64 K, i64 L) { return (K + L - 1) / L; } /* groups per row (the last may be ragged) */
 INLINE const int32_t *qrow(const qint_t *q, i64 n) { return q->codes + n * (q->K / 32) * q->bits; }
 /* int3: chunk c's word A (from its row's start) and its quad's chunk count r: B = A + r, H = A + 2r */
 INLINE i64 q3_at(i64 c, i64 nch, i64 *r) {
@@ -573,7 +577,7 @@ static const float QIOTA[5][16] = { /* [bits]: code i & (2^bits - 1) at index i 
 typedef struct { qint_t q; i64 n0, k0, kc; void *out; int dt; } dqi_t;
 INLINE void dqi_rows(const dqi_t *a, const int bits, i64 r0, i64 r1) {
     const qint_t *q = &a->q;
-    const i64 L = q->L, G = q->K / L, nch = q->K / 32;
+    const i64 L = q->L, G = qgroups(q->K, L), nch = q->K / 32;
 #if LB_AVX512
     const qnat_t nat = qnat(bits);
     const __m512 iota = _mm512_loadu_ps(QIOTA[bits]);
@@ -637,7 +641,7 @@ typedef struct { const float *x; i64 M, kt; qint_t q; float *y; int blk; } mvi_t
 INLINE void mvi_rows(const mvi_t *a, const int MM, const int bits, const float *x, float *y, i64 n0, i64 n1,
                      i64 k0, i64 k1) {
     const qint_t *q = &a->q;
-    const i64 K = q->K, L = q->L, G = K / L, nch = K / 32;
+    const i64 K = q->K, L = q->L, G = qgroups(K, L), nch = K / 32;
     const __m512 iota = _mm512_loadu_ps(QIOTA[bits]);
     for (i64 n = n0; n < n1; n++) {
         const int32_t *row = qrow(q, n);
@@ -669,7 +673,7 @@ INLINE void mvi_rows(const mvi_t *a, const int MM, const int bits, const float *
                         }
                     }
                 }
-                if (bits == 3) { s0 = s1; continue; } /* blk: s0 and s1 are multiples of 128 */
+                if (bits == 3) { s0 = s1; continue; } /* blk: s0 and s1 are multiples of 128 (L and K are) */
             }
             for (; k < s1; k += 32) { /* single chunks: groups of 32 or 64, a row's tail */
                 __m512 lo, hi;
@@ -704,7 +708,7 @@ INLINE void mvi_rows(const mvi_t *a, const int MM, const int bits, const float *
 static void mvi_range(const void *p, i64 n0, i64 n1) {
     const mvi_t *a = (const mvi_t *)p;
     const qint_t *q = &a->q;
-    const i64 K = q->K, L = q->L, G = K / L, nch = K / 32;
+    const i64 K = q->K, L = q->L, G = qgroups(K, L), nch = K / 32;
     const int bits = q->bits;
     (void)L; (void)G; (void)nch;
     for (i64 k0 = 0; k0 < K; k0 += a->kt) {
@@ -746,7 +750,8 @@ static void mvi_range(const void *p, i64 n0, i64 n1) {
 }
 void lb_mvi(const float *x, i64 M, const int32_t *codes, const float *scale, const uint8_t *zeros, int bits, i64 L,
             i64 N, i64 K, float *y, int nt) {
-    const int blk = LB_AVX512 && bits == 3 && L % 128 == 0;
+    /* whole quads (q3blk) need every group boundary, a ragged last group's end K included, on a quad */
+    const int blk = LB_AVX512 && bits == 3 && L % 128 == 0 && K % 128 == 0;
     mvi_t a = {x, M, MAX(128, (8192 / MIN(M, 4)) / 128 * 128), {codes, scale, zeros, bits, L, N, K}, y, blk};
 #if LB_AVX512
     float *xd = qperm_rows(x, M, K, bits, blk);
@@ -763,7 +768,7 @@ void lb_mvi(const float *x, i64 M, const int32_t *codes, const float *scale, con
 typedef struct { const float *g; i64 M, kt; qint_t q; float *gx; int blk; } mvit_t;
 INLINE void mvit_cols(const mvit_t *a, const int bits, i64 c0, i64 c1) {
     const qint_t *q = &a->q;
-    const i64 K = q->K, L = q->L, G = K / L, M = a->M, kt = a->kt, nch = K / 32;
+    const i64 K = q->K, L = q->L, G = qgroups(K, L), M = a->M, kt = a->kt, nch = K / 32;
     float *tot = (float *)malloc(sizeof(float) * M * kt * 2), *part = tot + M * kt;
 #if LB_AVX512
     const __m512 iota = _mm512_loadu_ps(QIOTA[bits]);
@@ -849,7 +854,7 @@ static void mvit_range(const void *p, i64 c0, i64 c1) {
 }
 void lb_mvit(const float *g, i64 M, const int32_t *codes, const float *scale, const uint8_t *zeros, int bits, i64 L,
              i64 N, i64 K, float *gx, int nt) {
-    const int blk = LB_AVX512 && bits == 3 && L % 128 == 0, span = blk ? 128 : 32;
+    const int blk = LB_AVX512 && bits == 3 && L % 128 == 0 && K % 128 == 0, span = blk ? 128 : 32;
     mvit_t a = {g, M, MAX(span, (2048 / M) / span * span), {codes, scale, zeros, bits, L, N, K}, gx, blk};
     parallel(mvit_range, &a, K, a.kt, nt);
 }
@@ -858,7 +863,7 @@ void lb_mvit(const float *g, i64 M, const int32_t *codes, const float *scale, co
 typedef struct { const float *d; qint_t q; i64 n0; float *out; } rdi_t;
 INLINE void rdi_rows(const rdi_t *a, const int bits, i64 r0, i64 r1) {
     const qint_t *q = &a->q;
-    const i64 K = q->K, L = q->L, G = K / L, nch = K / 32;
+    const i64 K = q->K, L = q->L, G = qgroups(K, L), nch = K / 32;
 #if LB_AVX512
     const qnat_t nat = qnat(bits);
     const __m512 iota = _mm512_loadu_ps(QIOTA[bits]);
@@ -868,10 +873,11 @@ INLINE void rdi_rows(const rdi_t *a, const int bits, i64 r0, i64 r1) {
         const int32_t *row = qrow(q, n);
         for (i64 g = 0; g < G; g++) {
             const int z = q->zeros[n * G + g];
+            const i64 kend = MIN(K, (g + 1) * L); /* a ragged last group ends at K */
 #if LB_AVX512
             const __m512 tq = _mm512_sub_ps(iota, _mm512_set1_ps((float)z));
             __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-            for (i64 k = g * L; k < (g + 1) * L; k += 32) {
+            for (i64 k = g * L; k < kend; k += 32) {
                 __m512 lo, hi;
                 qlook32(qidx32(row, bits, k >> 5, nch), tq, &lo, &hi);
                 const float *d = a->d + r * K + k;
@@ -881,7 +887,7 @@ INLINE void rdi_rows(const rdi_t *a, const int bits, i64 r0, i64 r1) {
             a->out[n * G + g] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 #else
             float acc[16] = {0}, v[32];
-            for (i64 k = g * L; k < (g + 1) * L; k += 32) {
+            for (i64 k = g * L; k < kend; k += 32) {
                 qdec_generic(row, bits, k >> 5, nch, z, v);
                 const float *d = a->d + r * K + k;
                 for (int l = 0; l < 16; l++) acc[l] += v[l] * d[l] + v[16 + l] * d[16 + l];

@@ -239,13 +239,13 @@ class _W4:
 
 
 class _WI:
-    """An integer weight [n, k] (packed codes of format version 3, scale and zero per group of group_len) as the
-    kernels take it."""
+    """An integer weight [n, k] (packed codes of format version 3, scale and zero per group of group_len, the last
+    group of a row ragged when group_len does not divide k) as the kernels take it."""
 
     def __init__(self, codes, scale, zeros, bits, group_len, n, k):
-        _need(bits in (2, 3, 4) and k % 32 == 0 and group_len % 32 == 0 and k % group_len == 0,
-              "bits in (2, 3, 4), K and group_len multiples of 32, group_len dividing K")
-        g = n * (k // group_len)
+        _need(bits in (2, 3, 4) and k % 32 == 0 and group_len > 0 and group_len % 32 == 0,
+              "bits in (2, 3, 4), K and group_len positive multiples of 32")
+        g = n * -(-k // group_len)  # ceil(k / group_len) groups per row
         self.codes, self.zeros = codes.contiguous(), zeros.contiguous()
         self.scale = None if scale is None else scale.float().contiguous()  # None: grad_scale needs no scale
         _need(self.codes.dtype == torch.int32 and self.codes.numel() == n * k // 32 * bits,
@@ -401,11 +401,11 @@ def int_matmul_grad_x(g, codes, scale, zeros, bits, group_len, k) -> Tensor:
 
 
 def int_matmul_grad_scale(g, x, codes, zeros, bits, group_len) -> Tensor:
-    """dL/ds [n, k / group_len] fp32: d = g^T x by BLAS in row chunks, then sum (Q - z) * d per group in C."""
+    """dL/ds [n, ceil(k / group_len)] fp32: d = g^T x by BLAS in row chunks, then sum (Q - z) * d per group in C."""
     m, n = g.shape
     k = x.shape[1]
     w = _WI(codes, None, zeros, bits, group_len, n, k)
-    out = torch.empty((n, k // group_len), dtype=torch.float32)
+    out = torch.empty((n, -(-k // group_len)), dtype=torch.float32)
     gf, xf = g.float(), x.float().contiguous()
     rows = max(1, min(n, CHUNK_BYTES // (4 * k)))
     d = torch.empty(rows * k, dtype=torch.float32)

@@ -180,13 +180,13 @@ def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, s
 
 def save_adapter(model: nn.Module, out: str, **config) -> None:
     """The LoRA tensors by module path (adapter.safetensors) and the run's settings (adapter.json)."""
-    from safetensors.torch import save_file
+    from lowbit.io import save_safetensors
 
     os.makedirs(out, exist_ok=True)
     if "model_dir" in config:  # absolute: load_adapter must find the base model from any directory
         config["model_dir"] = os.path.abspath(config["model_dir"])
     lora = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
-    save_file(lora, os.path.join(out, ADAPTER_WEIGHTS))
+    save_safetensors(lora, os.path.join(out, ADAPTER_WEIGHTS))  # the user's umask, not safetensors' 0600
     with open(os.path.join(out, ADAPTER_CONFIG), "w") as f:
         json.dump({"format": "lowbit-lora", **config}, f, indent=1)
 

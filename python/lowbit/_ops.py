@@ -181,11 +181,12 @@ def _int_matmul_grad_x_fake(g, codes, scale, zeros, bits, group_len, k):
 
 
 def _int_matmul_grad_scale(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, bits: int, group_len: int) -> Tensor:
-    """dL/ds fp32 [n, K/group_len] for y = x @ W^T, g = dL/dy [M, n], x [M, K]."""
+    """dL/ds fp32 [n, ceil(K/group_len)] for y = x @ W^T, g = dL/dy [M, n], x [M, K] (the last group of a row
+    ragged when group_len does not divide K)."""
     m, n = g.shape
     k = x.shape[1]
     if m == 0:
-        return torch.zeros((n, k // group_len), dtype=torch.float32, device=g.device)
+        return torch.zeros((n, intq_ref.n_groups(k, group_len)), dtype=torch.float32, device=g.device)
     if use_triton(g):
         return kernels().intq.matmul_int_grad_scale(g.contiguous(), x.contiguous(), codes, zeros, bits, group_len)
     if _cpu.enabled(g):
@@ -194,7 +195,7 @@ def _int_matmul_grad_scale(g: Tensor, x: Tensor, codes: Tensor, zeros: Tensor, b
 
 
 def _int_matmul_grad_scale_fake(g, x, codes, zeros, bits, group_len):
-    return g.new_empty((g.shape[1], x.shape[1] // group_len), dtype=torch.float32)
+    return g.new_empty((g.shape[1], intq_ref.n_groups(x.shape[1], group_len)), dtype=torch.float32)
 
 
 int_dequantize = Op("int_dequantize", _int_dequantize, _int_dequantize_fake)

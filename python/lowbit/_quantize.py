@@ -17,7 +17,7 @@ FORMATS = ("nf4", "fp4", "optimal", "int2", "int3", "int4", "sz")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
-                    "added_tokens.json")
+                    "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 
 
 def _positive_int(s: str) -> int:
@@ -112,6 +112,7 @@ def _from_bnb_layers(model, a, opts: dict, skip, src: str, qc: dict) -> dict:
     from torch import nn
 
     from lowbit import Linear4bit
+    from lowbit.nn import skip_matches
 
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
     fmt = a.format
@@ -124,7 +125,7 @@ def _from_bnb_layers(model, a, opts: dict, skip, src: str, qc: dict) -> dict:
             opts["double_quant"] = same[0].double_quant
 
     def skipped(n):
-        return any(n == s or n.split(".")[-1] == s or n.startswith(s + ".") for s in skip)
+        return skip_matches(n, skip)
 
     requantized, dense = [], []
     for name, layer in layers:
@@ -176,6 +177,23 @@ def _quiet_transformers():
             tlog.enable_progress_bar()
 
 
+def architecture_class(model_dir: str):
+    """The transformers class config.json's `architectures` names (a causal LM keeps its head: the folder
+    holds `model.`-prefixed keys and lm_head, and tied embeddings stay tied), else AutoModel. `lowbit
+    quantize` used AutoModel for every folder, which dropped a causal LM's head."""
+    import json
+
+    import transformers
+
+    with open(os.path.join(model_dir, "config.json")) as f:
+        config = json.load(f)
+    for arch in config.get("architectures") or ():
+        cls = getattr(transformers, str(arch), None)
+        if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
+            return cls
+    return transformers.AutoModel
+
+
 def _quantize(a) -> int:
     src, out = os.fspath(a.model_dir), os.fspath(a.out_dir)
     if not os.path.exists(src):
@@ -203,32 +221,33 @@ def _quantize(a) -> int:
 
     import lowbit
     from lowbit.io import WEIGHTS, write_manifest
+    from lowbit.nn import skip_matches
 
     try:
-        from transformers import AutoModel
+        import transformers  # noqa: F401
     except ImportError:
         raise UsageError("lowbit quantize needs transformers (pip install transformers)") from None
     t0 = time.perf_counter()
+    model_class = architecture_class(src)
     try:
         with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
             if source_qc is not None:  # bitsandbytes 4-bit: its bytes, into lowbit Linear4bit layers
                 from lowbit.integrations.transformers import from_pretrained_bnb
 
-                model = from_pretrained_bnb(src, auto_class=AutoModel)
+                model = from_pretrained_bnb(src)  # picks AutoModelForCausalLM from `architectures` too
             else:
-                model = AutoModel.from_pretrained(src, local_files_only=True).eval()
+                model = model_class.from_pretrained(src, local_files_only=True).eval()
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"cannot load a model from {src!r}: {msg}") from None
     if source_qc is not None:
         opts = _from_bnb_layers(model, a, opts, skip, src, source_qc)
-    # Resolve --skip to the full names of the Linear layers to leave dense: a name matches itself,
-    # its last component (replace_linear's rule) and every module under it ("pooler" -> "pooler.dense").
-    dense_names = [n for n, m in model.named_modules() if type(m) is nn.Linear
-                   and any(n == s or n.split(".")[-1] == s or n.startswith(s + ".") for s in skip)]
+    # Resolve --skip to the full names of the Linear layers to leave dense (replace_linear's rule,
+    # lowbit.nn.skip_matches: "pooler" -> "pooler.dense").
+    dense_names = [n for n, m in model.named_modules() if type(m) is nn.Linear and skip_matches(n, skip)]
     names = [n for n, _ in model.named_modules()]
     for s_ in requested if explicit else ():
-        if not any(n == s_ or n.split(".")[-1] == s_ or n.startswith(s_ + ".") for n in names):
+        if not any(skip_matches(n, (s_,)) for n in names):
             print(f"lowbit: warning: --skip {s_!r} matches no module of the model", file=sys.stderr)
     skip = tuple(dense_names)
     targets = linear_targets(model, skip)

@@ -39,8 +39,9 @@ def linear_targets(model, skip=()):
     """(name, nn.Linear) pairs that replace_linear would swap (same selection rule)."""
     from torch import nn
 
-    return [(n, m) for n, m in model.named_modules()
-            if type(m) is nn.Linear and not any(n == s or n.split(".")[-1] == s for s in skip)]
+    from lowbit.nn import skip_matches
+
+    return [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not skip_matches(n, skip)]
 
 
 def quantize_layers(model, quant_type: str, opts: dict, skip=(), desc: str | None = None):

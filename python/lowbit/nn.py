@@ -49,6 +49,7 @@ from ._validate import (
     check_choice,
     check_device,
     check_dtype,
+    check_float_tensor,
     check_has_values,
     check_matmul_args,
     check_power_of_two,
@@ -201,6 +202,9 @@ class QuantLinear(nn.Module):
     def _compute(self, x: Tensor) -> tuple[Tensor, torch.dtype]:
         in_dtype = x.dtype
         if self.compute_dtype is not None and x.dtype != self.compute_dtype:
+            # refuse before converting: an int64 x cast to the compute dtype and back would be a
+            # truncated, wrong output (the float check in _decode_bias sees only the converted x)
+            check_float_tensor("x", x, allow_empty=True)
             x = x.to(self.compute_dtype)
         return x, in_dtype
 
@@ -247,12 +251,16 @@ class QuantLinear(nn.Module):
             self._adopt(meta, state_dict, prefix)
             self._upgrade(int(meta.get("format_version", 1)), state_dict, prefix)
         elif any(k.startswith(prefix) for k in state_dict):
-            # A checkpoint from before format version 2 (no metadata): trust the layer's format, as
-            # those versions did; torch still checks every buffer's shape.
-            state_dict[key] = self.get_extra_state()
-            self._upgrade(1, state_dict, prefix)
+            self._load_without_metadata(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _load_without_metadata(self, state_dict: dict, prefix: str) -> None:
+        """A checkpoint without `_extra_state` (written before format version 2, built by hand, or
+        filtered): trust the layer's format, as those versions did; torch still checks every buffer's
+        shape. A family whose bytes changed between versions of one shape refuses instead (IntLinear)."""
+        state_dict[prefix + EXTRA_STATE] = self.get_extra_state()
+        self._upgrade(1, state_dict, prefix)
 
     def _convert_foreign(self, state_dict: dict, prefix: str) -> None:
         """Rewrite another library's keys for this layer into lowbit's, in place (4-bit: bnb)."""
@@ -483,9 +491,11 @@ class IntLinear(QuantLinear):
 
     State (see lowbit.formats.intq for the byte layout):
       codes  buffer    int32 [out, in/32, bits]   Q as packed fields (lowbit.formats.intq, format 3)
-      zeros  buffer    uint8 [out] or [out, in/group_size]
-      scale  Parameter fp32  [out] or [out, in/group_size]   the trainable tensor; stays fp32
+      zeros  buffer    uint8 [out] or [out, G]
+      scale  Parameter fp32  [out] or [out, G]   the trainable tensor; stays fp32
                        under .half()/.to(dtype) (an fp16 copy would lose the small updates)
+      G = ceil(in/group_size): when group_size does not divide in_features, a row's last group is
+      ragged (shorter); group-dividing shapes are as they always were.
       bias   Parameter (requires_grad=False by default; set it True to train it too)
     """
 
@@ -506,7 +516,7 @@ class IntLinear(QuantLinear):
             self.bias.requires_grad_(False)
         dev = check_device("device", device)
         n, k = out_features, in_features
-        sshape = (n,) if group_size is None else (n, k // group_size)
+        sshape = (n,) if group_size is None else (n, intq_fmt.n_groups(k, group_size))
         self.register_buffer("codes", torch.zeros((n, k // 32, bits), dtype=torch.int32, device=dev))
         self.register_buffer("zeros", torch.zeros(sshape, dtype=torch.uint8, device=dev))
         self.scale = nn.Parameter(torch.zeros(sshape, dtype=torch.float32, device=dev))
@@ -551,6 +561,18 @@ class IntLinear(QuantLinear):
 
     def format_fields(self) -> dict:
         return {"bits": self.bits, "group_size": self.group_size}
+
+    def _load_without_metadata(self, state_dict: dict, prefix: str) -> None:
+        # Format 1 (bit planes) and format 3 (packed fields) codes have the same shape and dtype: without
+        # the metadata no check can tell them apart, and guessing either loads wrong weights silently.
+        key = prefix + "codes"
+        if key not in state_dict:
+            return super()._load_without_metadata(state_dict, prefix)  # torch names the missing keys
+        raise ValueError(
+            f"{prefix + EXTRA_STATE}: missing; an int state dict without lowbit's metadata is ambiguous ({key} "
+            "may hold format-3 packed fields or format-1/2 bit planes, of the same shape). If it came from this "
+            f"lowbit (e.g. quantize_int), add state_dict[{prefix + EXTRA_STATE!r}] = layer.get_extra_state(); "
+            "if it holds bit planes, add metadata with format_version 1 (lowbit.nn.encode_meta)")
 
     def _upgrade(self, version: int, state_dict: dict, prefix: str) -> None:
         key = prefix + "codes"
@@ -748,8 +770,11 @@ class SZLinear(QuantLinear):
         compute dtype, then F.linear (lowbit._ops.sz_matmul). When a gradient is wanted (x, or an
         unfrozen bias) W is decoded and F.linear carries the autograd graph."""
         x, in_dtype = self._compute(x)
-        dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
-        b = None if self.bias is None else self.bias.to(dtype)
+        # the checks every layer makes (x floating, its last dimension, the device); they used to be
+        # missing here: int64 x gave a truncated int64 output, float64 ran in fp32, complex lost its
+        # imaginary part, and a wrong width or a layer left on the meta device raised torch's errors
+        b = self._decode_bias(x, self.payload)
+        dtype = x.dtype
         grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if not self._loaded or grad:
             y = F.linear(x.to(dtype), self.dequantized_weight(dtype), b)
@@ -830,7 +855,38 @@ def layer_factory(quant_type: str, opts: dict):
     return lambda lin: cls.from_linear(lin, **opts)
 
 
+def empty_layer(quant_type: str, in_features: int, out_features: int, bias: bool = True, *, device=None,
+                **opts) -> QuantLinear:
+    """The layer `layer_factory(quant_type, opts)` would build for an nn.Linear of this shape, made by the
+    family's constructor: it only allocates (a zero weight) and never quantizes, for a state dict to be
+    loaded into (lowbit.io.load_quantized). Takes replace_linear's options; an option that only steers
+    quantization (int `method`) is checked and otherwise unused, and sz may omit error_bound (the loaded
+    checkpoint's is adopted). ValueError for an unknown quant_type or option."""
+    if quant_type not in _REGISTRY:
+        raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
+    cls = _REGISTRY[quant_type]
+    bad = set(opts) - cls.OPTIONS
+    if bad:
+        raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(cls.OPTIONS)}")
+    opts = dict(opts)
+    if cls is Linear4bit:
+        return Linear4bit(in_features, out_features, bias, device=device, quant_type=quant_type, **opts)
+    if cls is IntLinear:
+        check_choice("method", opts.pop("method", "rtn"), intq_fmt.METHODS)  # the same refusal as from_linear's
+        return IntLinear(in_features, out_features, bias, device=device, bits=int(quant_type[3:]), **opts)
+    return cls(in_features, out_features, bias, device=device, **opts)
+
+
 _DEFAULT_SKIP = ("lm_head",)
+
+
+def skip_matches(name: str, skip: Iterable[str]) -> bool:
+    """The one `skip` rule of replace_linear, `lowbit quantize --skip` and the demo: a skip entry names a
+    module by its full dotted name or by a dotted suffix of it ("lm_head", "pooler", "output.dense"), and a
+    Linear stays dense when it or any module containing it is named ("pooler" keeps "bert.pooler.dense")."""
+    parts = name.split(".")
+    paths = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]  # the module and its ancestors
+    return any(p == s or p.endswith("." + s) for p in paths for s in skip)
 
 
 def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Iterable[str]] = None,
@@ -838,8 +894,9 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     """Swap every nn.Linear in `model` for a lowbit layer; returns the model (or, for a bare
     nn.Linear, the new layer).
 
-    skip: module names (or their last component) to leave dense; default ("lm_head",). A name
-    given explicitly that matches no module warns. All layers are quantized before any is swapped
+    skip: modules to leave dense, by full name or dotted suffix; a module named keeps every Linear inside
+    it dense (`skip_matches`; the rule of `lowbit quantize --skip`); default ("lm_head",). A name given
+    explicitly that matches no module warns. All layers are quantized before any is swapped
     in: if one fails, the model is left exactly as it was and the error names the layer's path
     and shape. progress: one line per layer on stderr (default: more than 50 Linear layers).
     """
@@ -853,12 +910,12 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     names = [name for name, _ in model.named_modules(remove_duplicate=False)]
     if explicit:
         for s in skip:
-            if not any(n == s or n.split(".")[-1] == s for n in names):
+            if not any(skip_matches(n, (s,)) for n in names):
                 warnings.warn(f"replace_linear: skip name {s!r} matches no module of the model", stacklevel=2)
     # Every name of a shared nn.Linear gets the one quantized layer (named_modules would list it once).
     # A shared Linear stays dense when any of its names is skipped.
     linears = [(name, mod) for name, mod in model.named_modules(remove_duplicate=False) if type(mod) is nn.Linear]
-    skipped = {id(mod) for name, mod in linears if any(name == s or name.split(".")[-1] == s for s in skip)}
+    skipped = {id(mod) for name, mod in linears if skip_matches(name, skip)}
     targets = [(name, mod) for name, mod in linears if id(mod) not in skipped]
     if progress is None:
         progress = len(targets) > 50

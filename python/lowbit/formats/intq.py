@@ -5,11 +5,16 @@ Format
 ------
 A weight W [N, K] (N = out_features, K = in_features, K % 32 == 0) is split into groups of
 L consecutive elements of a row: L = K (one group per row, ``group_size=None``) or
-L = group_size (a multiple of 32 dividing K); G = K / L groups per row. Each group has an fp32
-scale s and an integer zero point z in [0, 2^bits - 1]; every element has an unsigned code
-Q in [0, 2^bits - 1] and
+L = group_size (any positive multiple of 32); G = ceil(K / L) groups per row. When L does not
+divide K the row's last group is ragged: it holds only the K - (G - 1) L real columns (a multiple
+of 32), and its range is theirs (nothing is padded in storage). Each group has an fp32 scale s and
+an integer zero point z in [0, 2^bits - 1]; every element has an unsigned code Q in
+[0, 2^bits - 1] and
 
     W[n, k] ~= s[n, g] * (Q[n, k] - z[n, g]),    g = k // L.
+
+L is a multiple of 32 because every kernel decodes a whole 32-code chunk (`bits` words) with one
+scale and zero point; K % 32 == 0 because a row is a whole number of chunks.
 
 Byte layout (all little-endian, row-major, contiguous; format version 3)
 -------------------------------------------------------------------------
@@ -36,7 +41,9 @@ codes  int32 [N, K/32, bits]: row n is a stream of K * bits / 32 words (the [K/3
 scale  fp32  [N] (rows) or [N, G] (groups): the trainable step sizes.
 zeros  uint8 [N] (rows) or [N, G] (groups): the frozen zero points z.
 
-``nbytes`` = 4 * N * K * bits / 32 + 5 * N * G and ``bits_per_param`` = bits + 40 / L exactly.
+``nbytes`` = 4 * N * K * bits / 32 + 5 * N * G and ``bits_per_param`` = bits + 40 * G / K exactly
+(= bits + 40 / L when L divides K). A group-dividing shape is byte-identical to format version 3
+before ragged groups: older checkpoints load unchanged.
 
 Training (PEQA): only the scales are trained; Q and z are frozen. With y0_g = x_g (Q_g - z_g)^T
 (the group's integer matmul), y = sum_g s_g * y0_g + bias, so dL/ds[n, g] = sum_m dL/dy[m, n]
@@ -92,7 +99,8 @@ class QuantInt:
 
     @property
     def n_groups(self) -> int:
-        return self.in_features // self.group_len
+        """Groups per row, ceil(K / L): the last one is ragged (shorter) when L does not divide K."""
+        return n_groups(self.in_features, self.group_len)
 
     @property
     def numel(self) -> int:
@@ -119,14 +127,22 @@ def check_bits(bits) -> int:
     return bits
 
 
+def n_groups(k: int, group_len: int) -> int:
+    """Groups per row of K columns in groups of group_len: ceil(K / group_len) (the last may be ragged)."""
+    return -(-k // group_len)
+
+
 def check_group_size(group_size, in_features: int) -> Optional[int]:
+    """None (per-row scales) or a positive multiple of 32; it need not divide in_features (the row's last
+    group is then ragged: shorter, ceil(in_features / group_size) groups per row)."""
     if group_size is None:
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, int):
         raise TypeError(f"group_size must be None or an int, got {type(group_size).__name__}")
-    if group_size <= 0 or group_size % 32 or in_features % group_size:
+    if group_size <= 0 or group_size % 32:
         raise ValueError(
-            f"group_size must be None or a positive multiple of 32 dividing in_features={in_features}, "
+            f"group_size must be None or a positive multiple of 32 (the kernels decode 32 codes at a time, "
+            f"one scale and zero point per 32-code chunk; it need not divide in_features={in_features}), "
             f"got {group_size}"
         )
     return group_size
@@ -134,7 +150,13 @@ def check_group_size(group_size, in_features: int) -> Optional[int]:
 
 def check_in_features(k: int) -> None:
     if k % 32:
-        raise ValueError(f"in_features must be a multiple of 32 for integer quantization, got {k}")
+        raise ValueError(f"in_features must be a multiple of 32 for integer quantization (a row is packed in "
+                         f"chunks of 32 codes), got {k}")
+
+
+def _pad_cols(t: Tensor, cols: int) -> Tensor:
+    """t [..., K] zero-padded to [..., cols] (cols >= K); t itself when K == cols (group-dividing shapes)."""
+    return t if t.shape[-1] == cols else torch.nn.functional.pad(t, (0, cols - t.shape[-1]))
 
 
 def _pack_fields(q: Tensor, width: int) -> Tensor:
@@ -235,7 +257,9 @@ def _quantize_groups(wg: Tensor, mn: Tensor, mx: Tensor, qmax: int):
     mn = torch.minimum(mn, torch.zeros_like(mn))
     mx = torch.maximum(mx, torch.zeros_like(mx))
     # mn <= 0 <= mx: zero is representable exactly and a constant group is exact.
-    rng = mx - mn
+    # the range in float64: weights near +-3e38 span more than float32 holds (an inf scale decoded
+    # every weight of its group to NaN); the scale itself, range / qmax, fits again
+    rng = mx.double() - mn.double()
     s = torch.where(rng > 0, rng / qmax, torch.ones_like(rng)).float()
     z = torch.clamp(torch.round(-mn / s), 0, qmax)
     q = torch.clamp(torch.round(wg / s[..., None]) + z[..., None], 0, qmax)
@@ -248,10 +272,22 @@ def _group_sq_err(wg: Tensor, q: Tensor, s: Tensor, z: Tensor) -> Tensor:
     return ((wg.double() - deq.double()) ** 2).sum(-1)
 
 
+def _check_decodes_finite(q: Tensor, s: Tensor, z: Tensor, group_size: Optional[int]) -> None:
+    """Refuse weights whose group range float32 cannot decode: with few levels a code can sit a whole
+    step past the range (int2 on +-3e38: (0 - 2) * 2e38 = -inf). Never return a tensor that decodes to inf."""
+    ok = torch.isfinite((q - z[..., None]).abs().amax(-1).float() * s)
+    if not bool(ok.all()):
+        row, group = (int(i) for i in (~ok).nonzero()[0])
+        where = f"row {row}" + ("" if group_size is None else f", group {group}")
+        raise ValueError(f"w: {where} spans a range float32 cannot decode at this bit width (scale {float(s[row, group]):g}); "
+                         "int quantization needs |decoded values| < 3.4e38: scale the weight down, or use more bits")
+
+
 def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, method: str = "rtn") -> QuantInt:
     """Quantize a 2-D float weight [out, in] to `bits`-bit integers with scale and zero point.
 
-    group_size: None (one scale/zero per row) or a multiple of 32 dividing in_features.
+    group_size: None (one scale/zero per row) or a positive multiple of 32; when it does not divide
+    in_features the row's last group is ragged (ceil(in_features / group_size) groups per row).
     method: "rtn" (min-max range, round to nearest) or "mse" (per group, the best of a few
     clipping shrink factors of the range by squared error; shrink 1.0 is rtn, so never worse).
     """
@@ -269,7 +305,11 @@ def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, met
 
     qmax = 2**bits - 1
     length = k if group_size is None else group_size
-    wg = w.detach().float().reshape(n, k // length, length)
+    g = n_groups(k, length)
+    # A ragged last group is zero-padded to a whole group: the range always includes 0 (mn <= 0 <= mx),
+    # so the padding changes neither its min/max nor (a 0 quantizes to z exactly) its squared error;
+    # its codes are cut off again below. Group-dividing shapes are not padded at all.
+    wg = _pad_cols(w.detach().float(), g * length).reshape(n, g, length)
     mn, mx = wg.amin(-1), wg.amax(-1)
     q, s, z = _quantize_groups(wg, mn, mx, qmax)
     if method == "mse":
@@ -282,10 +322,11 @@ def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, met
             q = torch.where(better[..., None], q2, q)
             s = torch.where(better, s2, s)
             z = torch.where(better, z2, z)
+    _check_decodes_finite(q, s, z, group_size)
     if group_size is None:
         s, z = s.view(n), z.view(n)
     return QuantInt(
-        codes=pack_codes(q.view(n, k), bits),
+        codes=pack_codes(q.reshape(n, g * length)[:, :k].contiguous(), bits),
         scale=s.contiguous(),
         zeros=z.to(torch.uint8).contiguous(),
         shape=torch.Size((n, k)),
@@ -300,30 +341,44 @@ def quantize_int(w: Tensor, bits: int = 3, group_size: Optional[int] = None, met
 # ----------------------------------------------------------------------------------------------
 
 
+def _int_groups(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
+    """(Q - z) as fp32 [N, G, group_len], a ragged last group padded with zeros past column K."""
+    g = n_groups(k, group_len)
+    q = _pad_cols(unpack_codes(codes.view(n, k // 32, bits), bits), g * group_len)
+    z = zeros.reshape(n, g).to(torch.int32)
+    return (q.view(n, g, group_len) - z[..., None]).float()
+
+
+def _cut(t: Tensor, n: int, k: int) -> Tensor:
+    """[N, G, L] -> [N, K]: the real columns (all of them when L divides K)."""
+    t = t.reshape(n, -1)
+    return t if t.shape[1] == k else t[:, :k].contiguous()
+
+
 def reference_int_weight(codes: Tensor, zeros: Tensor, bits: int, group_len: int, n: int, k: int) -> Tensor:
-    """(Q - z) as fp32 [N, K] (small integers: exact in fp32)."""
-    q = unpack_codes(codes.view(n, k // 32, bits), bits)
-    z = zeros.reshape(n, k // group_len).to(torch.int32)
-    return (q.view(n, k // group_len, group_len) - z[..., None]).view(n, k).float()
+    """(Q - z) as fp32 [N, K] (small integers: exact in fp32); column k takes group k // group_len."""
+    return _cut(_int_groups(codes, zeros, bits, group_len, n, k), n, k)
 
 
 def reference_weight(codes, scale, zeros, bits, group_len, n, k) -> Tensor:
     """W = s * (Q - z) as fp32 [N, K]."""
-    qz = reference_int_weight(codes, zeros, bits, group_len, n, k).view(n, k // group_len, group_len)
-    return (qz * scale.float().reshape(n, k // group_len, 1)).view(n, k)
+    qz = _int_groups(codes, zeros, bits, group_len, n, k)
+    return _cut(qz * scale.float().reshape(n, qz.shape[1], 1), n, k)
 
 
 def reference_grad_scale(g: Tensor, x: Tensor, codes, zeros, bits, group_len, n, k, chunk: int = 1024) -> Tensor:
-    """dL/ds [N, G] fp32 = sum_{k in g} (Q - z)[n, k] * (g^T x)[n, k], in row chunks of `chunk`."""
-    out = torch.empty((n, k // group_len), dtype=torch.float32, device=g.device)
+    """dL/ds [N, G] fp32 = sum_{k in g} (Q - z)[n, k] * (g^T x)[n, k], in row chunks of `chunk` (a ragged
+    last group sums its real columns only)."""
+    ng = n_groups(k, group_len)
+    out = torch.empty((n, ng), dtype=torch.float32, device=g.device)
     gf, xf = g.float(), x.float()
     words_per_row = codes.view(n, -1)
     zr = zeros.reshape(n, -1)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)
-        qz = reference_int_weight(words_per_row[r0:r1], zr[r0:r1], bits, group_len, r1 - r0, k)
-        d = gf[:, r0:r1].t() @ xf  # [rows, K]
-        out[r0:r1] = (qz * d).view(r1 - r0, k // group_len, group_len).sum(-1)
+        qz = _int_groups(words_per_row[r0:r1], zr[r0:r1], bits, group_len, r1 - r0, k)
+        d = _pad_cols(gf[:, r0:r1].t() @ xf, ng * group_len)  # [rows, G * L]: g^T x, zero past K
+        out[r0:r1] = (qz * d.view(r1 - r0, ng, group_len)).sum(-1)
     return out
 
 

@@ -9,7 +9,8 @@ Byte layout (identical to bitsandbytes' `quantize_4bit`, so checkpoints move bot
   high nibble of byte i and element 2i+1 in the low nibble; an odd tail is padded with the code
   of 0. For a weight [out, in] with `in % blocksize == 0` this is also `codes.view(out, in // 2)`:
   one row of bytes per output row, which is what the matmul kernels and row sharding rely on.
-* `absmax`  the scale of each block of `blocksize` consecutive elements (the last may be short):
+* `absmax`  the scale of each block of `blocksize` consecutive elements (the last may be short,
+  and then stores max(its absmax, 1e-38) as bitsandbytes does):
   fp32 [ceil(numel / blocksize)] without double quantization; with it, uint8 codes into the
   signed 8-bit dynamic map, decoded as `nested_code[absmax] * nested_absmax[i // 256] + offset`.
 * `nested_absmax` fp32 [ceil(nblocks / 256)], `nested_code` fp32 [256], `offset` fp32 scalar
@@ -181,6 +182,10 @@ def quantize_flat(
     """
     absmax = blockwise_absmax(flat, blocksize)
     scaled = _scale_blocks(flat, absmax, blocksize)
+    if flat.numel() % blocksize:
+        # bitsandbytes stores a short last block's scale as max(absmax, 1e-38) (the divisor it used),
+        # whole blocks' as they are: an all-zero short block is 1e-38 in its files, not 0
+        absmax[-1] = absmax[-1].clamp(min=1e-38)
     if scaled.numel() % 2:
         scaled = torch.nn.functional.pad(scaled, (0, 1))
     idx = torch.bucketize(scaled, bounds.to(scaled.device), out_int32=True)

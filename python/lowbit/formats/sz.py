@@ -478,8 +478,10 @@ def sz_compress(w: Tensor, error_bound: float, mode: str = "abs", chunk_size: in
     amax = max(abs(lo), abs(hi))
     if mode == "rel":
         rng = hi - lo
-        # A constant tensor has no range: scale by its magnitude instead (or 1 for all zeros).
-        eb = eb_arg * (rng if rng > 0 else max(amax, 1.0))
+        # A constant tensor has no range: scale by its magnitude instead (docs/sz.md). Not by
+        # max(amax, 1): that made the bound of w = 0.001 everywhere 1e-2 instead of 1e-5, and every
+        # value decoded to 0. An all-zero tensor, with no scale at all, takes error_bound itself.
+        eb = eb_arg * (rng if rng > 0 else amax if amax > 0 else 1.0)
         if not (math.isfinite(eb) and eb > 0):
             raise ValueError(f"error_bound={error_bound!r} gives an absolute bound {eb} that is not finite and > 0")
     else:

@@ -254,7 +254,7 @@ def save_lora_linear_as_peft(model: nn.Module, out_dir, base_model_name_or_path:
     LoRALinear(base, r, alpha, dropout) at module path N becomes PEFT's target N with
     lora_A.weight = LoRALinear.lora_A [r, in], lora_B.weight = LoRALinear.lora_B [out, r] and the same
     scaling alpha / r; ranks or alphas that differ between layers go to rank_pattern / alpha_pattern."""
-    from safetensors.torch import save_file
+    from lowbit.io import save_safetensors
 
     from ..nn import LoRALinear
 
@@ -277,7 +277,7 @@ def save_lora_linear_as_peft(model: nn.Module, out_dir, base_model_name_or_path:
         tensors[f"base_model.model.{name}.lora_A.weight"] = m.lora_A.detach().contiguous().cpu()
         tensors[f"base_model.model.{name}.lora_B.weight"] = m.lora_B.detach().contiguous().cpu()
     os.makedirs(out_dir, exist_ok=True)
-    save_file(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(out_dir)
     return config
 

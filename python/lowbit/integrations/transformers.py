@@ -510,10 +510,9 @@ def save_pretrained_bnb(model, out_dir) -> None:
     cannot hold (int, SZ, "optimal"), or layers that disagree on quant_type / double quantization."""
     import copy
 
-    from safetensors.torch import save_file
     from transformers import BitsAndBytesConfig
 
-    from ..io import _plain_state_dict, to_bnb_state_dict
+    from ..io import _plain_state_dict, save_safetensors, to_bnb_state_dict
 
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quant:
@@ -537,7 +536,7 @@ def save_pretrained_bnb(model, out_dir) -> None:
     sd = to_bnb_state_dict(model)
     plain = _plain_state_dict(model)  # contiguous CPU copies, shared storage split (safetensors refuses it)
     sd = {k: plain[k] if k in plain else v.detach().contiguous().cpu() for k, v in sd.items()}
-    save_file(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # umask's mode
     config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(out_dir)
