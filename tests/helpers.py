@@ -80,3 +80,61 @@ def triton_on_cpu(*names: str, absent: tuple[str, ...] = ()):
             del os.environ["LOWBIT_CPU_BACKEND"]
         else:
             os.environ["LOWBIT_CPU_BACKEND"] = old
+
+
+def nf4_oracle_weight(q) -> torch.Tensor:
+    """float64 [*q.shape] of a Quant4bit decoded from its bytes as docs/formats.md states them, without
+    lowbit's decoders (an oracle for every 4-bit path): byte i holds element 2i in its high nibble and
+    2i+1 in its low one; value = code[nibble] * scale of block i // blocksize, the product rounded to
+    fp32; a double-quantized scale is nested_code[absmax] * nested_absmax[b // nested_blocksize], rounded
+    to fp32, then + offset, rounded to fp32 (bitsandbytes' order)."""
+    import numpy as np
+
+    raw = q.codes.detach().cpu().numpy().astype(np.int64)
+    nib = np.empty(2 * raw.size, dtype=np.int64)
+    nib[0::2], nib[1::2] = raw >> 4, raw & 15
+    nib = nib[: q.numel]
+    table = q.code.detach().cpu().numpy().astype(np.float32)
+    if q.nested_absmax is None:
+        scale = q.absmax.detach().cpu().numpy().astype(np.float32)
+    else:
+        qa = q.absmax.detach().cpu().numpy().astype(np.int64)
+        nested = q.nested_absmax.detach().cpu().numpy().astype(np.float32)
+        first = q.nested_code.detach().cpu().numpy().astype(np.float32)[qa] * nested[np.arange(qa.size) //
+                                                                                     q.nested_blocksize]
+        scale = (first.astype(np.float32) + np.float32(q.offset.detach().cpu().item())).astype(np.float32)
+    values = (table[nib] * scale[np.arange(q.numel) // q.blocksize]).astype(np.float32)
+    return torch.from_numpy(values.astype(np.float64)).view(q.shape)
+
+
+def int_oracle_weight(q) -> torch.Tensor:
+    """float64 [N, K] of a QuantInt decoded from its words as formats/intq.py documents them (format version
+    3), vectorized, without lowbit's unpacking: int4 / int2 word t of a row holds codes 8t + i (16t + i) in bits
+    4i (2i); int3 rows are quads of 4 chunks of 32 codes (the last quad has K / 32 % 4 chunks when that is not
+    0) laid out as r words A, r words B, r words H: chunk j of a quad has code i < 16 in A[j] bits 2i..2i+1 with
+    bit 2 from H[j] bit 2i + 1, code 16 + i in B[j] bits 2i..2i+1 with bit 2 from H[j] bit 2i. W = s * (Q - z),
+    the product rounded to fp32 (the documented decode)."""
+    import numpy as np
+
+    n, k = q.shape
+    bits = q.bits
+    words = q.codes.detach().cpu().reshape(n, -1).numpy().view(np.uint32).astype(np.int64)
+    if bits in (2, 4):
+        per = 32 // bits
+        shifts = bits * np.arange(per)
+        codes = ((words[:, :, None] >> shifts) & ((1 << bits) - 1)).reshape(n, k)
+    else:
+        nch = k // 32
+        c = np.arange(nch)
+        quad, j = c // 4, c % 4
+        r = np.minimum(4, nch - 4 * quad)
+        a, b, h = (words[:, 12 * quad + off] for off in (j, r + j, 2 * r + j))  # [n, nch] each
+        i = np.arange(16)
+        lo = ((a[:, :, None] >> (2 * i)) & 3) | (((h[:, :, None] >> (2 * i + 1)) & 1) << 2)
+        hi = ((b[:, :, None] >> (2 * i)) & 3) | (((h[:, :, None] >> (2 * i)) & 1) << 2)
+        codes = np.concatenate([lo, hi], axis=2).reshape(n, k)
+    length = k if q.group_size is None else q.group_size
+    z = q.zeros.detach().cpu().reshape(n, k // length, 1).numpy().astype(np.int64)
+    s = q.scale.detach().cpu().float().reshape(n, k // length, 1).numpy()
+    qz = (codes.reshape(n, k // length, length) - z).astype(np.float32)
+    return torch.from_numpy((qz * s).astype(np.float32).astype(np.float64).reshape(n, k))

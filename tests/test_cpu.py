@@ -508,3 +508,63 @@ def test_sz_no_compiler_falls_back_to_the_numpy_decoder(monkeypatch, tmp_path):
         out = lowbit.sz_decompress(c, dtype=torch.bfloat16, allow_unbounded=True)
     assert _cpu.CALLS == before
     assert bits_equal(out, sz.decode_reference(c, torch.bfloat16))
+
+
+# ---------------------------------------------------------------- fused GEMVs across K tiles
+# lb_mv4 walks K in tiles of kt = min(256 bs, max(bs, 8192 / min(M, 4) // bs * bs)) columns (8192 at M=1,
+# 2688 at M=3 and bs 64, 2048 at M >= 4) and adds each tile's sums into y; lb_mvi tiles by
+# max(128, 8192 / min(M, 4) // 128 * 128); the transposes (lb_mv4t, lb_mvit) by 2048 / M columns. The cases
+# above stop at K = 512, inside one tile: a kernel that overwrote y with the last tile's sum instead of
+# adding to it (relative error 0.7) passed them. These shapes cross 2-4 tiles (the last one partial at
+# M=3), with M=5 also running a 4-row and a 1-row pass; the oracle decodes the bytes itself (float64).
+
+KTILE_CASES = [(1, 24576), (3, 8192), (4, 6144), (5, 6144)]  # (M, K): 3, 4 (the last partial), 3, 3 tiles
+
+
+def _variant_lib(monkeypatch, variant):
+    if variant == "native":
+        return
+    import ctypes
+
+    lib = ctypes.CDLL(str(_cpu.build(variant)))
+    for name, args in _cpu._SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+
+
+@pytest.mark.parametrize("variant", ["native", "generic"])  # the AVX-512 kernels and the plain-C ones
+@pytest.mark.parametrize("m,k", KTILE_CASES)
+def test_fused_4bit_gemv_accumulates_across_k_tiles(monkeypatch, variant, m, k):
+    from tests.helpers import nf4_oracle_weight
+
+    _variant_lib(monkeypatch, variant)
+    n = 6
+    for bs, qt, dq in ((64, "nf4", True), (32, "fp4", False)):  # bs 64: the unrolled AVX-512 rows; 32: the others
+        q = lowbit.quantize_4bit(torch.randn(n, k), bs, qt, dq)
+        w64 = nf4_oracle_weight(q)
+        x, g = torch.randn(m, k), torch.randn(m, n)
+        absmax, nabs, ncode, off = q.scale_tensors()
+        with expect_calls("nf4.gemv", "nf4.grad_x"):
+            y = _ops.matmul_4bit(x, q.codes, absmax, q.code, bs, n, nabs, ncode, off, q.nested_blocksize, None)
+            gx = _ops.matmul_4bit_grad_x(g, q.codes, absmax, q.code, bs, k, nabs, ncode, off, q.nested_blocksize)
+        assert rel_err(y, x.double() @ w64.t()) <= TOL[torch.float32], (bs, qt)
+        assert rel_err(gx, g.double() @ w64) <= TOL[torch.float32], (bs, qt)
+
+
+@pytest.mark.parametrize("variant", ["native", "generic"])
+@pytest.mark.parametrize("m,k", KTILE_CASES)
+def test_fused_int_gemv_accumulates_across_k_tiles(monkeypatch, variant, m, k):
+    from tests.helpers import int_oracle_weight as oracle_weight
+
+    _variant_lib(monkeypatch, variant)
+    n = 5
+    for bits, gs in ((4, 128), (3, None), (2, 64)):  # int3 per row: a quad-less tail at no K here; groups of 128
+        q = lowbit.quantize_int(torch.randn(n, k), bits, gs)
+        w64 = oracle_weight(q)
+        x, g = torch.randn(m, k), torch.randn(m, n)
+        w = (q.codes, q.scale, q.zeros, bits, q.group_len)
+        with expect_calls("int.gemv", "int.grad_x"):
+            y = _ops.int_matmul(x, *w, n, None)
+            gx = _ops.int_matmul_grad_x(g, *w, k)
+        assert rel_err(y, x.double() @ w64.t()) <= TOL[torch.float32], (bits, gs)
+        assert rel_err(gx, g.double() @ w64) <= TOL[torch.float32], (bits, gs)

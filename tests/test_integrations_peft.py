@@ -150,7 +150,9 @@ def test_merge_and_unload_requantizes_and_reports_the_error(qt, trained, fp_mode
     t = trained(qt)
     pm = load_adapter(base(qt), t["path"])
     expect = logits(pm, tokens)
-    deltas = {n.removeprefix("base_model.model."): m.get_delta_weight("default").detach()
+    # the update by hand from the adapter tensors (lora_alpha / r = 8 / 4), not by the code under test
+    deltas = {n.removeprefix("base_model.model."): (8 / 4) * (m.lora_B["default"].weight.detach().double() @
+                                                              m.lora_A["default"].weight.detach().double()).float()
               for n, m in pm.named_modules() if isinstance(m, LowbitLoraLinear)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -228,3 +230,106 @@ def test_lora_linear_adapters_convert_to_peft(base, tokens, tmp_path):
     pm = load_adapter(plain, tmp_path)
     assert sum(isinstance(m, LowbitLoraLinear) for m in pm.modules()) == 4
     torch.testing.assert_close(logits(pm, tokens), expect, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- merge / unmerge against float64 math
+# The merge test above compared with a weight built by the code under test (get_delta_weight) at a loose
+# tolerance: a merge that dropped lora_alpha / r (half the update at alpha / r = 2) passed, and unmerge,
+# merge_adapter and unmerge_adapter were never called (an unmerge that added the update again passed).
+# Here the exact merged weight is W + (alpha / r) B A in float64 from the adapter tensors, with W and the
+# merged weights decoded from their bytes by oracles independent of lowbit, and alpha / r = 3.
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(128, 64)
+        self.out = torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.proj(x)))
+
+
+MERGE_FORMATS = {"nf4": {}, "fp4": {"blocksize": 32, "double_quant": False}, "int3": {"group_size": 32},
+                 "int4": {}}
+
+
+def _oracle(layer) -> torch.Tensor:
+    """The layer's weight decoded from its bytes in float64 (oracles independent of lowbit's decoders)."""
+    from tests.helpers import int_oracle_weight, nf4_oracle_weight
+
+    if isinstance(layer, lowbit.Linear4bit):
+        return nf4_oracle_weight(layer.quantized_weight)
+    return int_oracle_weight(layer.quantized_weight)
+
+
+def _requantized(layer, target64: torch.Tensor) -> torch.Tensor:
+    """What the layer's format makes of `target64` (float64) when quantized directly, decoded in float64: the
+    best a merge can do (re-quantizing rounds)."""
+    w = target64.float()
+    if isinstance(layer, lowbit.Linear4bit):
+        q = lowbit.quantize_4bit(w, layer.blocksize, layer.quant_type, layer.double_quant)
+        from tests.helpers import nf4_oracle_weight
+
+        return nf4_oracle_weight(q)
+    from tests.helpers import int_oracle_weight
+
+    return int_oracle_weight(lowbit.quantize_int(w, layer.bits, layer.group_size, "rtn"))
+
+
+def _err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm())
+
+
+@pytest.mark.parametrize("qt", MERGE_FORMATS)
+def test_merge_unmerge_against_float64(qt):
+    model = lowbit.replace_linear(_Toy(), qt, **MERGE_FORMATS[qt])
+    pm = get_peft_model(model, register(LoraConfig(r=4, lora_alpha=12, target_modules=["proj", "out"])))
+    layers = {n.rsplit(".", 1)[-1]: m for n, m in pm.named_modules() if isinstance(m, LowbitLoraLinear)}
+    assert set(layers) == {"proj", "out"}
+    delta = {}
+    for name, m in layers.items():
+        with torch.no_grad():  # B starts at zero: an update about as large as W
+            m.lora_B["default"].weight.normal_(std=0.2)
+        a64 = m.lora_A["default"].weight.detach().double()
+        b64 = m.lora_B["default"].weight.detach().double()
+        delta[name] = (12 / 4) * (b64 @ a64)  # lora_alpha / r = 3
+        assert delta[name].norm() > 0.5 * _oracle(m.get_base_layer()).norm()
+    def weights():
+        return {name: _oracle(m.get_base_layer()) for name, m in layers.items()}
+
+    def check(what, before, sign):
+        """After a merge (sign +1) or unmerge (-1): each weight is what quantizing before + sign * delta
+        directly gives (to 0.1% of that rounding error), and the layer reports the error it made."""
+        for name, m in layers.items():
+            base = m.get_base_layer()
+            got, want = _oracle(base), before[name] + sign * delta[name]
+            best = _requantized(base, want)
+            assert _err(got, want) <= 1.001 * _err(best, want) + 1e-12, (what, name, _err(got, want), _err(best, want))
+            assert _err(got, want) < 0.25 * _err(before[name], want), (what, name)  # the update went in, once
+            assert base.lowbit_merge_error["max_abs_error"] == pytest.approx(float((got - want).abs().max()),
+                                                                             rel=1e-3, abs=1e-6), (what, name)
+
+    w0 = weights()
+    with pytest.warns(LowbitMergeWarning):
+        pm.merge_adapter()  # PeftModel's merge: each layer's merge()
+    assert all(m.merged for m in layers.values())
+    check("merge_adapter", w0, +1)
+    merged = weights()
+    with pytest.warns(LowbitMergeWarning):
+        pm.unmerge_adapter()
+    assert not any(m.merged for m in layers.values())
+    check("unmerge_adapter", merged, -1)
+    for name in layers:  # back near W: two roundings, far below the update itself
+        assert _err(weights()[name], w0[name]) < 0.5 * float(delta[name].norm()), name
+
+    w1 = weights()
+    for m in layers.values():  # the layer's own merge / unmerge, safe_merge on
+        with pytest.warns(LowbitMergeWarning):
+            m.merge(safe_merge=True)
+    check("merge(safe_merge=True)", w1, +1)
+    merged = weights()
+    for m in layers.values():
+        with pytest.warns(LowbitMergeWarning):
+            m.unmerge()
+    check("unmerge", merged, -1)

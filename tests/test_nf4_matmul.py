@@ -400,3 +400,38 @@ def test_kernels_take_a_strided_code_table_and_odd_byte_offsets():
     w = K.dequantize_4bit(q.codes, q.absmax, table, 64, n * k, torch.float32, q.nested_absmax, q.nested_code,
                           q.offset, 256)
     assert torch.equal(w.view(n, k), lowbit.dequantize_4bit(q, torch.float32))
+
+
+@interp
+@pytest.mark.parametrize("blocksize,double_quant", [(32, False), (32, True), (128, True)])
+def test_every_config_at_blocks_narrower_and_wider_than_the_tile(blocksize, double_quant):
+    """Every interpreter config at blocksize 32 (BLOCK_K 64 and 128 tiles hold several quantization blocks:
+    the kernels' per-column scale branch, which a GPU runs for fp32 x at M=1, blocksize 32) and 128 (a block
+    spans several tiles), fp32 x, against the bytes decoded in float64 (not lowbit's decoder). K = 256 gives
+    every config at least two K steps. A gemv that left the odd columns of that branch unscaled passed the
+    blocksize-64 table test (error 0.46 here)."""
+    import lowbit.kernels.nf4 as K
+    from tests.helpers import nf4_oracle_weight
+
+    n, k = 40, 256
+    q = lowbit.quantize_4bit(torch.randn(n, k), blocksize, "nf4", double_quant)
+    w64 = nf4_oracle_weight(q)
+    args = (q.codes, q.absmax, q.code, blocksize)
+    dq = (q.nested_absmax, q.nested_code, q.offset, 256)
+    ran = []
+    for cfg in K.INTERPRETER_FORWARD:
+        m = 1 if cfg.kind in ("gemv", "words") else 20
+        if not K._fits_forward(cfg, m, k, torch.float32, blocksize):
+            continue  # (a words step never spans two blocks: it is refused at blocksize 32 with BLOCK_K 64)
+        x = torch.randn(m, k)
+        with expect_launches(f"nf4.{cfg.kind}"):
+            y = K.matmul_4bit(x, *args, n, *dq, None, config=cfg)
+        assert rel_err(y, x.double() @ w64.t()) <= TOL[torch.float32], cfg
+        ran.append(cfg)
+    wider = [c for c in ran if c.block_k > blocksize]
+    assert blocksize > 64 or {c.kind for c in wider} == {"gemv", "dot"}  # the branch ran for both kernels
+    for cfg in K.INTERPRETER_GRAD_X:
+        g = torch.randn(9, n)
+        with expect_launches("nf4.grad_x"):
+            gx = K.matmul_4bit_grad_x(g, *args, k, *dq, config=cfg)
+        assert rel_err(gx, g.double() @ w64) <= TOL[torch.float32], cfg

@@ -311,3 +311,51 @@ def test_hf_gradient_checkpointing_enable_through_lowbit_layers():
     assert plain.keys() == ckpt.keys() and len(plain) == 2 * 7 * 2
     for n in plain:
         torch.testing.assert_close(ckpt[n], plain[n], rtol=0, atol=0, msg=n)
+
+
+# Every hyperparameter at a non-default value: the cases above compare only default betas, eps and
+# amsgrad, so an optimizer that hard-coded beta2 = 0.999 (or ignored eps, amsgrad or maximize) matched
+# torch bit for bit. Each option here changes the trajectory (checked below against AdamW at its default).
+OPTIONS = [
+    dict(betas=(0.8, 0.95), eps=1e-4, weight_decay=0.25, amsgrad=False),
+    dict(betas=(0.7, 0.9), eps=1e-3, weight_decay=0.0, amsgrad=True),
+    dict(betas=(0.95, 0.98), eps=1e-6, weight_decay=0.05, amsgrad=True, maximize=True),
+]
+MODES = {"default": (dict(), dict()), "offload-fused": (dict(offload=True), dict(fused=True)),
+         "offload-foreach": (dict(offload=True, foreach=True), dict(foreach=True)),
+         "offload-single": (dict(offload=True, foreach=False), dict(foreach=False))}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("opts", OPTIONS, ids=["betas-eps-wd", "amsgrad", "maximize"])
+def test_bit_equal_to_adamw_at_non_default_hyperparameters(mode, opts):
+    ours_kw, ref_kw = MODES[mode]
+    batches = _batches(6)
+    runs = {}
+    for name, make in (("ours", lambda ps: OffloadedAdamW(ps, lr=2e-2, **opts, **ours_kw)),
+                       ("torch", lambda ps: torch.optim.AdamW(ps, lr=2e-2, **opts, **ref_kw))):
+        model = _model()
+        opt = make(model.parameters())
+        _train(model, opt, _schedule(opt), batches)
+        runs[name] = model
+    _params_equal(runs["ours"], runs["torch"])
+    defaults = dict(eps=1e-8, weight_decay=1e-2, amsgrad=False, maximize=False)  # torch.optim.AdamW's
+    for key in opts:  # each non-default option moved the result: ignoring it could not go unnoticed
+        if key != "betas" and opts[key] == defaults[key]:
+            continue
+        default = _model()
+        kw = dict(opts)
+        kw.pop(key)
+        if key == "betas":
+            for i, d in enumerate((0.9, 0.999)):  # beta1 and beta2 each
+                b = list(opts["betas"])
+                b[i] = d
+                kw["betas"] = tuple(b)
+                other = _model()
+                opt = torch.optim.AdamW(other.parameters(), lr=2e-2, **kw, **ref_kw)
+                _train(other, opt, _schedule(opt), batches)
+                assert not torch.equal(other[0].weight, runs["torch"][0].weight), (key, i)
+            continue
+        opt = torch.optim.AdamW(default.parameters(), lr=2e-2, **kw, **ref_kw)
+        _train(default, opt, _schedule(opt), batches)
+        assert not torch.equal(default[0].weight, runs["torch"][0].weight), key
