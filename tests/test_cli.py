@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -69,7 +70,12 @@ def test_quantize_then_load_quantized_matches_in_memory(tmp_path, capsys, model_
     assert meta["format"] == fmt and meta["skip"] == ["pooler.dense"] and meta["options"] == opts
     assert meta["skip_requested"] == ["pooler"]
     assert meta["lowbit_version"] == lowbit.__version__
-    assert json.loads((out / "config.json").read_text()) == json.loads(open(os.path.join(model_dir, "config.json")).read())
+    # config.json: the source's, plus what transformers' save_pretrained with a LowbitConfig writes
+    config = json.loads((out / "config.json").read_text())
+    qc, hint = config.pop("quantization_config"), config.pop("transformers_weights")
+    assert config == json.loads(open(os.path.join(model_dir, "config.json")).read())
+    assert qc["quant_method"] == "lowbit" and qc["quant_type"] == fmt and qc["modules_to_not_convert"] == ["pooler.dense"]
+    assert all(qc[k] == v for k, v in opts.items()) and hint.startswith("lowbit checkpoint:")
 
     batch = _tokens(model_dir)
     # The quantized model in memory, built here independently of the CLI.
@@ -94,6 +100,13 @@ def test_quantize_then_load_quantized_matches_in_memory(tmp_path, capsys, model_
     r = dict(ref.named_modules())["encoder.layer.0.attention.self.query"]
     assert torch.equal(q.dequantized_weight(torch.float32), r.dequantized_weight(torch.float32))
     assert not torch.allclose(q.dequantized_weight(torch.float32), before, atol=1e-3)
+
+    # one folder format: transformers (with lowbit's integration) reads the same folder, no re-quantization
+    importlib.import_module("lowbit.integrations.transformers")  # registers quant_method "lowbit"
+
+    via_hf = transformers.AutoModel.from_pretrained(str(out), local_files_only=True).eval()
+    with torch.no_grad():
+        assert torch.equal(via_hf(**batch).last_hidden_state, y_ref)
 
 
 def test_quantize_force_overwrites_only_with_force(tmp_path, capsys, model_dir):
@@ -467,13 +480,14 @@ def test_export_refuses_a_lowbit_quantize_folder_up_front(tmp_path, quantized_mi
 def test_export_model_load_failures_are_one_line(tmp_path, capfd, quantized_minilm):
     import shutil
 
-    # lowbit's keys without lowbit.json: transformers' own failure, reported as one line
+    # without lowbit.json the folder is still a transformers + LowbitConfig folder (config.json says so): it
+    # loads, and an int model is refused by the bitsandbytes writer, in one line
     stripped = tmp_path / "no-manifest"
     shutil.copytree(quantized_minilm, stripped)
     (stripped / "lowbit.json").unlink()
     capfd.readouterr()
     assert cli.main(["export", str(stripped), str(tmp_path / "o"), "--to", "hf-bnb"]) == 2
-    _one_line_error(capfd, "cannot load a model from MODEL_DIR", str(stripped))
+    _one_line_error(capfd, "is IntLinear; bitsandbytes 4-bit holds only nf4/fp4")
     # a config.json without weights
     bare = tmp_path / "bare"
     bare.mkdir()
@@ -554,7 +568,8 @@ def test_quantize_bnb_folder_keeps_the_bitsandbytes_bytes(tmp_path, capsys, bnb_
     assert "warning" not in err and "error" not in err, err
     meta = json.loads((out / "lowbit.json").read_text())
     assert meta["format"] == "nf4" and meta["options"] == {"blocksize": 64, "double_quant": True}
-    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]  # lowbit's, not bitsandbytes'
+    assert qc["quant_method"] == "lowbit" and qc["quant_type"] == "nf4"
     ref = _reference(src, "nf4")  # what export quantized: replace_linear's nf4 of the fp weights
     loaded = _load_out(out)
     layers = {n: m for n, m in loaded.named_modules() if isinstance(m, lowbit.Linear4bit)}

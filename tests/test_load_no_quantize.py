@@ -162,6 +162,10 @@ def test_load_runs_no_quantizer_and_equals_the_saved_model(folders, monkeypatch,
     _assert_same_model(loaded, ref, _IDS)
     # and the state dict is the file's, tensor for tensor (read here without load_quantized)
     stored = read_state_dict(out / "model.safetensors")
+    # less the empty uint8 "<layer>.weight" markers of int/SZ layers (for transformers; load_quantized drops them)
+    markers = {k for k, v in stored.items() if k.endswith(".weight") and v.dtype == torch.uint8 and v.numel() == 0}
+    assert all(isinstance(loaded.get_submodule(k[:-7]), (IntLinear, SZLinear)) for k in markers)
+    stored = {k: v for k, v in stored.items() if k not in markers}
     assert set(stored) == set(loaded.state_dict())
     assert all(torch.equal(stored[k], v) for k, v in loaded.state_dict().items())
 

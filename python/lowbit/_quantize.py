@@ -177,6 +177,35 @@ def _quiet_transformers():
             tlog.enable_progress_bar()
 
 
+def _write_folder(model, src: str, out: str, fmt: str, opts: dict, skip) -> None:
+    """OUT_DIR as transformers' save_pretrained with a LowbitConfig writes it, so that one folder serves
+    load_quantized, `lowbit eval` and AutoModel*.from_pretrained(OUT_DIR) (after `import
+    lowbit.integrations.transformers`): config.json = the source's config + quantization_config (and the
+    field that stops a transformers without lowbit's integration), model.safetensors = the state dict with
+    lowbit's checksums and, for int/SZ layers, the empty uint8 `<layer>.weight` markers save_pretrained writes."""
+    import json
+
+    import torch
+
+    from lowbit import IntLinear, SZLinear
+    from lowbit.integrations.transformers import _HINT_FIELD, LOAD_HINT, LowbitConfig
+    from lowbit.io import WEIGHTS, _plain_state_dict, _write_state_dict
+
+    sd = _plain_state_dict(model)
+    for name, layer in model.named_modules():
+        if isinstance(layer, (IntLinear, SZLinear)):
+            sd[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
+    _write_state_dict(model, sd, os.path.join(out, WEIGHTS))
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    # a bitsandbytes source's quantization_config goes: the layers are lowbit's now
+    config["quantization_config"] = LowbitConfig(fmt, modules_to_not_convert=list(skip), **opts).to_dict()
+    config[_HINT_FIELD] = LOAD_HINT
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
 def architecture_class(model_dir: str):
     """The transformers class config.json's `architectures` names (a causal LM keeps its head: the folder
     holds `model.`-prefixed keys and lm_head, and tied embeddings stay tied), else AutoModel. `lowbit
@@ -263,18 +292,7 @@ def _quantize(a) -> int:
     bits = sum(m.bits_per_param * m.in_features * m.out_features for m in model.modules()
                if type(m) is not nn.Linear and hasattr(m, "bits_per_param") and hasattr(m, "in_features"))
     os.makedirs(out, exist_ok=True)
-    lowbit.save_state_dict(model, os.path.join(out, WEIGHTS), overwrite=True)
-    if source_qc is None:
-        shutil.copyfile(os.path.join(src, "config.json"), os.path.join(out, "config.json"))
-    else:  # the layers are lowbit's now (lowbit.json): a bitsandbytes quantization_config would misdirect transformers
-        import json
-
-        with open(os.path.join(src, "config.json")) as f:
-            config = json.load(f)
-        config.pop("quantization_config", None)
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
+    _write_folder(model, src, out, a.format, opts, skip)
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(out, name))

@@ -135,7 +135,11 @@ def save_state_dict(model: nn.Module, path: str | os.PathLike, *, overwrite: boo
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"path {path!r} exists; pass overwrite=True to replace it")
-    sd = _plain_state_dict(model)
+    _write_state_dict(model, _plain_state_dict(model), path)
+
+
+def _write_state_dict(model: nn.Module, sd: dict, path: str) -> None:
+    """sd (model's plain state dict, maybe with more entries) with lowbit's metadata and checksums."""
     layers = {name: mod.format_metadata() for name, mod in model.named_modules() if isinstance(mod, QuantLinear)}
     meta = {
         "format": "pt",
@@ -268,6 +272,10 @@ def load_quantized(model: nn.Module, path: str | os.PathLike, strict: bool = Tru
     if not os.path.isfile(wpath):
         raise FileNotFoundError(f"{wpath!r} not found: the checkpoint folder {os.fspath(path)!r} is incomplete")
     sd = read_state_dict(wpath)  # checked before the model changes
+    # the empty uint8 "<layer>.weight" markers of int/SZ layers (written for transformers, which then stops
+    # on a lowbit folder without lowbit's integration instead of initialising those weights at random)
+    sd = {k: v for k, v in sd.items() if not (k.rpartition(".")[2] == "weight" and v.dtype == torch.uint8
+                                              and v.numel() == 0)}
     backbone = _backbone_of_old_folder(model, sd, path)
     if backbone is not None:
         load_quantized(backbone, path, strict)
