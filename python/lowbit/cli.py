@@ -22,6 +22,11 @@
         QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
         before/after, the adapter in DIR (default ./lowbit-finetune; load it with
         lowbit._finetune.load_adapter(DIR)), memory vs dense LoRA with --compare (docs/training.md).
+    lowbit eval     MODEL_DIR|smollm2 [--format F ...] [--text FILE] [--ctx N] [--windows N] [--json]
+                    [--generate PROMPT] [--max-new-tokens N] [--threads N] [--no-bnb] [--group-size N] [--error-bound X]
+        Perplexity on non-overlapping windows of a text: fp32, each format (fresh copy, lm_head dense) and
+        bitsandbytes' nf4; paired per-token NLL deltas vs fp32 with their standard error, bits/param,
+        quantize time, tokens/s. A `lowbit quantize` folder is evaluated as saved.
 
 Usage errors print one line on stderr and exit with status 2.
 """
@@ -33,6 +38,7 @@ import sys
 
 from ._bench import _bench
 from ._demo import _demo
+from ._eval import _eval, add_arguments as _eval_arguments
 from ._export import _export
 from ._finetune import _finetune
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
@@ -102,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "./lowbit-finetune; an existing non-empty folder needs --force)")
     f.add_argument("--force", action="store_true", help="write the adapter into --out even if it holds files")
     f.add_argument("--compare", action="store_true", help="also run dense LoRA and compare memory")
+    _eval_arguments(sub.add_parser("eval", help="perplexity of a causal LM: fp32 vs each format and bitsandbytes nf4"))
     return p
 
 
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"choose a command: {', '.join(commands(parser))} (lowbit COMMAND --help)")
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
-        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune}[a.cmd](a)
+        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune, "eval": _eval}[a.cmd](a)
     except UsageError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
