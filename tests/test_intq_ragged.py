@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from tests.helpers import TOL, expect_launches, rel_err, triton_on_cpu
+from tests.test_intq import decode_q  # the layout oracle (docs/int.md), one copy
 
 import lowbit
 from lowbit import IntLinear, QuantInt, _cpu, _ops, dequantize_int, matmul_int, quantize_int
@@ -32,32 +33,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ----------------------------------------------------------------------------------------------
 # float64 oracle from docs/int.md
 # ----------------------------------------------------------------------------------------------
-
-
-def decode_q(codes: torch.Tensor, bits: int) -> np.ndarray:
-    """int32 [N, K/32, bits] -> int64 codes [N, K], one column at a time, from docs/int.md: int4 / int2
-    word t of a row holds code 8t + i (16t + i) in bits 4i (2i); int3 rows are quads of 4 chunks of 32
-    codes (the last quad has r = K/32 mod 4 chunks when that is not 0): r words A, r words B, r words H;
-    chunk j: code i < 16 = A[j] bits 2i..2i+1 | H[j] bit 2i+1 << 2, code 16 + i = B[j] bits 2i..2i+1 |
-    H[j] bit 2i << 2."""
-    n = codes.shape[0]
-    words = codes.detach().cpu().reshape(n, -1).numpy().view(np.uint32).astype(np.int64)
-    k = words.shape[1] * 32 // bits
-    q = np.zeros((n, k), dtype=np.int64)
-    for col in range(k):
-        if bits in (2, 4):
-            per = 32 // bits
-            q[:, col] = (words[:, col // per] >> (bits * (col % per))) & ((1 << bits) - 1)
-            continue
-        chunk, i = divmod(col, 32)
-        quad, j = divmod(chunk, 4)
-        r = min(4, k // 32 - 4 * quad)
-        a, b, h = 12 * quad + j, 12 * quad + r + j, 12 * quad + 2 * r + j
-        if i < 16:
-            q[:, col] = ((words[:, a] >> (2 * i)) & 3) | (((words[:, h] >> (2 * i + 1)) & 1) << 2)
-        else:
-            q[:, col] = ((words[:, b] >> (2 * (i - 16))) & 3) | (((words[:, h] >> (2 * (i - 16))) & 1) << 2)
-    return q
 
 
 def group_of(q: QuantInt) -> torch.Tensor:

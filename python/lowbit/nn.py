@@ -838,14 +838,20 @@ def quant_types() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def layer_factory(quant_type: str, opts: dict):
-    """quant_type -> a function nn.Linear -> lowbit layer, from the registry."""
+def _registered(quant_type: str, opts) -> type:
+    """The layer class of quant_type, after checking that every option is one it takes (ValueError)."""
     if quant_type not in _REGISTRY:
         raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
     cls = _REGISTRY[quant_type]
     bad = set(opts) - cls.OPTIONS
     if bad:
         raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(cls.OPTIONS)}")
+    return cls
+
+
+def layer_factory(quant_type: str, opts: dict):
+    """quant_type -> a function nn.Linear -> lowbit layer, from the registry."""
+    cls = _registered(quant_type, opts)
     if cls is Linear4bit:
         return lambda lin: Linear4bit.from_linear(lin, quant_type=quant_type, **opts)
     if cls is IntLinear:
@@ -862,12 +868,7 @@ def empty_layer(quant_type: str, in_features: int, out_features: int, bias: bool
     loaded into (lowbit.io.load_quantized). Takes replace_linear's options; an option that only steers
     quantization (int `method`) is checked and otherwise unused, and sz may omit error_bound (the loaded
     checkpoint's is adopted). ValueError for an unknown quant_type or option."""
-    if quant_type not in _REGISTRY:
-        raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
-    cls = _REGISTRY[quant_type]
-    bad = set(opts) - cls.OPTIONS
-    if bad:
-        raise ValueError(f"unknown options {sorted(bad)} for quant_type={quant_type!r}; allowed: {sorted(cls.OPTIONS)}")
+    cls = _registered(quant_type, opts)
     opts = dict(opts)
     if cls is Linear4bit:
         return Linear4bit(in_features, out_features, bias, device=device, quant_type=quant_type, **opts)
