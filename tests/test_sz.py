@@ -32,6 +32,9 @@ def _data(kind: str, shape=(48, 90), dtype=torch.float32) -> torch.Tensor:
     elif kind == "heavy":  # Student-t with 1.5 degrees of freedom: a few huge values
         w = torch.distributions.StudentT(1.5).sample(shape) * 0.02
         w.view(-1)[torch.randint(0, w.numel(), (5,))] *= 1e4
+        # a t(1.5) draw past ~3e3 times 200 overflows fp16 (65504) to inf, which every quantizer refuses: this
+        # generator made the fp16 case fail about once in a few hundred runs (LOWBIT_TEST_SEED=3889263223)
+        w = w.clamp(-6e4, 6e4)
     elif kind == "tiny":  # fp16 subnormals and fp16-overflowing values mixed in
         w = torch.randn(shape) * 1e-6
         w.view(-1)[:3] = torch.tensor([7e4, -1e5, 3e-8])
