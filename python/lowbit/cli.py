@@ -1,10 +1,12 @@
 """Command line (`lowbit ...`, or `python -m lowbit.cli ...`).
 
-    lowbit demo     [--out DIR] [--no-plot]
-        Quantize every Linear of the real all-MiniLM-L6-v2 with each format at its usual setting
-        (nf4, fp4, optimal, int4 rows, int3 g128, int2 g64, sz) and report bits/param, size,
-        weight RMSE / max error, sentence-embedding cosine to fp32 and CPU forward latency vs fp32;
-        writes DIR/report.md and, when matplotlib imports, DIR/rate_distortion.png.
+    lowbit demo     [--out DIR] [--no-plot] [--windows N] [--ctx N] [--minilm] [--no-bnb] [--threads N]
+        Quantize the projections of the real SmolLM2-135M-Instruct with each format (nf4, fp4, optimal
+        b64 dq; int4/int3 g128, int2 g64, mse; sz abs 0.03; bitsandbytes nf4 when it imports) and report
+        bits/param, perplexity with the paired NLL delta vs fp32 +- se, CPU prefill / decode tokens/s,
+        quantize time and a greedy answer each; writes DIR/report.md, report.json and, when matplotlib
+        imports, DIR/rate_distortion.png. --minilm adds the all-MiniLM-L6-v2 table (weight RMSE, embedding
+        cosine, latency) in DIR/minilm, which runs alone when the SmolLM2 fixture is not installed.
     lowbit quantize MODEL_DIR OUT_DIR --format F [--skip a,b] [--group-size N] [--blocksize N]
                     [--no-double-quant] [--error-bound X] [--mode abs|rel] [--force]
         Quantize a Hugging Face model folder; writes OUT_DIR/model.safetensors, lowbit.json,
@@ -58,8 +60,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lowbit", description="low-bit quantization kernels for PyTorch")
     # Not required=True: argparse would then say only "required: cmd"; main() names the commands instead.
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND", parser_class=_Parser)
-    d = sub.add_parser("demo", help="quantize all-MiniLM-L6-v2 with each format and report the cost")
-    d.add_argument("--out", default="lowbit-demo", help="folder for report.md and rate_distortion.png")
+    d = sub.add_parser("demo", help="quantize SmolLM2-135M-Instruct with each format: perplexity, size, speed, answers")
+    d.add_argument("--out", default="lowbit-demo", help="folder for report.md, report.json and rate_distortion.png")
+    d.add_argument("--windows", type=_positive_int, default=8,
+                   help="SmolLM2: perplexity windows scored (default 8)")
+    d.add_argument("--ctx", type=_positive_int, default=512, help="SmolLM2: tokens per window (default 512)")
+    d.add_argument("--minilm", action="store_true", help="also the all-MiniLM-L6-v2 table (weight error, embedding "
+                   "cosine, latency) in OUT/minilm")
+    d.add_argument("--no-bnb", action="store_true", help="no bitsandbytes nf4 row even when bitsandbytes imports")
+    d.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)  # tests: a causal-LM folder for SmolLM2's
+    d.add_argument("--text", default=None, help=argparse.SUPPRESS)  # tests: a text file for the evaluation text
     d.add_argument("--no-plot", action="store_true", help="do not write rate_distortion.png")
     d.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads (default 1: the small reference-path ops gain little from more, and "
