@@ -125,10 +125,11 @@ def folders(llama_src, tmp_path_factory):
 def _fresh(out, seed=1234):
     """The architecture from OUT_DIR/config.json with random weights (equal outputs prove a load)."""
     from lowbit._quantize import architecture_class
+    from lowbit._tools import read_config
 
     cfg = transformers.AutoConfig.from_pretrained(str(out), local_files_only=True)
     torch.manual_seed(seed)
-    return architecture_class(str(out))(cfg).eval()  # the class config.json names, as lowbit quantize loads it
+    return architecture_class(read_config(out))(cfg).eval()  # the class config.json names, as lowbit quantize loads it
 
 
 def _assert_same_model(loaded, ref, ids):

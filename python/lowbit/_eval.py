@@ -30,7 +30,7 @@ import sys
 import time
 
 from ._quantize import FORMATS, _positive_float, _positive_int
-from ._tools import UsageError, _threads
+from ._tools import UsageError, _threads, read_config
 
 DEFAULT_FORMATS = ("nf4", "fp4", "optimal", "int4", "int3", "sz")
 DEFAULT_CTX = 512
@@ -153,16 +153,7 @@ def check_folder(path: str) -> dict:
         raise UsageError(f"MODEL_DIR {path!r} does not exist")
     if not os.path.isdir(path):
         raise UsageError(f"MODEL_DIR {path!r} is not a directory")
-    cpath = os.path.join(path, "config.json")
-    if not os.path.isfile(cpath):
-        raise UsageError(f"MODEL_DIR {path!r} is not a Hugging Face model folder (no config.json)")
-    try:
-        with open(cpath, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {cpath!r}: {e}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{cpath!r} does not hold a JSON object")
+    config = read_config(path)
     if not any(os.path.isfile(os.path.join(path, w)) for w in _weight_files(path)):
         raise UsageError(f"MODEL_DIR {path!r} holds no weights (none of {', '.join(_weight_files(path))})")
     if not any(os.path.isfile(os.path.join(path, t)) for t in _TOKENIZER_FILES):

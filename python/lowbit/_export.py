@@ -7,19 +7,17 @@ quantization_config (lowbit.integrations.transformers.save_pretrained_bnb). A fo
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 
-from ._tools import UsageError
+from ._tools import UsageError, read_config
 
 TARGETS = ("hf-bnb",)
 
 
 def _export(a) -> int:
     src, out = os.fspath(a.model_dir), os.fspath(a.out_dir)
-    if not os.path.isfile(os.path.join(src, "config.json")):
-        raise UsageError(f"MODEL_DIR {src!r} is not a Hugging Face model folder (no config.json)")
+    config = read_config(src)
     if a.to not in TARGETS:
         raise UsageError(f"--to {a.to!r} is not supported; choose one of {', '.join(TARGETS)}")
     if a.format not in ("nf4", "fp4"):
@@ -28,7 +26,6 @@ def _export(a) -> int:
         raise UsageError(f"OUT_DIR {out!r} exists; pass --force to overwrite it")
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(src):
         raise UsageError("OUT_DIR must not be MODEL_DIR (it would overwrite the source model)")
-    config = _read_config(src)
     qc = config.get("quantization_config") if isinstance(config.get("quantization_config"), dict) else {}
     # Checked before loading: transformers would read lowbit's own keys (or bitsandbytes') as
     # unknown weights and fail deep inside from_pretrained with a long report.
@@ -64,18 +61,6 @@ def _export(a) -> int:
         raise UsageError(_first_line(e)) from None
     print(f"wrote {out} (bitsandbytes 4-bit, {a.format}; load with transformers + bitsandbytes)")
     return 0
-
-
-def _read_config(src: str) -> dict:
-    path = os.path.join(src, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path!r}: {e}") from None
-    if not isinstance(config, dict):
-        raise UsageError(f"{path!r} is not a JSON object")
-    return config
 
 
 def _first_line(e: BaseException) -> str:

@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._tools import UsageError
+from ._tools import UsageError, read_config
 from .nn import LoRALinear, QuantLinear, replace_linear
 from .optim import OffloadedAdamW
 
@@ -227,19 +227,12 @@ def load_adapter(adapter_dir: str, model: Optional[nn.Module] = None) -> nn.Modu
 def _finetune(a) -> int:
     """The CLI body: a = argparse namespace with model_dir, text, steps, out, force, compare, seq_len,
     batch, r. Every check that can fail runs before the model is loaded, so a mistake costs no training."""
-    config_path = os.path.join(a.model_dir, "config.json")
-    if not os.path.isfile(config_path):
-        raise UsageError(f"MODEL_DIR {a.model_dir!r} is not a model folder (no config.json)")
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {config_path!r}: {e}") from None
+    config = read_config(a.model_dir)
     try:
         import transformers  # noqa: F401  (run() loads the model with it; say so before any work)
     except ImportError as e:
         raise UsageError(f"lowbit finetune needs transformers (pip install 'lowbit[transformers]'): {e}") from None
-    problem = causal_lm_problem(config if isinstance(config, dict) else {})
+    problem = causal_lm_problem(config)
     if problem:
         raise UsageError(f"MODEL_DIR {a.model_dir!r} is not a causal LM ({problem}); lowbit finetune trains "
                          "causal-LM folders (e.g. Llama, GPT-2, Qwen)")

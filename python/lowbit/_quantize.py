@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 
-from ._tools import UsageError, linear_targets
+from ._tools import UsageError, linear_targets, read_config
 
 FORMATS = ("nf4", "fp4", "optimal", "int2", "int3", "int4", "sz")
 
@@ -71,18 +71,10 @@ def quantize_options(a) -> dict:
     return {"error_bound": a.error_bound, "mode": a.mode or "abs"}
 
 
-def _source_quantization(src: str):
+def _source_quantization(src: str, config: dict):
     """config.json's quantization_config when MODEL_DIR is a bitsandbytes 4-bit folder (None for a
     full-precision one); UsageError for a folder lowbit quantize cannot read."""
-    import json
-
-    path = os.path.join(src, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read {path!r}: {e}") from None
-    qc = config.get("quantization_config") if isinstance(config, dict) else None
+    qc = config.get("quantization_config")
     if not isinstance(qc, dict):
         return None
     method = qc.get("quant_method")
@@ -177,7 +169,7 @@ def _quiet_transformers():
             tlog.enable_progress_bar()
 
 
-def _write_folder(model, src: str, out: str, fmt: str, opts: dict, skip) -> None:
+def _write_folder(model, config: dict, out: str, fmt: str, opts: dict, skip) -> None:
     """OUT_DIR as transformers' save_pretrained with a LowbitConfig writes it, so that one folder serves
     load_quantized, `lowbit eval` and AutoModel*.from_pretrained(OUT_DIR) (after `import
     lowbit.integrations.transformers`): config.json = the source's config + quantization_config (and the
@@ -196,9 +188,7 @@ def _write_folder(model, src: str, out: str, fmt: str, opts: dict, skip) -> None
         if isinstance(layer, (IntLinear, SZLinear)):
             sd[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
     _write_state_dict(model, sd, os.path.join(out, WEIGHTS))
-    with open(os.path.join(src, "config.json")) as f:
-        config = json.load(f)
-    # a bitsandbytes source's quantization_config goes: the layers are lowbit's now
+    config = dict(config)  # the source's; a bitsandbytes source's quantization_config goes: the layers are lowbit's
     config["quantization_config"] = LowbitConfig(fmt, modules_to_not_convert=list(skip), **opts).to_dict()
     config[_HINT_FIELD] = LOAD_HINT
     with open(os.path.join(out, "config.json"), "w") as f:
@@ -206,16 +196,12 @@ def _write_folder(model, src: str, out: str, fmt: str, opts: dict, skip) -> None
         f.write("\n")
 
 
-def architecture_class(model_dir: str):
-    """The transformers class config.json's `architectures` names (a causal LM keeps its head: the folder
+def architecture_class(config: dict):
+    """The transformers class a config.json's `architectures` names (a causal LM keeps its head: the folder
     holds `model.`-prefixed keys and lm_head, and tied embeddings stay tied), else AutoModel. `lowbit
     quantize` used AutoModel for every folder, which dropped a causal LM's head."""
-    import json
-
     import transformers
 
-    with open(os.path.join(model_dir, "config.json")) as f:
-        config = json.load(f)
     for arch in config.get("architectures") or ():
         cls = getattr(transformers, str(arch), None)
         if isinstance(cls, type) and hasattr(cls, "from_pretrained"):
@@ -229,10 +215,9 @@ def _quantize(a) -> int:
         raise UsageError(f"MODEL_DIR {src!r} does not exist")
     if not os.path.isdir(src):
         raise UsageError(f"MODEL_DIR {src!r} is not a directory")
-    if not os.path.isfile(os.path.join(src, "config.json")):
-        raise UsageError(f"MODEL_DIR {src!r} is not a Hugging Face model folder (no config.json)")
+    config = read_config(src)
     opts = quantize_options(a)
-    source_qc = _source_quantization(src)
+    source_qc = _source_quantization(src, config)
     explicit = a.skip is not None
     requested = tuple(s.strip() for s in (a.skip if explicit else "lm_head").split(",") if s.strip())
     skip = requested
@@ -257,7 +242,7 @@ def _quantize(a) -> int:
     except ImportError:
         raise UsageError("lowbit quantize needs transformers (pip install transformers)") from None
     t0 = time.perf_counter()
-    model_class = architecture_class(src)
+    model_class = architecture_class(config)
     try:
         with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
             if source_qc is not None:  # bitsandbytes 4-bit: its bytes, into lowbit Linear4bit layers
@@ -292,7 +277,7 @@ def _quantize(a) -> int:
     bits = sum(m.bits_per_param * m.in_features * m.out_features for m in model.modules()
                if type(m) is not nn.Linear and hasattr(m, "bits_per_param") and hasattr(m, "in_features"))
     os.makedirs(out, exist_ok=True)
-    _write_folder(model, src, out, a.format, opts, skip)
+    _write_folder(model, config, out, a.format, opts, skip)
     for name in _TOKENIZER_FILES:
         if os.path.isfile(os.path.join(src, name)):
             shutil.copyfile(os.path.join(src, name), os.path.join(out, name))

@@ -3,10 +3,30 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
+
 
 class UsageError(Exception):
     """A bad command line or input: reported as one line on stderr, exit status 2."""
+
+
+def read_config(model_dir) -> dict:
+    """MODEL_DIR/config.json as a dict; UsageError (one line) when the folder has none, it cannot be read or it
+    is not a JSON object. The one reader of every command (quantize, export, eval, finetune)."""
+    path = os.path.join(os.fspath(model_dir), "config.json")
+    if not os.path.isfile(path):
+        raise UsageError(f"MODEL_DIR {os.fspath(model_dir)!r} is not a model folder (no config.json, which every "
+                         "Hugging Face model folder has)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path!r}: {e}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"{path!r} does not hold a JSON object")
+    return config
 
 
 @contextlib.contextmanager
