@@ -422,20 +422,16 @@ def int_matmul_grad_scale(g, x, codes, zeros, bits, group_len) -> Tensor:
 
 
 def sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len, radius, dtype,
-              check=False) -> Tensor:
+              check=False) -> Optional[Tensor]:
     """An SZ stream (version 2, SZTensor.decoder_args) decoded to `numel` values in `dtype` by `lb_szd`,
     bit-identical to formats.sz.decode_reference / decode_vectorized. Like the numpy decoder, it always
     verifies every lane's length (it costs nothing here), whatever `check` says: a stream whose lane lengths
-    lie raises the numpy decoder's ValueError. Output dtypes other than fp32/fp16/bf16 and tables with code
-    lengths over 14 bits (no valid stream has them) take the numpy decoder."""
-    from .formats import sz as sz_ref
-
-    def numpy_decoder() -> Tensor:
-        return sz_ref.decode_vectorized(payload, lane_start, table, step, outlier_idx, outlier_val, numel,
-                                        chunk_size, max_len, radius, dtype)
-
+    lie raises the numpy decoder's ValueError. Returns None for what it does not decode - output dtypes other
+    than fp32/fp16/bf16, tables with code lengths over 14 bits (no valid stream has them) - and the caller
+    (lowbit._ops) takes the numpy decoder: importing formats.sz here would close a cycle (formats._sz_encode
+    imports this module)."""
     if dtype not in _DT:
-        return numpy_decoder()
+        return None
     _need(numel > 0 and chunk_size > 0 and 1 <= max_len <= 12, "SZ stream: numel, chunk_size > 0, max_len in [1, 12]")
     n_chunks = -(-numel // chunk_size)
     lanes = (lane_start.numel() - 1) // n_chunks
@@ -462,6 +458,6 @@ def sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel,
     if status == 3:
         raise IndexError(f"invalid SZ stream: outlier index {a} is out of bounds for {numel} elements")
     if status == 2:
-        return numpy_decoder()
+        return None
     CALLS["sz.decode"] += 1
     return out

@@ -218,8 +218,10 @@ def _sz_decode(payload: Tensor, lane_start: Tensor, table: Tensor, step: Tensor,
         return kernels().sz.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
                                       max_len, radius, dtype, check)
     if _cpu.enabled(payload):
-        return _cpu.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len,
-                              radius, dtype, check)
+        out = _cpu.sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size, max_len,
+                             radius, dtype, check)
+        if out is not None:  # None: a dtype or table the C decoder does not take
+            return out
     return sz_ref.decode_vectorized(payload, lane_start, table, step, outlier_idx, outlier_val, numel, chunk_size,
                                     max_len, radius, dtype)
 
