@@ -138,3 +138,18 @@ def int_oracle_weight(q) -> torch.Tensor:
     s = q.scale.detach().cpu().float().reshape(n, k // length, 1).numpy()
     qz = (codes.reshape(n, k // length, length) - z).astype(np.float32)
     return torch.from_numpy((qz * s).astype(np.float32).astype(np.float64).reshape(n, k))
+
+
+def use_cpu_build(monkeypatch, variant: str) -> None:
+    """Route lowbit._cpu's kernels to another build of the same C sources for the rest of the test ("generic":
+    the plain-C kernels of CPUs without AVX-512; "no-gfni": AVX-512 without GFNI); "native" keeps the default."""
+    if variant == "native":
+        return
+    import ctypes
+
+    from lowbit import _cpu
+
+    lib = ctypes.CDLL(str(_cpu.build(variant)))
+    for name, args in _cpu._SIGNATURES.items():
+        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+    monkeypatch.setitem(_cpu._STATE, "lib", lib)

@@ -18,7 +18,7 @@ import torch
 
 import lowbit
 from lowbit import _cpu, _ops
-from tests.helpers import TOL, rel_err
+from tests.helpers import TOL, rel_err, use_cpu_build
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MS = [1, 3, 64, 300]
@@ -255,12 +255,7 @@ def test_threads_give_the_same_result(monkeypatch):
 def test_other_builds_match_reference(monkeypatch, variant):
     # The plain-C kernels (CPUs without AVX-512) and the AVX-512 ones without GFNI (e.g. Skylake-X),
     # built beside the default ones.
-    import ctypes
-
-    lib = ctypes.CDLL(str(_cpu.build(variant)))
-    for name, args in _cpu._SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    use_cpu_build(monkeypatch, variant)
     q = lowbit.quantize_4bit(torch.randn(33, 256), 32, "fp4", True)
     qi = lowbit.quantize_int(torch.randn(33, 256), 3, 64)
     x, g = torch.randn(3, 256), torch.randn(3, 33)
@@ -478,14 +473,9 @@ def test_sz_lying_lane_lengths_raise_as_the_numpy_decoder():
 
 def test_sz_generic_build_matches_reference(monkeypatch):
     # The plain-C decoder (CPUs without AVX-512), which AVX-512 builds also use for lanes not in octets.
-    import ctypes
-
     from lowbit.formats import sz
 
-    lib = ctypes.CDLL(str(_cpu.build("generic")))
-    for name, args in _cpu._SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    use_cpu_build(monkeypatch, "generic")
     for shape, chunk_size in [((20, 37), 16), ((64, 96), 16)]:
         c = _sz_stream(shape, chunk_size=chunk_size)
         for dtype in DTYPES:
@@ -522,14 +512,7 @@ KTILE_CASES = [(1, 24576), (3, 8192), (4, 6144), (5, 6144)]  # (M, K): 3, 4 (the
 
 
 def _variant_lib(monkeypatch, variant):
-    if variant == "native":
-        return
-    import ctypes
-
-    lib = ctypes.CDLL(str(_cpu.build(variant)))
-    for name, args in _cpu._SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    use_cpu_build(monkeypatch, variant)
 
 
 @pytest.mark.parametrize("variant", ["native", "generic"])  # the AVX-512 kernels and the plain-C ones

@@ -18,7 +18,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tests.helpers import TOL, expect_launches, rel_err, triton_on_cpu
+from tests.helpers import TOL, expect_launches, rel_err, triton_on_cpu, use_cpu_build
 from tests.test_intq import decode_q  # the layout oracle (docs/int.md), one copy
 
 import lowbit
@@ -236,14 +236,7 @@ def _variant(monkeypatch, variant: str) -> None:
     monkeypatch.setenv("LOWBIT_CPU_BACKEND", "fast")
     if _cpu.library() is None:
         pytest.skip("the fast CPU backend could not be built here (no C compiler)")
-    if variant == "native":
-        return
-    import ctypes
-
-    lib = ctypes.CDLL(str(_cpu.build(variant)))
-    for name, args in _cpu._SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    use_cpu_build(monkeypatch, variant)
 
 
 def _reference(monkeypatch, fn, *args):
