@@ -551,3 +551,31 @@ def test_fused_int_gemv_accumulates_across_k_tiles(monkeypatch, variant, m, k):
             gx = _ops.int_matmul_grad_x(g, *w, k)
         assert rel_err(y, x.double() @ w64.t()) <= TOL[torch.float32], (bits, gs)
         assert rel_err(gx, g.double() @ w64) <= TOL[torch.float32], (bits, gs)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7, 33])  # one chunk (y = x @ W^T direct); 5 chunks, ragged last; 1
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("family", ["nf4", "int3"])
+def test_dequant_gemm_chunking_vs_float64(monkeypatch, chunk_rows, dtype, family):
+    # The large-M path dequantizes CHUNK_BYTES of rows at a time. A weight that fits one chunk takes a direct
+    # x @ W^T; others write y^T chunk by chunk. Catches a wrong chunk offset, a dropped last chunk, a bias added
+    # twice or not at all, a transposed or non-contiguous result on either side.
+    n, k, m = 33, 256, 70
+    if chunk_rows is not None:
+        itemsize = 2 if dtype == torch.bfloat16 else 4
+        monkeypatch.setattr(_cpu, "CHUNK_BYTES", chunk_rows * k * itemsize)
+    x = torch.randn(m, k).to(dtype)
+    bias = torch.randn(n).to(dtype)
+    if family == "nf4":
+        q = lowbit.quantize_4bit(torch.randn(n, k), 64, "nf4", True)
+        absmax, nabs, ncode, off = q.scale_tensors()
+        w64 = lowbit.dequantize_4bit(q, torch.float32).double()
+        with expect_calls("nf4.dequant_gemm"):
+            y = _ops.matmul_4bit(x, q.codes, absmax, q.code, 64, n, nabs, ncode, off, q.nested_blocksize, bias)
+    else:
+        q = lowbit.quantize_int(torch.randn(n, k), 3, 64)
+        w64 = reference(_ops.int_dequantize, q.codes, q.scale, q.zeros, 3, q.group_len, n, k, torch.float32).double()
+        with expect_calls("int.dequant_gemm"):
+            y = _ops.int_matmul(x, q.codes, q.scale, q.zeros, 3, q.group_len, n, bias)
+    assert y.dtype == dtype and y.shape == (m, n) and y.is_contiguous()
+    assert rel_err(y, x.double() @ w64.t() + bias.double()) <= TOL[dtype]
