@@ -4,6 +4,7 @@ text that ships with lowbit: nf4 + LoRA + gradient checkpointing + OffloadedAdam
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -193,3 +194,29 @@ def test_cli_finetune_errors_are_one_line(tmp_path, capsys):
     assert cli.main(["finetune", str(d), "--out", str(tmp_path / "o")]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("lowbit: error: MODEL_DIR") and "causal LM" in lines[0], lines
+
+
+def test_eval_text_is_scored_on_its_own_first_windows(tiny_llama):
+    # --eval-text: the perplexity before training must be the nf4 base model's on the first 3 windows of the
+    # evaluation text, computed here independently (catches windows drawn from the training text, a wrong
+    # window count, ppl not exp(mean loss)); after 12 steps on the other half it must fall.
+    import copy
+
+    import transformers
+
+    import lowbit
+
+    text = _finetune.SAMPLE_TEXT.read_text(encoding="utf-8")
+    train, held = text[: len(text) // 2], text[len(text) // 2:]
+    res = _finetune.run(tiny_llama, train, steps=12, seq_len=32, batch=4, r=8, progress=False, eval_text=held,
+                        eval_windows=3)
+    ids = torch.tensor(list(held.encode("utf-8")), dtype=torch.long)[: 3 * 32].view(3, 32) % 256
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama)
+    q = lowbit.replace_linear(copy.deepcopy(base), "nf4", progress=False).eval()
+    with torch.no_grad():
+        loss = float(q(input_ids=ids, labels=ids).loss)
+    assert res["eval_windows"] == 3
+    assert res["eval_loss_before"] == pytest.approx(loss, rel=1e-5)
+    assert res["ppl_before"] == pytest.approx(math.exp(loss), rel=1e-5)
+    assert res["ppl_after"] < res["ppl_before"]
+    assert res["peak_rss_bytes"] is None or res["peak_rss_bytes"] > 10 * 2**20

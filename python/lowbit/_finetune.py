@@ -119,8 +119,12 @@ def _checkpointing(model: nn.Module) -> None:
 def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, seq_len: int = 64, batch: int = 4,
         r: int = 16, alpha: float = 32, lr: float = 3e-3, device: Optional[str] = None,
         dtype: Optional[torch.dtype] = None, seed: int = 0, out: Optional[str] = None,
-        progress: bool = True) -> dict:
-    """One fine-tune; returns eval loss before/after (fixed windows), the step losses and memory."""
+        progress: bool = True, eval_text: Optional[str] = None, eval_windows: int = 8) -> dict:
+    """One fine-tune; returns eval loss before/after (fixed windows), the step losses and memory.
+
+    eval_text: held-out text (e.g. other articles than the training text): the eval loss is then the mean
+    next-token loss over its first `eval_windows` non-overlapping windows of seq_len tokens, and the result
+    holds the perplexity before/after. Without it, 8 random windows of the training text (seeded) are used."""
     from transformers import AutoModelForCausalLM
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -144,7 +148,15 @@ def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, s
     opt = OffloadedAdamW(trainable, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 5))
     gen = torch.Generator().manual_seed(seed)
-    held_out = _windows(ids, 8, seq_len, torch.Generator().manual_seed(seed + 1)).to(device)
+    if eval_text is None:
+        held_out = _windows(ids, 8, seq_len, torch.Generator().manual_seed(seed + 1)).to(device)
+    else:
+        eids = tokens(model_dir, eval_text, model.config.vocab_size)
+        n_eval = min(eval_windows, len(eids) // seq_len)
+        if n_eval < 1:
+            raise TextTooShort(f"the evaluation text has {len(eids)} tokens, fewer than one window of "
+                               f"seq_len={seq_len}")
+        held_out = eids[: n_eval * seq_len].view(n_eval, seq_len).to(device)
 
     def eval_loss() -> float:
         model.eval()
@@ -175,7 +187,19 @@ def run(model_dir: str, text: str, *, quantized: bool = True, steps: int = 40, s
     return {"eval_loss_before": before, "eval_loss_after": after, "losses": losses, "memory_bytes": memory,
             "memory_kind": "peak allocated (CUDA)" if device.type == "cuda" else "weights + optimizer states",
             "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "trainable": sum(p.numel() for p in trainable)}
+            "trainable": sum(p.numel() for p in trainable), "eval_windows": int(held_out.shape[0]),
+            "ppl_before": math.exp(before), "ppl_after": math.exp(after), "peak_rss_bytes": _peak_rss()}
+
+
+def _peak_rss() -> Optional[int]:
+    """The process's peak resident set size in bytes (Linux/macOS), None elsewhere. Process-wide: compare runs
+    made in separate processes."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
 
 
 def save_adapter(model: nn.Module, out: str, **config) -> None:
@@ -238,12 +262,19 @@ def _finetune(a) -> int:
                          "causal-LM folders (e.g. Llama, GPT-2, Qwen)")
     if a.text is not None and not os.path.isfile(a.text):
         raise UsageError(f"no text file {a.text!r}")
+    eval_path = getattr(a, "eval_text", None)
+    if eval_path is not None and not os.path.isfile(eval_path):
+        raise UsageError(f"--eval-text: no text file {eval_path!r}")
     try:
         text = Path(a.text or SAMPLE_TEXT).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"TEXT {a.text!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        eval_text = Path(eval_path).read_text(encoding="utf-8") if eval_path else None
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--eval-text {eval_path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     out = _output_dir(a.out or DEFAULT_OUT, getattr(a, "force", False))
-    kw = dict(steps=a.steps, seq_len=a.seq_len, batch=a.batch, r=a.r)
+    kw = dict(steps=a.steps, seq_len=a.seq_len, batch=a.batch, r=a.r, eval_text=eval_text)
     try:
         runs = {"nf4 + LoRA": run(a.model_dir, text, out=out, **kw)}
     except TextTooShort as e:
@@ -254,6 +285,9 @@ def _finetune(a) -> int:
         print(f"{name} ({res['device']}, {res['dtype']}): eval loss {res['eval_loss_before']:.3f} -> "
               f"{res['eval_loss_after']:.3f} in {len(res['losses'])} steps; {res['memory_kind']}: "
               f"{res['memory_bytes'] / 2**20:.2f} MiB; {res['trainable']:,} trainable")
+        if eval_text is not None:
+            print(f"  held-out perplexity ({res['eval_windows']} windows of --eval-text): {res['ppl_before']:.2f} -> "
+                  f"{res['ppl_after']:.2f}")
     print(f"saved the adapter to {os.path.join(out, ADAPTER_WEIGHTS)} and {os.path.join(out, ADAPTER_CONFIG)}; "
           f"load it with lowbit._finetune.load_adapter({out!r}) (docs/training.md)")
     first = next(iter(runs.values()))

@@ -20,10 +20,14 @@
         On a CUDA card: time every candidate config for those shapes and write the card's table
         (kernels/_configs/<card>.json), used at run time instead of timing on first call.
     lowbit finetune MODEL_DIR [TEXT] [--steps N] [--seq-len N] [--batch N] [--r N] [--out DIR] [--force]
-                    [--compare]
+                    [--compare] [--eval-text FILE]
         QLoRA on a causal-LM folder: nf4 + LoRA, gradient checkpointing, the offloaded AdamW; loss
         before/after, the adapter in DIR (default ./lowbit-finetune; load it with
         lowbit._finetune.load_adapter(DIR)), memory vs dense LoRA with --compare (docs/training.md).
+    lowbit tune-scales QUANTIZED_DIR --text FILE --out DIR [--teacher MODEL_DIR] [--eval-text FILE] [--steps N]
+                    [--lr X] [--ctx N] [--batch N] [--eval-windows N] [--eval-every N] [--force]
+        PEQA: train only the int scales of an int2/3/4 folder to the unquantized model's next-token
+        distributions (KL); writes a new folder (same bytes per parameter) that lowbit eval reads (docs/int.md).
     lowbit eval     MODEL_DIR|smollm2 [--format F ...] [--text FILE] [--ctx N] [--windows N] [--json]
                     [--generate PROMPT] [--max-new-tokens N] [--threads N] [--no-bnb] [--group-size N] [--error-bound X]
         Perplexity on non-overlapping windows of a text: fp32, each format (fresh copy, lm_head dense) and
@@ -43,6 +47,7 @@ from ._demo import _demo
 from ._eval import _eval, add_arguments as _eval_arguments
 from ._export import _export
 from ._finetune import _finetune
+from ._tune_scales import _tune_scales, add_arguments as _tune_scales_arguments
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
 from ._tools import UsageError
 from ._tune import _tune
@@ -118,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "./lowbit-finetune; an existing non-empty folder needs --force)")
     f.add_argument("--force", action="store_true", help="write the adapter into --out even if it holds files")
     f.add_argument("--compare", action="store_true", help="also run dense LoRA and compare memory")
+    f.add_argument("--eval-text", default=None, help="held-out UTF-8 text: perplexity before/after on its first 8 "
+                   "windows (default: 8 random windows of TEXT)")
+    _tune_scales_arguments(sub.add_parser("tune-scales", help="PEQA: tune only the int scales of a quantized folder "
+                                          "against the unquantized model"))
     _eval_arguments(sub.add_parser("eval", help="perplexity of a causal LM: fp32 vs each format and bitsandbytes nf4"))
     return p
 
@@ -136,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"choose a command: {', '.join(commands(parser))} (lowbit COMMAND --help)")
         if a.cmd == "quantize" and a.format not in FORMATS:
             raise UsageError(f"unsupported format {a.format!r}; choose one of {', '.join(FORMATS)}")
-        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune, "eval": _eval}[a.cmd](a)
+        return {"demo": _demo, "quantize": _quantize, "bench": _bench, "finetune": _finetune, "export": _export, "tune": _tune, "eval": _eval,
+                "tune-scales": _tune_scales}[a.cmd](a)
     except UsageError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
