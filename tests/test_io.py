@@ -155,3 +155,49 @@ def test_save_pretrained_bnb_follows_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "bnb" / "model.safetensors").st_mode) == 0o644
+
+
+class _Tied(nn.Module):
+    """An embedding tied to an output Linear (a causal LM's input embeddings and lm_head), one quantized layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 64)
+        self.body = lowbit.IntLinear.from_linear(nn.Linear(64, 64), bits=4, group_size=32)
+        self.head = nn.Linear(64, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.body(self.embed(ids)))
+
+
+def test_tied_weights_are_stored_once_and_come_back_tied_names(tmp_path):
+    # Catches: a tied weight written twice (SmolLM2's quantized folder held its 113 MB embedding twice), an alias
+    # that does not come back (strict load fails: missing head.weight), an alias restored to the wrong tensor.
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    m = _Tied()
+    path = tmp_path / "tied.safetensors"
+    lowbit.save_state_dict(m, path)
+    with safe_open(str(path), "pt") as f:
+        keys, header = set(f.keys()), f.metadata()
+    assert "head.weight" not in keys and "embed.weight" in keys
+    assert json.loads(header["lowbit.tied"]) == {"head.weight": "embed.weight"}
+    sd = read_state_dict(path)
+    assert torch.equal(sd["head.weight"], m.embed.weight.detach())
+    fresh = _Tied()
+    fresh.body = lowbit.IntLinear(64, 64, bits=4, group_size=32)
+    lowbit.load_state_dict(fresh, path)  # strict
+    ids = torch.randint(0, 50, (3, 7))
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), m(ids))
+    # a lowbit.tied entry naming a tensor the file does not hold: refused, not silently dropped
+    bad = {"head.weight": "nope.weight"}
+    from lowbit.io import save_safetensors
+
+    sd_file = {k: v for k, v in read_state_dict(path).items() if k != "head.weight"}
+    header = dict(header, **{"lowbit.tied": json.dumps(bad)})
+    save_safetensors(sd_file, tmp_path / "bad.safetensors", metadata=header)
+    with pytest.raises(CheckpointError, match="lowbit.tied"):
+        read_state_dict(tmp_path / "bad.safetensors")

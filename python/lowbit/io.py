@@ -116,15 +116,45 @@ def to_bnb_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    # safetensors refuses tensors that share storage (e.g. tied weights): give each its own copy.
-    seen: set = set()
-    for k, v in sd.items():
+    """model.state_dict() on the CPU, each tensor once: a name whose tensor is exactly another's (tied weights,
+    e.g. a causal LM's lm_head and input embeddings) is left out and recorded by _tied_names, as transformers'
+    save_pretrained does (SmolLM2's quantized folder held its 113 MB embedding twice). Tensors that only
+    overlap get their own copy (safetensors refuses shared storage)."""
+    sd: dict[str, torch.Tensor] = {}
+    seen: dict = {}
+    for k, v in model.state_dict().items():
+        v = v.detach()
+        exact = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if v.numel() and exact in seen:
+            continue  # an alias of seen[exact]: _tied_names records it
+        seen[exact] = k
+        sd[k] = v.contiguous().cpu()
+    owners: set = set()
+    for k, v in sd.items():  # overlapping, not identical: copies
         key = (v.untyped_storage().data_ptr(), v.storage_offset())
-        if key in seen:
+        if key in owners:
             sd[k] = v.clone()
-        seen.add(key)
+        owners.add(key)
     return sd
+
+
+def _tied_names(model: nn.Module, sd: dict) -> dict[str, str]:
+    """{name left out of sd: the name in sd holding the same tensor} (see _plain_state_dict)."""
+    full = model.state_dict()
+    where = {}
+    for k in sd:
+        if k in full:
+            v = full[k]
+            where.setdefault((v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
+                              v.stride(), v.dtype), k)
+    tied = {}
+    for k, v in full.items():
+        if k not in sd and v.numel():
+            src = where.get((v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
+                             v.dtype))
+            if src is not None:
+                tied[k] = src
+    return tied
 
 
 def save_state_dict(model: nn.Module, path: str | os.PathLike, *, overwrite: bool = False) -> None:
@@ -148,6 +178,9 @@ def _write_state_dict(model: nn.Module, sd: dict, path: str) -> None:
         "lowbit.checksums": json.dumps({k: _crc(v) for k, v in sd.items()}, sort_keys=True),
         "lowbit.layers": json.dumps(layers, sort_keys=True),
     }
+    tied = _tied_names(model, sd)
+    if tied:  # read_state_dict puts these names back
+        meta["lowbit.tied"] = json.dumps(tied, sort_keys=True)
     save_safetensors(sd, path, metadata=meta)
 
 
@@ -199,6 +232,15 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             if got != sums[k]:
                 raise CheckpointError(f"{path!r}: tensor {k!r} fails its checksum (stored {sums[k]}, computed {got}): "
                                       "the file is damaged")
+        try:
+            tied = json.loads(header.get("lowbit.tied", "{}"))
+        except ValueError as e:
+            raise CheckpointError(f"{path!r}: lowbit.tied is unreadable ({e})") from None
+        for alias, src in tied.items():  # tied weights stored once (_plain_state_dict): the same tensor again
+            if src not in sd or alias in sd:
+                raise CheckpointError(f"{path!r}: lowbit.tied names {alias!r} -> {src!r}, which the file does not "
+                                      "hold that way")
+            sd[alias] = sd[src]
     return sd
 
 

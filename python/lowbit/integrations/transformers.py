@@ -512,7 +512,7 @@ def save_pretrained_bnb(model, out_dir) -> None:
 
     from transformers import BitsAndBytesConfig
 
-    from ..io import _plain_state_dict, save_safetensors, to_bnb_state_dict
+    from ..io import _plain_state_dict, _tied_names, save_safetensors, to_bnb_state_dict
 
     quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quant:
@@ -534,8 +534,9 @@ def save_pretrained_bnb(model, out_dir) -> None:
         bnb_4bit_compute_dtype=compute.pop() if len(compute) == 1 else model.dtype)
     os.makedirs(out_dir, exist_ok=True)
     sd = to_bnb_state_dict(model)
-    plain = _plain_state_dict(model)  # contiguous CPU copies, shared storage split (safetensors refuses it)
-    sd = {k: plain[k] if k in plain else v.detach().contiguous().cpu() for k, v in sd.items()}
+    plain = _plain_state_dict(model)  # contiguous CPU copies, each tensor once (tied weights: transformers re-ties)
+    tied = _tied_names(model, plain)
+    sd = {k: plain[k] if k in plain else v.detach().contiguous().cpu() for k, v in sd.items() if k not in tied}
     save_safetensors(sd, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})  # umask's mode
     config.save_pretrained(out_dir)
     if getattr(model, "generation_config", None) is not None and model.can_generate():
