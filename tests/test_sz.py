@@ -177,10 +177,20 @@ def test_triton_decoder_refuses_lying_lane_lengths():
     import dataclasses
 
     c = sz.sz_compress(torch.randn(16, 64) * 0.05, 2e-3, chunk_size=16)
-    lb = c.lane_bits.copy()
-    lb[1] += 3
-    lb[2] -= 3
-    c2 = sz.SZTensor.from_bytes(dataclasses.replace(c, lane_bits=lb).to_bytes())  # parses: the total is kept
+    # Move 3 bits from one lane to its neighbour: the total is kept, so the stream parses, as long as both lanes
+    # stay within what their symbol counts allow (validate checks that; with lanes 1 and 2 fixed, some seeds -
+    # LOWBIT_TEST_SEED=2164678292 - gave a lane more bits than its symbols can hold and the stream did not parse).
+    c2 = None
+    for i in range(len(c.lane_bits) - 1):
+        lb = c.lane_bits.copy()
+        lb[i] += 3
+        lb[i + 1] -= 3
+        try:
+            c2 = sz.SZTensor.from_bytes(dataclasses.replace(c, lane_bits=lb).to_bytes())
+            break
+        except ValueError:
+            continue
+    assert c2 is not None, "no neighbouring lanes can trade 3 bits and still parse"
     with triton_on_cpu("sz.decode"):
         with pytest.raises(ValueError, match="lanes do not end"):
             sz_decompress(c2)

@@ -29,7 +29,8 @@ import platform
 import sys
 import time
 
-from ._quantize import FORMATS, _positive_float, _positive_int
+from ._quantize import (FORMATS, _positive_float, _positive_int, add_calibration_arguments, calibration_moments,
+                        check_calibration_arguments, max_positions)
 from ._tools import UsageError, _threads, read_config
 
 DEFAULT_FORMATS = ("nf4", "fp4", "optimal", "int4", "int3", "sz")
@@ -49,7 +50,6 @@ _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_m
                  "pytorch_model.bin.index.json")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                     "sentencepiece.bpe.model")
-_MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 MANIFEST = "lowbit.json"
 
 # the keys of each row of --json (documented in the command's help and tested)
@@ -89,6 +89,7 @@ def add_arguments(p) -> None:
                         "projection's in_features, else the next of 128, 96, 32 that does, else one per row)")
     p.add_argument("--error-bound", type=_positive_float, default=None, metavar="X",
                    help=f"sz: absolute error bound (default {SZ_EVAL_BOUND:g}: ~3.7 bits/param on SmolLM2-135M)")
+    add_calibration_arguments(p)  # a format that takes calibration then gets a second row, fitted on it
 
 
 def parse_formats(values) -> list[str]:
@@ -119,13 +120,24 @@ def format_options(fmt: str, *, group_size=None, error_bound=None) -> dict:
     return {"error_bound": SZ_EVAL_BOUND if error_bound is None else error_bound, "mode": "abs"}
 
 
-def format_label(fmt: str, opts: dict) -> str:
+def format_label(fmt: str, opts: dict, calibrated: bool = False) -> str:
+    """The row's label; a row fitted on --calibration ends in " cal"."""
+    label = _plain_label(fmt, opts)
+    return f"{label} cal" if calibrated else label
+
+
+def _plain_label(fmt: str, opts: dict) -> str:
     if fmt in ("nf4", "fp4", "optimal"):
         return f"{fmt} b{opts['blocksize']}{' dq' if opts['double_quant'] else ''}"
     if fmt.startswith("int"):
         g = opts.get("group_size")
         return f"{fmt} {'rows' if g is None else f'g{g}'} {opts.get('method', 'rtn')}"
     return f"sz {opts.get('mode', 'abs')} {opts['error_bound']:g}"
+
+
+def _fit_options(opts: dict) -> dict:
+    """A row's replace_linear options: its options less the "calibration" record of a calibrated row."""
+    return {k: v for k, v in opts.items() if k != "calibration"}
 
 
 def int_group_size(in_features) -> int | None:
@@ -163,16 +175,6 @@ def check_folder(path: str) -> dict:
 
 def _weight_files(path: str) -> tuple[str, ...]:
     return ("model.safetensors",) if os.path.isfile(os.path.join(path, MANIFEST)) else _WEIGHT_FILES
-
-
-def max_positions(config: dict) -> int | None:
-    """The model's context limit from config.json (the text config of a multimodal one), None if unstated."""
-    for c in (config, config.get("text_config") or {}):
-        for k in _MAX_POSITIONS_KEYS:
-            v = c.get(k) if isinstance(c, dict) else None
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                return v
-    return None
 
 
 def read_text(path: str | None) -> tuple[str, str]:
@@ -393,8 +395,9 @@ def check_formats(model, plan) -> None:
                                  f"{_first_line(e)}") from None
 
 
-def quantize_copy(model, fmt: str, opts: dict):
-    """A deep copy of `model` with its projections replaced by lowbit layers; (model, seconds)."""
+def quantize_copy(model, fmt: str, opts: dict, calibration=None):
+    """A deep copy of `model` with its projections replaced by lowbit layers (fitted on `calibration`, the
+    {name: h} of lowbit.calibration, when given); (model, seconds)."""
     import torch
 
     import lowbit
@@ -403,7 +406,7 @@ def quantize_copy(model, fmt: str, opts: dict):
     t0 = time.perf_counter()
     try:
         with torch.no_grad():
-            lowbit.replace_linear(m, fmt, skip=SKIP, progress=sys.stderr.isatty(), **opts)
+            lowbit.replace_linear(m, fmt, skip=SKIP, progress=sys.stderr.isatty(), calibration=calibration, **opts)
     except (ValueError, TypeError) as e:
         raise UsageError(f"cannot quantize with --format {fmt}: {_first_line(e)}") from None
     return m.eval(), time.perf_counter() - t0
@@ -589,6 +592,7 @@ def _check_arguments(a) -> dict:
             raise UsageError("--group-size applies to --format int2/int3/int4")
         if a.group_size % 32:
             raise UsageError(f"--group-size must be a positive multiple of 32, got {a.group_size}")
+    cal_text = check_calibration_arguments(a, formats)
     text, text_src = read_text(a.text) if a.text is not None else (None, None)  # a bad file before any build
     path = _resolve_model_dir(a.model_dir)
     config = check_folder(path)
@@ -600,9 +604,9 @@ def _check_arguments(a) -> dict:
         if explicit_formats:
             raise UsageError(f"MODEL_DIR {path!r} is a lowbit-quantized folder ({MANIFEST}): it is evaluated as saved; "
                              "--format applies to a full-precision folder")
-        if a.error_bound is not None or a.group_size is not None:
-            raise UsageError(f"--error-bound / --group-size apply to a full-precision MODEL_DIR; {path!r} is "
-                             "lowbit-quantized")
+        if a.error_bound is not None or a.group_size is not None or cal_text is not None:
+            raise UsageError(f"--error-bound / --group-size / --calibration apply to a full-precision MODEL_DIR; "
+                             f"{path!r} is lowbit-quantized")
         mpath = os.path.join(path, MANIFEST)
         try:
             with open(mpath, encoding="utf-8") as f:
@@ -616,7 +620,8 @@ def _check_arguments(a) -> dict:
             folder["source"] = src
     if text is None:
         text, text_src = read_text(None)
-    return {"formats": formats, "text": text, "text_src": text_src, "path": path, "folder": folder}
+    return {"formats": formats, "text": text, "text_src": text_src, "path": path, "folder": folder,
+            "calibration": cal_text, "max_positions": limit}
 
 
 def _eval(a) -> int:
@@ -657,10 +662,19 @@ def _eval(a) -> int:
         else:
             in_features = [lin.in_features for _, lin in _targets(fp)]
             gsize = a.group_size if a.group_size is not None else int_group_size(in_features)
+            calibration = None
+            if c["calibration"] is not None:  # one pass, before any row: its errors are still one line
+                from lowbit.nn import takes_calibration
+
+                calibration, cal_info = calibration_moments(fp, tok, c["calibration"], a, SKIP, c["max_positions"])
+                _note(f"calibration: {cal_info['windows']} x {cal_info['ctx']} tokens of {a.calibration} in "
+                      f"{cal_info['seconds']:.1f} s (input second moments of {len(calibration)} projections)")
             for f in c["formats"]:
                 opts = format_options(f, group_size=gsize, error_bound=a.error_bound)
                 plan.append((format_label(f, opts), f, opts))
-            check_formats(fp, plan)
+                if calibration is not None and takes_calibration(f):
+                    plan.append((format_label(f, opts, calibrated=True), f, {**opts, "calibration": cal_info}))
+            check_formats(fp, [(label, f, _fit_options(o)) for label, f, o in plan])
             if not a.no_bnb:
                 plan.append((f"bnb nf4 b{BLOCKSIZE} dq", "bnb-nf4", None))
         n_params = sum(p.numel() for p in fp.parameters()) if fp is not None else None
@@ -717,7 +731,7 @@ def _eval(a) -> int:
                 opts = {"blocksize": BLOCKSIZE, "double_quant": True, "bytes_equal_lowbit_nf4": same}
             else:
                 _note(f"{label}: quantizing {len(in_features)} projections")
-                qm, qs = quantize_copy(fp, f, opts)
+                qm, qs = quantize_copy(fp, f, _fit_options(opts), calibration if "calibration" in opts else None)
             means, total, fwd = score(qm, windows, label)
             bits, qparams = quantized_bits(qm)
             finish(_row(label, f, opts, means, total, n_tokens, fwd, ref, bits, 8.0 * model_bytes(qm) / n_params,

@@ -71,6 +71,90 @@ def quantize_options(a) -> dict:
     return {"error_bound": a.error_bound, "mode": a.mode or "abs"}
 
 
+_MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def max_positions(config: dict) -> int | None:
+    """The model's context limit from config.json (the text config of a multimodal one), None if unstated."""
+    for c in (config, config.get("text_config") or {}):
+        for k in _MAX_POSITIONS_KEYS:
+            v = c.get(k) if isinstance(c, dict) else None
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                return v
+    return None
+
+
+DEFAULT_CALIBRATION_WINDOWS = 16
+DEFAULT_CALIBRATION_CTX = 512
+
+
+def add_calibration_arguments(p) -> None:
+    """--calibration FILE [--calibration-windows N] [--calibration-ctx N] (lowbit quantize and lowbit eval)."""
+    p.add_argument("--calibration", default=None, metavar="TEXTFILE",
+                   help="a UTF-8 text: one forward pass over its first windows measures each projection's input "
+                        "second moments, and the formats that take calibration (optimal, sz) fit to the layers' "
+                        "output error on it (docs/formats.md)")
+    p.add_argument("--calibration-windows", type=_positive_int, default=None, metavar="N",
+                   help=f"--calibration: windows of the text used (default {DEFAULT_CALIBRATION_WINDOWS})")
+    p.add_argument("--calibration-ctx", type=_positive_int, default=None, metavar="N",
+                   help=f"--calibration: tokens per window (default {DEFAULT_CALIBRATION_CTX})")
+
+
+def check_calibration_arguments(a, formats) -> str | None:
+    """UsageError for a calibration flag that does not apply; returns the calibration text (None without
+    --calibration). `formats`: the formats of the command; at least one must take calibration."""
+    from lowbit.nn import quant_types, takes_calibration
+
+    if a.calibration is None:
+        if a.calibration_windows is not None or a.calibration_ctx is not None:
+            raise UsageError("--calibration-windows / --calibration-ctx apply to --calibration TEXTFILE")
+        return None
+    takers = [q for q in quant_types() if takes_calibration(q)]
+    if not any(f in takers for f in formats):
+        fmts = ", ".join(formats)
+        raise UsageError(f"--format {fmts} does not take calibration (--calibration applies to --format "
+                         f"{', '.join(takers)})")
+    path = a.calibration
+    if not os.path.isfile(path):
+        raise UsageError(f"--calibration {path!r} is not a file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--calibration {path!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise UsageError(f"cannot read --calibration {path!r}: {e.strerror or e}") from None
+    if not text.strip():
+        raise UsageError(f"--calibration {path!r} is empty")
+    return text
+
+
+def calibration_moments(model, tokenizer, text: str, a, skip, max_positions=None):
+    """({Linear name: h}, info) from one forward pass of `model` over the first --calibration-windows windows of
+    --calibration-ctx tokens of `text` (lowbit.calibration); UsageError for a text too short, a context past
+    the model's, ids outside its vocabulary or activations that are not finite."""
+    import torch
+
+    from lowbit.calibration import calibration_windows, input_second_moments
+
+    ctx = a.calibration_ctx or DEFAULT_CALIBRATION_CTX
+    n = a.calibration_windows or DEFAULT_CALIBRATION_WINDOWS
+    if max_positions is not None and ctx > max_positions:
+        raise UsageError(f"--calibration-ctx {ctx} exceeds the model's context of {max_positions} tokens")
+    with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    t0 = time.perf_counter()
+    try:
+        windows = calibration_windows(ids, ctx, n)
+        with torch.no_grad():
+            moments = input_second_moments(model, windows, skip=skip)
+    except ValueError as e:
+        raise UsageError(f"--calibration {a.calibration!r}: {e}") from None
+    info = {"text": os.path.abspath(a.calibration), "windows": n, "ctx": ctx,
+            "seconds": round(time.perf_counter() - t0, 2)}
+    return moments, info
+
+
 def _source_quantization(src: str, config: dict):
     """config.json's quantization_config when MODEL_DIR is a bitsandbytes 4-bit folder (None for a
     full-precision one); UsageError for a folder lowbit quantize cannot read."""
@@ -217,6 +301,7 @@ def _quantize(a) -> int:
         raise UsageError(f"MODEL_DIR {src!r} is not a directory")
     config = read_config(src)
     opts = quantize_options(a)
+    cal_text = check_calibration_arguments(a, [a.format])
     source_qc = _source_quantization(src, config)
     explicit = a.skip is not None
     requested = tuple(s.strip() for s in (a.skip if explicit else "lm_head").split(",") if s.strip())
@@ -269,9 +354,21 @@ def _quantize(a) -> int:
     if not targets and not kept:
         raise UsageError(f"the model in {src!r} has no nn.Linear layer to quantize (after --skip)")
     n_params = sum(lin.weight.numel() for _, lin in targets) + sum(m.in_features * m.out_features for _, m in kept)
+    calibration, cal_info = None, None
+    if cal_text is not None:
+        try:
+            with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
+                tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure is the folder's
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UsageError(f"--calibration needs the tokenizer of {src!r}: {msg}") from None
+        calibration, cal_info = calibration_moments(model, tok, cal_text, a, skip, max_positions(config))
+        print(f"lowbit: calibration: {cal_info['windows']} x {cal_info['ctx']} tokens of {a.calibration} in "
+              f"{cal_info['seconds']:.1f} s", file=sys.stderr)
     try:
         with torch.no_grad():
-            lowbit.replace_linear(model, a.format, skip=skip, progress=True, **opts)  # one line per layer on stderr
+            lowbit.replace_linear(model, a.format, skip=skip, progress=True, calibration=calibration,
+                                  **opts)  # one line per layer on stderr
     except (ValueError, TypeError) as e:
         raise UsageError(f"cannot quantize with --format {a.format}: {e}") from None
     bits = sum(m.bits_per_param * m.in_features * m.out_features for m in model.modules()
@@ -284,7 +381,7 @@ def _quantize(a) -> int:
     write_manifest(out, a.format, opts, skip, skip_requested=list(requested), source=os.path.abspath(src),
                    model_class=type(model).__name__, quantized_layers=len(targets) + len(kept),
                    quantized_params=n_params,
-                   bits_per_param=bits / n_params)
+                   bits_per_param=bits / n_params, **({"calibration": cal_info} if cal_info else {}))
     size = os.path.getsize(os.path.join(out, WEIGHTS))
     from_bnb = f" ({len(kept)} kept as read from bitsandbytes)" if kept else ""
     print(f"quantized {len(targets) + len(kept)} Linear layers{from_bnb} ({n_params / 1e6:.2f}M params) to {a.format} "

@@ -9,8 +9,10 @@
         cosine, latency) in DIR/minilm, which runs alone when the SmolLM2 fixture is not installed.
     lowbit quantize MODEL_DIR OUT_DIR --format F [--skip a,b] [--group-size N] [--blocksize N]
                     [--no-double-quant] [--error-bound X] [--mode abs|rel] [--force]
+                    [--calibration TEXTFILE [--calibration-windows N] [--calibration-ctx N]]
         Quantize a Hugging Face model folder; writes OUT_DIR/model.safetensors, lowbit.json,
-        config.json. Load it back with lowbit.load_quantized(model, OUT_DIR).
+        config.json. Load it back with lowbit.load_quantized(model, OUT_DIR). --calibration (optimal,
+        sz): fit each layer to its output error on the text's activations (one forward pass).
     lowbit bench    [--json] [--device cpu|cuda] [--quick]
         Kernel timings against torch's dense matmul on this device (ratios from the same run).
     lowbit export   MODEL_DIR OUT_DIR --to hf-bnb [--format nf4|fp4] [--blocksize N] [--no-double-quant] [--force]
@@ -30,6 +32,7 @@
         distributions (KL); writes a new folder (same bytes per parameter) that lowbit eval reads (docs/int.md).
     lowbit eval     MODEL_DIR|smollm2 [--format F ...] [--text FILE] [--ctx N] [--windows N] [--json]
                     [--generate PROMPT] [--max-new-tokens N] [--threads N] [--no-bnb] [--group-size N] [--error-bound X]
+                    [--calibration TEXTFILE [--calibration-windows N] [--calibration-ctx N]]
         Perplexity on non-overlapping windows of a text: fp32, each format (fresh copy, lm_head dense) and
         bitsandbytes' nf4; paired per-token NLL deltas vs fp32 with their standard error, bits/param,
         quantize time, tokens/s. A `lowbit quantize` folder is evaluated as saved.
@@ -49,6 +52,7 @@ from ._export import _export
 from ._finetune import _finetune
 from ._tune_scales import _tune_scales, add_arguments as _tune_scales_arguments
 from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
+from ._quantize import add_calibration_arguments as _calibration_arguments
 from ._tools import UsageError
 from ._tune import _tune
 
@@ -94,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--error-bound", type=_positive_float, help="sz: error bound (required)")
     q.add_argument("--mode", choices=("abs", "rel"), help="sz: bound absolute (default) or relative to the range")
     q.add_argument("--force", action="store_true", help="write into OUT_DIR even if it exists")
+    _calibration_arguments(q)
     b = sub.add_parser("bench", help="kernel timings vs torch dense matmul on this device")
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.add_argument("--device", choices=("cpu", "cuda"), default="cpu")

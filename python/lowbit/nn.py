@@ -33,6 +33,7 @@ subclasses into files of their own would hide the contract they implement.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -58,6 +59,7 @@ from .autograd import matmul_4bit_unchecked, matmul_int_unchecked
 from .formats import codebooks
 from .formats import intq as intq_fmt
 from .formats import nf4 as nf4_fmt
+from .formats import nf4_aware
 from .formats import sz as sz_fmt
 from .functional import check_sz_dtype, dequantize_4bit, dequantize_int, quantize_4bit
 from ._ops import sz_decode, sz_matmul
@@ -359,15 +361,32 @@ class Linear4bit(QuantLinear):
             self.register_buffer("weight_nested_code", ncode.to(device) if device is not None else ncode)
             self.register_buffer("weight_offset", torch.zeros((), **z))
 
+    # the quant_types whose fit uses calibration statistics (from_linear's input_moments): nf4 and fp4 are
+    # bitsandbytes' fixed tables at absmax scales, byte for byte, and refuse them
+    CALIBRATED_TYPES = ("optimal",)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", blocksize: int = 64,
-                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None) -> "Linear4bit":
+                    double_quant: bool = True, compute_dtype: Optional[torch.dtype] = None,
+                    input_moments: Optional[Tensor] = None) -> "Linear4bit":
+        """Quantize linear.weight. input_moments (quant_type "optimal" only): h [in_features], the second
+        moment of each input channel on calibration text (lowbit.calibration.input_second_moments); the
+        table and block scales are then fitted to the layer's output error sum h[k] * E[n, k]^2
+        (formats.nf4_aware) instead of the weights' RMSE. Same bytes and kernels either way.
+        ValueError for input_moments with nf4/fp4, or h that is not finite, negative or of the wrong length."""
         cls._check_linear(linear)
         w = linear.weight.detach()
         self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
                    quant_type=quant_type, blocksize=blocksize, double_quant=double_quant,
                    compute_dtype=compute_dtype)
-        self.load_quantized(quantize_4bit(w, blocksize, quant_type, double_quant))
+        if input_moments is None:
+            q = quantize_4bit(w, blocksize, quant_type, double_quant)
+        else:
+            if quant_type not in cls.CALIBRATED_TYPES:
+                raise ValueError(f"quant_type {quant_type!r} does not take calibration (input_moments): its table "
+                                 f"and absmax scales are bitsandbytes' own; use quant_type='optimal'")
+            q = nf4_aware.quantize_aware(w, input_moments, blocksize, double_quant)  # checks w and h
+        self.load_quantized(q)
         self._copy_bias(linear)
         return self
 
@@ -612,17 +631,28 @@ class SZLinear(QuantLinear):
     bounds (f64: error_bound, bound); rebuilt on load, not saved: the decode table and lane_start
     (every lane's bit offset). Checkpoints of stream version 1 (buffer `offsets`) are re-packed
     as version 2 when they load.
+
+    Importance-scaled columns (from_linear's input_moments, docs/sz.md): buffer col_exp (int8 [in_features],
+    e[k]) when the stream holds W * 2**e; the layer then decodes W^ = decode * 2**-e, computes
+    y = (x * 2**-e) @ decode^T, and every element keeps |W^[n, k] - W[n, k]| <= bound * 2**-e[k]
+    (`column_bounds()`), checked element by element when the layer is built. Without scaling col_exp is None
+    and the state dict is exactly what it was before (a checkpoint without col_exp loads unscaled).
     """
 
     FAMILY = "sz"
     QUANT_TYPES = ("sz",)
-    OPTIONS = frozenset({"error_bound", "mode", "chunk_size"})
+    OPTIONS = frozenset({"error_bound", "mode", "chunk_size", "importance_alpha", "importance_ref"})
     MUST_MATCH = QuantLinear.MUST_MATCH + ("error_bound", "mode")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype: Optional[torch.dtype] = None, error_bound: Optional[float] = None, mode: str = "abs",
-                 chunk_size: int = 4096) -> None:
+                 chunk_size: int = 4096, importance_alpha: float = sz_fmt.DEFAULT_ALPHA,
+                 importance_ref: str = "layer") -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        # importance_alpha / importance_ref only steer from_linear (checked here so that empty_layer and
+        # load_quantized take replace_linear's options); whether a layer is scaled is in its buffers (col_exp)
+        sz_fmt.check_alpha(importance_alpha)
+        check_choice("importance_ref", importance_ref, sz_fmt.IMPORTANCE_REFS)
         self.error_bound = None if error_bound is None else sz_fmt.check_error_bound(error_bound, mode)
         check_choice("mode", mode, sz_fmt.MODES)
         self.mode = mode
@@ -641,27 +671,86 @@ class SZLinear(QuantLinear):
         self.register_buffer("bounds", torch.tensor([error_bound or 0.0, 0.0], dtype=torch.float64, **z))
         self.register_buffer("table", torch.zeros(1 << sz_fmt.MAX_LEN, dtype=torch.int16, **z), persistent=False)
         self.register_buffer("lane_start", torch.zeros(1, dtype=torch.int32, **z), persistent=False)
+        # importance-scaled columns: e[k] (int8, saved) and 2**-e[k] (fp32, derived); None when unscaled
+        self.register_buffer("col_exp", None)
+        self.register_buffer("inv_scale", None, persistent=False)
         self._sync_meta()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, error_bound: float, mode: str = "abs",
-                    chunk_size: int = 4096) -> "SZLinear":
+    def from_linear(cls, linear: nn.Linear, *, error_bound: float, mode: str = "abs", chunk_size: int = 4096,
+                    input_moments: Optional[Tensor] = None, importance_alpha: float = sz_fmt.DEFAULT_ALPHA,
+                    importance_ref: str = "layer") -> "SZLinear":
+        """Compress linear.weight within `error_bound` (sz_compress). input_moments: h[k] = mean x_k^2 per input
+        channel on calibration text (lowbit.calibration.input_second_moments); with it the columns are scaled
+        by 2**e[k], e[k] = round(importance_alpha * log2(h[k] / ref)) clamped to +-12 (alpha 0.35 by
+        default; ref: the layer's geometric mean, importance_ref="layer", or 1, "none"), and column k's
+        elements keep the bound bound * 2**-e[k] (column_bounds()), verified element by element here in
+        every dtype the layer claims. ValueError for h that is not finite, negative, all zero or of the
+        wrong length."""
         cls._check_linear(linear)
-        c = sz_fmt.sz_compress(linear.weight.detach(), error_bound, mode, chunk_size)
+        w = linear.weight.detach()
+        e = None
+        alpha = sz_fmt.check_alpha(importance_alpha)
+        check_choice("importance_ref", importance_ref, sz_fmt.IMPORTANCE_REFS)
+        if input_moments is not None:
+            h = sz_fmt.check_input_moments(input_moments, linear.in_features)
+            e = sz_fmt.column_exponents(h, alpha, importance_ref)
+        c = sz_fmt.sz_compress(w if e is None else sz_fmt.scale_columns(w, e), error_bound, mode, chunk_size)
         m = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
                 device=linear.weight.device, error_bound=error_bound, mode=mode, chunk_size=chunk_size)
-        m.load_sz(c, verify=False)  # just encoded
+        m.load_sz(c, verify=False, col_exp=e)  # just encoded
+        if e is not None:
+            m.weight_dtype = w.dtype
+            m._check_columns(w)
         m._copy_bias(linear)
         m.bias is not None and m.bias.requires_grad_(False)
         return m
 
-    def load_sz(self, c: sz_fmt.SZTensor, *, verify: bool = True) -> None:
+    def _check_columns(self, w: Tensor) -> None:
+        """The per-element bound of a scaled layer, element by element in float64, on the layer's own decode of
+        every dtype: where the stream claims |out - W'| <= bound but the scaled weight misses
+        bound * 2**-e (fp16/bf16 subnormals or overflow of W^, not of W'), the dtype's claim is withdrawn (the
+        mask bit in meta is cleared: that dtype then refuses, as for any unscaled stream it does not hold in).
+        Beyond that, the relaxed bound max(bound * 2**-e, |d(W) - W|) must hold (else RuntimeError: a bug)."""
+        bounds = self.column_bounds()
+        mask = self._mask
+        w32 = self.dequantized_weight(torch.float32, allow_unbounded=True)  # decode * 2**-e, exact
+        for d in (torch.float32, torch.float16, torch.bfloat16):
+            out = w32.to(d)  # what dequantized_weight(d) returns: the same decode, rounded once to d
+            strict, relaxed = sz_fmt.check_columns(w.to(out.device), out, bounds)
+            if not relaxed:
+                raise RuntimeError(f"SZLinear: the decoded {d} weight misses its per-column bound (a lowbit bug)")
+            if not strict:
+                mask &= ~sz_fmt.DTYPE_BIT[d]
+        if mask != self._mask:
+            self.meta[7] = mask
+            self._sync_meta()
+
+    def column_bounds(self) -> Tensor:
+        """float64 [in_features] (CPU): every element of column k of dequantized_weight() is within this of the
+        original weight (in each dtype the layer holds the bound in; bounds[1] everywhere when unscaled)."""
+        return sz_fmt.column_bounds(float(self.bounds[1]), self.col_exp, self.in_features)
+
+    def _set_col_exp(self, e: Optional[Tensor]) -> None:
+        dev = self.step.device
+        if e is None:
+            self.col_exp, self.inv_scale = None, None
+            return
+        e = sz_fmt.check_exponents(e, self.in_features).to(dev)
+        self.col_exp = e
+        self.inv_scale = None if dev.type == "meta" else sz_fmt.pow2(-e.to(torch.int32), torch.float32)
+
+    def load_sz(self, c: sz_fmt.SZTensor, *, verify: bool = True, col_exp: Optional[Tensor] = None) -> None:
         """Take the stream `c` (an SZTensor of this layer's shape). verify: decode it once, checking
-        every lane's length (ValueError for a tampered stream), so that forward need not."""
+        every lane's length (ValueError for a tampered stream), so that forward need not. col_exp: int8
+        [in_features], when `c` holds W * 2**col_exp (importance-scaled columns); None: c holds W."""
         if not isinstance(c, sz_fmt.SZTensor):
             raise TypeError(f"c must be a lowbit.SZTensor, got {type(c).__name__}")
         if c.shape != (self.out_features, self.in_features):
             raise ValueError(f"compressed weight shape {c.shape} != ({self.out_features}, {self.in_features})")
+        if col_exp is not None:
+            sz_fmt.check_exponents(col_exp, self.in_features)
+        self._set_col_exp(col_exp)
         dev = self.step.device
         self.payload, self.lane_start, self.table, self.step, self.outlier_idx, self.outlier_val = c.decoder_args(dev)
         rate, width, index = sz_fmt.lane_index(c)
@@ -685,7 +774,24 @@ class SZLinear(QuantLinear):
                                    self.lane_start)
 
     def format_fields(self) -> dict:
-        return {"error_bound": self.error_bound, "mode": self.mode, "chunk_size": self.chunk_size}
+        f = {"error_bound": self.error_bound, "mode": self.mode, "chunk_size": self.chunk_size}
+        if self.col_exp is not None:  # only then: an unscaled layer's metadata is what it always was
+            f["column_scaled"] = True
+        return f
+
+    def _adopt(self, meta: dict, sd: dict, prefix: str) -> None:
+        super()._adopt(meta, sd, prefix)
+        self._take_col_exp(sd, prefix)
+
+    def _take_col_exp(self, sd: dict, prefix: str) -> None:
+        """Scaled or not as the checkpoint is: allocate col_exp for one that holds it, drop it for one that does
+        not (every checkpoint written before importance scaling), before torch copies the buffers."""
+        t = sd.get(prefix + "col_exp", False)
+        if t is False:
+            self.col_exp, self.inv_scale = None, None
+        elif self.col_exp is None or (isinstance(t, Tensor) and t.shape != self.col_exp.shape):
+            shape = t.shape if isinstance(t, Tensor) else (self.in_features,)
+            self._buffers["col_exp"] = torch.zeros(shape, dtype=torch.int8, device=self.step.device)
 
     def _check_meta(self, meta: dict, key: str) -> None:
         if self.error_bound is None:  # built without a bound: take the checkpoint's
@@ -717,6 +823,7 @@ class SZLinear(QuantLinear):
             tmp = SZLinear(self.in_features, self.out_features, bias=False)
             tmp.load_sz(c, verify=False)  # verified in _rebuild below
             state_dict.update({prefix + n: getattr(tmp, n) for n in _SZ_BUFFERS})
+        self._take_col_exp(state_dict, prefix)
         # The compressed sizes depend on the data: take the incoming buffers' shapes and dtypes.
         for name in _SZ_BUFFERS:
             t = state_dict.get(prefix + name)
@@ -733,6 +840,7 @@ class SZLinear(QuantLinear):
         start, table = sz_fmt.lane_start_and_table(self.out_features * self.in_features, self.lane_index, self.lengths,
                                                    self.meta)
         self.lane_start, self.table = start.to(dev), table.to(dev)
+        self._set_col_exp(self.col_exp)
         c = self.to_sz()
         self.error_bound, self.mode, self.weight_dtype = c.error_bound, c.mode, c.dtype
         self._sync_meta()
@@ -761,9 +869,12 @@ class SZLinear(QuantLinear):
             return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.step.device)
         if not allow_unbounded and not self._mask & sz_fmt.DTYPE_BIT[dtype]:
             check_sz_dtype(self.to_sz(), dtype, allow_unbounded)
+        scaled = self.inv_scale is not None
         flat = sz_decode(self.payload, self.lane_start, self.table, self.step, self.outlier_idx, self.outlier_val,
-                         self.out_features * self.in_features, self._chunk, self._max_len, self._radius, dtype)
-        return flat.view(self.out_features, self.in_features)
+                         self.out_features * self.in_features, self._chunk, self._max_len, self._radius,
+                         torch.float32 if scaled else dtype)
+        w = flat.view(self.out_features, self.in_features)
+        return (w * self.inv_scale).to(dtype) if scaled else w  # 2**-e: exact in fp32, then one rounding
 
     def forward(self, x: Tensor) -> Tensor:
         """y = x W^T + b: on CUDA a fused decode-GEMV for up to 16 rows of x, else W decoded in the
@@ -782,6 +893,8 @@ class SZLinear(QuantLinear):
             if not self._mask & sz_fmt.DTYPE_BIT[dtype]:
                 check_sz_dtype(self.to_sz(), dtype, False)
             x2 = x.to(dtype).reshape(-1, self.in_features)
+            if self.inv_scale is not None:  # (x * 2**-e) @ decode^T = x @ W^^T: M*K multiplies, not N*K
+                x2 = x2 * self.inv_scale.to(dtype)
             y = sz_matmul(x2, self.payload, self.lane_start, self.table, self.step, self.outlier_idx,
                           self.outlier_val, self.out_features, self._chunk, self._max_len, self._radius, b)
             y = y.view(*x.shape[:-1], self.out_features)
@@ -789,7 +902,9 @@ class SZLinear(QuantLinear):
 
     @property
     def bits_per_param(self) -> float:
-        return self.to_sz().bits_per_param
+        """The stream's bits per weight, plus the column exponents' 8 bits per input column when scaled."""
+        extra = 0.0 if self.col_exp is None else 8.0 / self.out_features
+        return self.to_sz().bits_per_param + extra
 
 
 # ==============================================================================================
@@ -850,15 +965,26 @@ def _registered(quant_type: str, opts) -> type:
 
 
 def layer_factory(quant_type: str, opts: dict):
-    """quant_type -> a function nn.Linear -> lowbit layer, from the registry."""
+    """quant_type -> a function (nn.Linear, **extra) -> lowbit layer, from the registry (extra: from_linear
+    arguments that differ per layer, i.e. input_moments)."""
     cls = _registered(quant_type, opts)
     if cls is Linear4bit:
-        return lambda lin: Linear4bit.from_linear(lin, quant_type=quant_type, **opts)
+        return lambda lin, **kw: Linear4bit.from_linear(lin, quant_type=quant_type, **opts, **kw)
     if cls is IntLinear:
-        return lambda lin: IntLinear.from_linear(lin, bits=int(quant_type[3:]), **opts)
+        return lambda lin, **kw: IntLinear.from_linear(lin, bits=int(quant_type[3:]), **opts, **kw)
     if cls is SZLinear and "error_bound" not in opts:
         raise ValueError("quant_type='sz' needs error_bound=... (abs, or relative to the value range with mode='rel')")
-    return lambda lin: cls.from_linear(lin, **opts)
+    return lambda lin, **kw: cls.from_linear(lin, **opts, **kw)
+
+
+def takes_calibration(quant_type: str) -> bool:
+    """Whether replace_linear(..., calibration=...) applies to quant_type: its layer class's from_linear takes
+    `input_moments` (inspected), and, for a class that lists CALIBRATED_TYPES, quant_type is one of them
+    (Linear4bit: "optimal" only). ValueError for an unknown quant_type."""
+    cls = _registered(quant_type, {})
+    if "input_moments" not in inspect.signature(cls.from_linear).parameters:
+        return False
+    return quant_type in getattr(cls, "CALIBRATED_TYPES", (quant_type,))
 
 
 def empty_layer(quant_type: str, in_features: int, out_features: int, bias: bool = True, *, device=None,
@@ -891,7 +1017,7 @@ def skip_matches(name: str, skip: Iterable[str]) -> bool:
 
 
 def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Iterable[str]] = None,
-                   progress: Optional[bool] = None, **opts) -> nn.Module:
+                   progress: Optional[bool] = None, calibration: Optional[dict] = None, **opts) -> nn.Module:
     """Swap every nn.Linear in `model` for a lowbit layer; returns the model (or, for a bare
     nn.Linear, the new layer).
 
@@ -900,14 +1026,28 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     explicitly that matches no module warns. All layers are quantized before any is swapped
     in: if one fails, the model is left exactly as it was and the error names the layer's path
     and shape. progress: one line per layer on stderr (default: more than 50 Linear layers).
+    calibration: {Linear name: h [in_features]} (lowbit.calibration.input_second_moments of this model),
+    passed to each layer's from_linear as input_moments (an activation-aware fit). Only for a quant_type
+    that takes it (`takes_calibration`: optimal, sz), else ValueError "... does not take calibration".
+    Every Linear to be quantized must have an entry (ValueError naming the first that has none: a
+    partial dict is a mistake, not a request to fit some layers plainly); entries for other modules
+    (skipped ones, lm_head) are ignored. A bare nn.Linear looks up the name "".
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     explicit = skip is not None
     skip = _DEFAULT_SKIP if skip is None else ((skip,) if isinstance(skip, str) else tuple(skip))
     make = layer_factory(quant_type, opts)
+    if calibration is not None:
+        if not isinstance(calibration, dict):
+            raise TypeError(f"calibration must be a dict {{Linear name: input second moments}}, got "
+                            f"{type(calibration).__name__}")
+        if not takes_calibration(quant_type):
+            raise ValueError(f"quant_type {quant_type!r} does not take calibration; formats that do: "
+                             f"{', '.join(q for q in quant_types() if takes_calibration(q))}")
     if type(model) is nn.Linear:
-        return _make_one(make, "", model, quant_type)
+        _check_calibrated(calibration, [("", model)])
+        return _make_one(make, "", model, quant_type, calibration)
     names = [name for name, _ in model.named_modules(remove_duplicate=False)]
     if explicit:
         for s in skip:
@@ -920,10 +1060,11 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     targets = [(name, mod) for name, mod in linears if id(mod) not in skipped]
     if progress is None:
         progress = len(targets) > 50
+    _check_calibrated(calibration, targets)
     built, made = [], {}
     for i, (name, lin) in enumerate(targets):
         if id(lin) not in made:
-            made[id(lin)] = _make_one(make, name, lin, quant_type)
+            made[id(lin)] = _make_one(make, name, lin, quant_type, calibration)
         built.append((name, made[id(lin)]))
         if progress:
             print(f"\rlowbit: quantized {i + 1}/{len(targets)} Linear layers ({quant_type})", end="", file=sys.stderr)
@@ -936,13 +1077,25 @@ def replace_linear(model: nn.Module, quant_type: str = "nf4", skip: Optional[Ite
     return model
 
 
-def _make_one(make, name: str, lin: nn.Linear, quant_type: str) -> QuantLinear:
+def _check_calibrated(calibration: Optional[dict], targets) -> None:
+    """ValueError naming the first Linear to be quantized that `calibration` has no statistics for."""
+    if calibration is None:
+        return
+    missing = [name for name, _ in targets if name not in calibration]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ValueError(f"replace_linear: calibration has no statistics for layer {missing[0]!r}{more}; give "
+                         "input_second_moments of this model for every Linear that is quantized")
+
+
+def _make_one(make, name: str, lin: nn.Linear, quant_type: str, calibration: Optional[dict] = None) -> QuantLinear:
     try:
-        return make(lin)
+        return make(lin) if calibration is None else make(lin, input_moments=calibration[name])
     except (ValueError, TypeError) as e:
         where = repr(name) if name else "the model (a bare nn.Linear)"
         raise type(e)(f"replace_linear: layer {where} (nn.Linear in_features={lin.in_features}, "
                       f"out_features={lin.out_features}) cannot be quantized as {quant_type!r}: {e}") from e
 
 
-__all__ = ["IntLinear", "Linear4bit", "LoRALinear", "QuantLinear", "SZLinear", "quant_types", "replace_linear"]
+__all__ = ["IntLinear", "Linear4bit", "LoRALinear", "QuantLinear", "SZLinear", "quant_types", "replace_linear",
+           "takes_calibration"]

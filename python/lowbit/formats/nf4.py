@@ -173,14 +173,17 @@ def _scale_blocks(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> t
 
 
 def quantize_flat(
-    flat: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor
+    flat: torch.Tensor, blocksize: int, bounds: torch.Tensor, order: torch.Tensor,
+    scales: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Blockwise absmax 4-bit quantization of a flat tensor.
 
     Returns (packed uint8 [ceil(n/2)], absmax fp32 [ceil(n/blocksize)]). Byte i holds element 2i
     in its high nibble and element 2i+1 in its low nibble (the tail is padded with the code of 0).
+    scales: fitted fp32 block scales to use instead of the absmax (the activation-aware fit; a value
+    beyond its block's scale is clamped to the table's end), returned as given.
     """
-    absmax = blockwise_absmax(flat, blocksize)
+    absmax = blockwise_absmax(flat, blocksize) if scales is None else scales.float().clone()
     scaled = _scale_blocks(flat, absmax, blocksize)
     if flat.numel() % blocksize:
         # bitsandbytes stores a short last block's scale as max(absmax, 1e-38) (the divisor it used),
@@ -303,23 +306,10 @@ def matmul_dequantized(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | No
     return y.to(x.dtype)
 
 
-def fit_optimal_table(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, bins: int = 1024) -> torch.Tensor:
-    """16 levels minimising sum over elements of absmax_b^2 * (w / absmax_b - level)^2.
-
-    Exact k-means by dynamic programming over a fine histogram of the normalised values (weights
-    absmax^2, so the error is measured on w itself, not on w / absmax), refined by a few Lloyd
-    steps on the raw values. The caller keeps NF4 when that is no worse.
-    """
-    n = flat.numel()
-    block = torch.arange(n, device=flat.device) // blocksize
-    a = absmax[block]
-    u = (flat.float() / a.clamp(min=1e-38)).clamp(-1, 1).double().cpu().numpy()
-    wt = (a.double() ** 2).cpu().numpy()
-    edges = np.linspace(-1.0, 1.0, bins + 1)
-    b = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, bins - 1)
-    s0 = np.bincount(b, weights=wt, minlength=bins)
-    s1 = np.bincount(b, weights=wt * u, minlength=bins)
-    s2 = np.bincount(b, weights=wt * u * u, minlength=bins)
+def _dp_levels(s0: np.ndarray, s1: np.ndarray, s2: np.ndarray, edges: np.ndarray, levels: int = 16) -> np.ndarray:
+    """The `levels` sorted centres of the exact weighted k-means of a histogram (s0, s1, s2: the sums of
+    weight, weight * u and weight * u^2 per bin), by dynamic programming over the bin boundaries."""
+    bins = s0.size
     p0, p1, p2 = (np.concatenate([[0.0], np.cumsum(s)]) for s in (s0, s1, s2))
     i = np.arange(bins + 1)[:, None]
     j = np.arange(bins + 1)[None, :]
@@ -327,7 +317,6 @@ def fit_optimal_table(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     with np.errstate(divide="ignore", invalid="ignore"):
         cost = (p2[j] - p2[i]) - np.where(w_ij > 0, (p1[j] - p1[i]) ** 2 / w_ij, 0.0)
     cost = np.where(j > i, np.maximum(cost, 0.0), np.inf)
-    levels = 16
     dp = cost[0].copy()  # dp[j]: best cost of bins [0, j) in 1 cluster
     back = np.zeros((levels, bins + 1), dtype=np.int64)
     for k in range(1, levels):
@@ -343,7 +332,45 @@ def fit_optimal_table(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, 
     for s, e in zip(starts, cuts):
         w_sum = p0[e] - p0[s]
         centers.append((p1[e] - p1[s]) / w_sum if w_sum > 0 else (edges[s] + edges[min(e, bins)]) / 2)
-    c = np.sort(np.asarray(centers))
+    return np.sort(np.asarray(centers))
+
+
+def element_weights(weights: torch.Tensor, numel: int) -> torch.Tensor:
+    """fp32 [numel] importance per element from `weights` given per element (numel values) or per input
+    channel (K values, K dividing numel: element i of the row-major tensor is in channel i % K)."""
+    w = weights.detach().reshape(-1).float()
+    if w.numel() == numel:
+        return w
+    if w.numel() == 0 or numel % w.numel():
+        raise ValueError(f"weights must have one value per element ({numel}) or per input channel (a divisor "
+                         f"of {numel}), got {w.numel()}")
+    return w.repeat(numel // w.numel())
+
+
+def fit_optimal_table(flat: torch.Tensor, absmax: torch.Tensor, blocksize: int, bins: int = 1024,
+                      weights: torch.Tensor | None = None) -> torch.Tensor:
+    """16 levels minimising sum over elements of weight * absmax_b^2 * (w / absmax_b - level)^2.
+
+    Exact k-means by dynamic programming over a fine histogram of the normalised values (weights
+    absmax^2, so the error is measured on w itself, not on w / absmax), refined by a few Lloyd
+    steps on the raw values. The caller keeps NF4 when that is no worse.
+    weights: None (every element counts the same: the plain RMSE fit) or a non-negative importance
+    per element, given per input channel ([K] for a weight [N, K], repeated over the rows) or
+    per element (numel values) - the activation-aware fit passes h (formats/nf4_aware.py).
+    """
+    n = flat.numel()
+    block = torch.arange(n, device=flat.device) // blocksize
+    a = absmax[block]
+    u = (flat.float() / a.clamp(min=1e-38)).clamp(-1, 1).double().cpu().numpy()
+    wt = (a.double() ** 2).cpu().numpy()
+    if weights is not None:
+        wt = wt * element_weights(weights, n).double().cpu().numpy()
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    b = np.clip(np.searchsorted(edges, u, side="right") - 1, 0, bins - 1)
+    s0 = np.bincount(b, weights=wt, minlength=bins)
+    s1 = np.bincount(b, weights=wt * u, minlength=bins)
+    s2 = np.bincount(b, weights=wt * u * u, minlength=bins)
+    c = _dp_levels(s0, s1, s2, edges)
     for _ in range(4):  # Lloyd on the exact values with the same nearest rule as the quantizer
         mids = (c[:-1] + c[1:]) / 2
         lab = np.searchsorted(mids, u, side="left")

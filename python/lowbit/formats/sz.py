@@ -46,6 +46,9 @@ from torch import Tensor
 
 from .._validate import check_choice, check_finite, check_float_tensor, check_has_values
 from . import _sz_v1
+from ._sz_columns import REFS as IMPORTANCE_REFS
+from ._sz_columns import (DEFAULT_ALPHA, MAX_SHIFT, check_alpha, check_columns, check_exponents, check_input_moments,
+                          column_bounds, column_exponents, pow2, scale_columns)
 from ._sz_encode import (DTYPE_BIT, MAX_RADIUS, _dtype_mask, _lane_bits, _outlier_values, _pack_payload, _quantize,
                          _Work, code_lengths, fast_library, lane_bits, pack_payload)
 from ._entropy import (
