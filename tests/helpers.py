@@ -153,3 +153,16 @@ def use_cpu_build(monkeypatch, variant: str) -> None:
     for name, args in _cpu._SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
     monkeypatch.setitem(_cpu._STATE, "lib", lib)
+
+
+def smollm2_or_skip():
+    """lowbit.smollm2, or a pytest skip naming what is missing (the realmodel tier: the SmolLM2 GGUF package and
+    the Lee corpus are installed --no-deps from requirements/realmodel.lock)."""
+    from lowbit import smollm2
+
+    try:
+        smollm2.gguf_path()
+        smollm2.lee_articles()
+    except ImportError as e:
+        pytest.skip(f"realmodel tier: the SmolLM2 fixture is not installed: {e}")
+    return smollm2

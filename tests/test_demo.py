@@ -17,6 +17,7 @@ from lowbit import _demo, _eval, cli
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
+from tests.helpers import smollm2_or_skip  # noqa: E402
 from tests.test_eval import build_tiny, synthetic_text  # noqa: E402
 
 CTX, WINDOWS, NEW = 32, 3, 4
@@ -165,13 +166,7 @@ def test_demo_help_hides_the_test_arguments(capsys):
 
 @pytest.mark.realmodel
 def test_smollm2_demo_one_window(tmp_path):
-    from lowbit import smollm2
-
-    try:
-        smollm2.gguf_path()
-        smollm2.lee_articles()
-    except ImportError as e:
-        pytest.skip(f"realmodel tier: the SmolLM2 fixture is not installed: {e}")
+    smollm2 = smollm2_or_skip()
     plan = [p for p in _demo.causal_formats() if p[1] in ("nf4", "int4")]
     with contextlib.redirect_stdout(io.StringIO()):
         rows = _demo._demo_causal(smollm2.model_dir(), smollm2.evaluation_text(), windows=1, ctx=128,

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from lowbit import _eval, cli
+from tests.helpers import smollm2_or_skip
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -421,20 +422,9 @@ def test_exit_status_of_the_command(tmp_path):
 # ------------------------------------------------------------------------------------------ SmolLM2
 
 
-def _smollm2_or_skip():
-    from lowbit import smollm2
-
-    try:
-        smollm2.gguf_path()
-        smollm2.lee_articles()
-    except ImportError as e:
-        pytest.skip(f"realmodel tier: the SmolLM2 fixture is not installed: {e}")
-    return smollm2
-
-
 @pytest.fixture(scope="module")
 def smol_run():
-    smollm2 = _smollm2_or_skip()
+    smollm2 = smollm2_or_skip()
     rc, out, err = run("smollm2", "--windows", "2", "--ctx", "128", "--format", "nf4", "int4", "--json",
                        "--threads", "1", "--generate", "What is the capital of France?", "--max-new-tokens", "8")
     assert rc == 0, err
@@ -484,7 +474,7 @@ def test_smollm2_nf4_equals_bitsandbytes_window_by_window(smol_run):
 
 @pytest.mark.realmodel
 def test_smollm2_bad_input(tmp_path):
-    _smollm2_or_skip()
+    smollm2_or_skip()
     one_line_error(*run("smollm2", "--ctx", "9000"), "--ctx 9000 exceeds the model's context of 8192")
     one_line_error(*run("smollm2", "--format", "nf4", "int5"), "unsupported format 'int5'")
     short = tmp_path / "short.txt"

@@ -18,7 +18,7 @@ import lowbit
 from lowbit.formats import codebooks
 from lowbit.formats import nf4_aware
 from lowbit.nn import Linear4bit, takes_calibration
-from tests.helpers import nf4_oracle_weight
+from tests.helpers import nf4_oracle_weight, smollm2_or_skip
 
 
 def _skewed_inputs(k: int, t: int = 512, hot: int = 8, gain: float = 30.0) -> torch.Tensor:
@@ -223,13 +223,7 @@ def test_smollm2_aware_fit_generalises_to_held_out_text():
     # h from calibration text (articles 0-149) must lower the output error on activations of *other* text
     # (articles 150-299) vs the plain fit. Catches a fit that only memorises its calibration tokens, and the
     # whole pipeline (moments -> replace_linear -> bytes) dropping h on a real layer (or replacing it by ones).
-    from lowbit import smollm2
-
-    try:
-        smollm2.gguf_path()
-        smollm2.lee_articles()
-    except ImportError as e:
-        pytest.skip(f"realmodel tier: the SmolLM2 fixture is not installed: {e}")
+    smollm2 = smollm2_or_skip()
     transformers = pytest.importorskip("transformers")
     from lowbit.calibration import calibration_windows, input_second_moments
 

@@ -274,18 +274,16 @@ def _matmul_chunked(x: Tensor, w, bias: Optional[Tensor]) -> Tensor:
         wc = buf.view(n, k)
         w.rect(0, n, 0, k, wc)
         y = torch.mm(xc, wc.t())
-        if bias is not None:
-            y = y.float() + bias.float() if cdt != torch.float32 else y.add_(bias.float())
-        return y.to(x.dtype)
-    yt = torch.empty((n, m), dtype=cdt)  # y^T: each chunk's rows are contiguous
-    for n0 in range(0, n, rows):
-        nr = min(rows, n - n0)
-        wc = buf[: nr * k].view(nr, k)
-        w.rect(n0, nr, 0, k, wc)
-        torch.mm(wc, xc.t(), out=yt[n0:n0 + nr])
-    y = yt.t()
-    if bias is not None:
-        y = y.float() + bias.float()
+    else:
+        yt = torch.empty((n, m), dtype=cdt)  # y^T: each chunk's rows are contiguous
+        for n0 in range(0, n, rows):
+            nr = min(rows, n - n0)
+            wc = buf[: nr * k].view(nr, k)
+            w.rect(n0, nr, 0, k, wc)
+            torch.mm(wc, xc.t(), out=yt[n0:n0 + nr])
+        y = yt.t()
+    if bias is not None:  # in fp32: in place (no second [m, n] buffer); bf16: added in fp32, rounded once below
+        y = y.add_(bias.float()) if cdt == torch.float32 else y.float() + bias.float()
     return y.to(x.dtype).contiguous()
 
 

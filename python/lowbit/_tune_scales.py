@@ -36,12 +36,12 @@ from ._tools import UsageError, read_config
 INT_FORMATS = ("int2", "int3", "int4")
 
 
-def _check_paths(a) -> tuple[str, str, dict, str]:
-    """(quantized dir, teacher dir, manifest, out dir), every check that needs no model."""
+def _check_paths(a) -> tuple[str, dict, str, dict, str]:
+    """(quantized dir, its config.json, teacher dir, manifest, out dir), every check that needs no model."""
     from .io import read_manifest
 
     src = os.fspath(a.quantized_dir)
-    read_config(src)
+    config = read_config(src)
     try:
         manifest = read_manifest(src)
     except (FileNotFoundError, ValueError) as e:
@@ -69,7 +69,7 @@ def _check_paths(a) -> tuple[str, str, dict, str]:
             raise UsageError(f"--out {out!r} exists and is not a folder")
         if os.listdir(out) and not a.force:
             raise UsageError(f"--out {out!r} exists and is not empty; pass --force to write into it")
-    return src, teacher, manifest, out
+    return src, config, teacher, manifest, out
 
 
 def _read(path: str, what: str) -> str:
@@ -115,7 +115,8 @@ def scale_parameters(model) -> list:
 def tune(student, teacher, train, heldout, *, steps: int, lr: float, batch: int, eval_every: int, seed: int = 0,
          progress: bool = True) -> dict:
     """Train `student`'s int scales to `teacher`'s next-token distributions on `train` ([N, ctx] ids);
-    returns the KL per step and the held-out perplexity before/after (and at every eval)."""
+    returns the KL per step, the held-out perplexity before/after (and at every eval) and the number of
+    layers tuned."""
     import torch
 
     scales = scale_parameters(student)
@@ -156,18 +157,16 @@ def tune(student, teacher, train, heldout, *, steps: int, lr: float, batch: int,
     ppl.append((steps, heldout_ppl(student, heldout)))
     for s in scales:
         s.requires_grad_(False)
-    return {"kl": kls, "heldout_ppl": ppl}
+    return {"kl": kls, "heldout_ppl": ppl, "layers": len(scales)}
 
 
 def _tune_scales(a) -> int:
     """The CLI body (argparse namespace: quantized_dir, text, out, teacher, eval_text, steps, lr, ctx, batch,
     eval_windows, eval_every, force)."""
-    src, teacher_dir, manifest, out = _check_paths(a)
+    src, config, teacher_dir, manifest, out = _check_paths(a)
     text = _read(a.text, "--text")
     eval_text = _read(a.eval_text, "--eval-text") if a.eval_text else None
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
     from ._eval import _load_fp_model, _load_quantized_folder
     from ._finetune import tokens
     from ._quantize import _TOKENIZER_FILES, _write_folder
@@ -204,7 +203,6 @@ def _tune_scales(a) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     os.makedirs(out, exist_ok=True)
-    config = read_config(src)
     config.pop("quantization_config", None)
     opts, skip = manifest.get("options", {}), manifest.get("skip", [])
     _write_folder(student, config, out, manifest["format"], opts, skip)
@@ -219,7 +217,7 @@ def _tune_scales(a) -> int:
                              "heldout_ppl_after": res["heldout_ppl"][-1][1]}
     write_manifest(out, manifest["format"], opts, skip, **extra)
     before, after = res["heldout_ppl"][0][1], res["heldout_ppl"][-1][1]
-    print(f"tuned the scales of {len(scale_parameters(student))} layers in {a.steps} steps "
+    print(f"tuned the scales of {res['layers']} layers in {a.steps} steps "
           f"({time.perf_counter() - t0:.0f} s): held-out perplexity {before:.2f} -> {after:.2f} "
           f"({heldout.shape[0]} windows of {a.ctx}); KL {res['kl'][0]:.4f} -> {res['kl'][-1]:.4f}; wrote {out}")
     return 0 if math.isfinite(after) else 1

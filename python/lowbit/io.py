@@ -121,13 +121,12 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     save_pretrained does (SmolLM2's quantized folder held its 113 MB embedding twice). Tensors that only
     overlap get their own copy (safetensors refuses shared storage)."""
     sd: dict[str, torch.Tensor] = {}
-    seen: dict = {}
+    seen: set = set()
     for k, v in model.state_dict().items():
         v = v.detach()
-        exact = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
-        if v.numel() and exact in seen:
-            continue  # an alias of seen[exact]: _tied_names records it
-        seen[exact] = k
+        if v.numel() and _alias_key(v) in seen:
+            continue  # an alias of an earlier name: _tied_names records it
+        seen.add(_alias_key(v))
         sd[k] = v.contiguous().cpu()
     owners: set = set()
     for k, v in sd.items():  # overlapping, not identical: copies
@@ -138,20 +137,22 @@ def _plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return sd
 
 
+def _alias_key(v: torch.Tensor) -> tuple:
+    """Equal for two tensors exactly when one is the other (same memory, shape, strides and dtype)."""
+    return v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype
+
+
 def _tied_names(model: nn.Module, sd: dict) -> dict[str, str]:
     """{name left out of sd: the name in sd holding the same tensor} (see _plain_state_dict)."""
     full = model.state_dict()
     where = {}
     for k in sd:
         if k in full:
-            v = full[k]
-            where.setdefault((v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape),
-                              v.stride(), v.dtype), k)
+            where.setdefault(_alias_key(full[k]), k)
     tied = {}
     for k, v in full.items():
         if k not in sd and v.numel():
-            src = where.get((v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(),
-                             v.dtype))
+            src = where.get(_alias_key(v))
             if src is not None:
                 tied[k] = src
     return tied
