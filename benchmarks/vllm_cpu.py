@@ -1,6 +1,7 @@
 """CPU decode tokens/s of SmolLM2-135M-Instruct in vLLM: fp32 vs lowbit folders, side by side in one run.
 
     .venv-vllm/bin/python benchmarks/vllm_cpu.py [--formats nf4 int4] [--tokens 128] [--repeats 3] [--json]
+                                                 [--dtype float32|bfloat16]
 
 Needs the vLLM environment (`make install-vllm`). Quantizes SmolLM2 with `lowbit quantize` into a temporary
 folder (nf4: blocksize 64, double-quantized scales; int4/int3: groups of 128), then for fp32 and each format
@@ -42,7 +43,7 @@ def _time(llm, sp_cls, prompt, n: int) -> float:
     return dt
 
 
-def measure(folders: dict, tokens: int, repeats: int) -> dict:
+def measure(folders: dict, tokens: int, repeats: int, dtype: str = "float32") -> dict:
     """Every folder's engine is started first; then `repeats` rounds time each in turn (interleaved, so that
     a change in the machine's load during the run hits every row alike)."""
     from vllm import LLM, SamplingParams
@@ -50,7 +51,7 @@ def measure(folders: dict, tokens: int, repeats: int) -> dict:
     llms, results = {}, {}
     for name, folder in folders.items():
         t = time.perf_counter()
-        llms[name] = LLM(model=folder, dtype="float32", max_model_len=512, enforce_eager=True, seed=0)
+        llms[name] = LLM(model=folder, dtype=dtype, max_model_len=512, enforce_eager=True, seed=0)
         results[name] = {"load_s": time.perf_counter() - t, "all": [], "prefill": []}
         _time(llms[name], SamplingParams, PROMPT, 8)  # warm-up
     for _ in range(repeats):
@@ -78,6 +79,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="vLLM's compute dtype (benchmarks/gpu_check.py runs this script with bfloat16 on a GPU)")
     a = ap.parse_args()
 
     import torch
@@ -95,15 +98,17 @@ def main() -> int:
             subprocess.run([sys.executable, "-m", "lowbit.cli", "quantize", src, out, *OPTIONS[fmt]], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             folders[fmt] = out
-        results = measure(folders, a.tokens, a.repeats)
-    info = {"date": datetime.date.today().isoformat(), "machine": f"{os.cpu_count()}-core CPU container",
+        results = measure(folders, a.tokens, a.repeats, a.dtype)
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    info = {"date": datetime.date.today().isoformat(), "machine": gpu or f"{os.cpu_count()}-core CPU container",
+            "dtype": a.dtype,
             "cpu": platform.processor() or platform.machine(), "vllm": vllm.__version__, "torch": torch.__version__,
             "lowbit": __version__, "tokens": a.tokens, "repeats": a.repeats, "results": results}
     if a.json:
         print(json.dumps(info, indent=2))
         return 0
-    base = results["fp32"]["decode_tok_s"]
-    print(f"SmolLM2-135M-Instruct in vLLM {vllm.__version__} (CPU, torch {torch.__version__}), dtype float32, "
+    base = results["fp32"]["decode_tok_s"]  # the unquantized folder, run in --dtype
+    print(f"SmolLM2-135M-Instruct in vLLM {vllm.__version__} ({gpu or 'CPU'}, torch {torch.__version__}), dtype {a.dtype}, "
           f"batch 1, {a.tokens} new tokens, median of {a.repeats}; {info['date']}, {info['machine']}\n")
     print("| weights | decode tokens/s (median) | rounds | vs fp32 | first token (s) | load (s) "
           "| 'The capital of France is' |")

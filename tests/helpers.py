@@ -134,10 +134,11 @@ def int_oracle_weight(q) -> torch.Tensor:
         hi = ((b[:, :, None] >> (2 * i)) & 3) | (((h[:, :, None] >> (2 * i)) & 1) << 2)
         codes = np.concatenate([lo, hi], axis=2).reshape(n, k)
     length = k if q.group_size is None else q.group_size
-    z = q.zeros.detach().cpu().reshape(n, k // length, 1).numpy().astype(np.int64)
-    s = q.scale.detach().cpu().float().reshape(n, k // length, 1).numpy()
-    qz = (codes.reshape(n, k // length, length) - z).astype(np.float32)
-    return torch.from_numpy((qz * s).astype(np.float32).astype(np.float64).reshape(n, k))
+    group = np.arange(k) // length  # column -> its group (the last one ragged when length does not divide k)
+    z = q.zeros.detach().cpu().reshape(n, -1).numpy().astype(np.int64)[:, group]
+    s = q.scale.detach().cpu().float().reshape(n, -1).numpy()[:, group]
+    qz = (codes - z).astype(np.float32)
+    return torch.from_numpy((qz * s).astype(np.float32).astype(np.float64))
 
 
 def use_cpu_build(monkeypatch, variant: str) -> None:

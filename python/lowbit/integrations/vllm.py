@@ -27,8 +27,14 @@ How a layer is served:
 - `apply` runs the layer(s) (lowbit's ops: the C kernels on CPU, the Triton kernels on CUDA) and
   concatenates the shards' outputs along the last dimension, in vLLM's shard order.
 
-Refused at load, with the layer named: tensor parallelism (tp_size > 1: lowbit does not split packed
-storage across ranks yet), a fused vLLM layer whose shards are partly dense and partly quantized, a
+Tensor parallelism: each rank loads the whole checkpoint layer and keeps its part, cut out of the packed
+storage by `QuantLinear.narrow` (never re-quantized): its output rows of a column-parallel layer (kv heads
+replicated across ranks as vLLM's loader does it), its input columns of a row-parallel one. nf4/fp4/optimal
+cut at whole blocks (double-quantized scales decoded to fp32 first: their 256-scale blocks span rows), int
+rows at whole groups (int3: 128-column quads), SZ not at all.
+
+Refused at load, with the layer named: a split that would cut a block, group or SZ stream (tensor
+parallelism), a fused vLLM layer whose shards are partly dense and partly quantized, a
 checkpoint layer without lowbit metadata (or holding a dense weight where the config says quantized), a
 format version newer than this lowbit reads, and an SZ layer asked for a dtype that cannot hold its
 error bound.
@@ -237,11 +243,20 @@ class LowbitLinearMethod(LinearMethodBase):
 
     def create_weights(self, layer: nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        # Tensor parallelism: every rank loads the whole checkpoint layer and keeps its part, cut from the
+        # stored codes and scales by QuantLinear.narrow (nothing re-quantized): its output rows for a
+        # column-parallel layer (qkv, gate_up: output_partition_sizes are this rank's), its input columns for a
+        # row-parallel one (o_proj, down_proj: vLLM all-reduces the partial sums and adds the bias once).
         tp = getattr(layer, "tp_size", 1)
-        if tp != 1 or input_size_per_partition != input_size or sum(output_partition_sizes) != output_size:
-            raise ValueError(f"lowbit: layer {self.prefix!r}: tensor parallelism (tp_size={tp}) would split its "
-                             "packed lowbit storage across ranks, which lowbit does not support yet; serve it with "
-                             "tensor_parallel_size=1")
+        split_in = input_size_per_partition != input_size
+        split_out = sum(output_partition_sizes) != output_size
+        if split_in and split_out:
+            raise ValueError(f"lowbit: layer {self.prefix!r}: vLLM splits both its input and its output across "
+                             f"ranks (tp_size={tp}), which lowbit does not serve")
+        layer.lowbit_split = 1 if split_in else 0 if split_out else None
+        layer.lowbit_rank = getattr(layer, "tp_rank", 0)
+        layer.lowbit_tp = tp
+        layer.lowbit_in_full = input_size
         if len(output_partition_sizes) != len(self.names) and len(self.names) > 1:
             raise ValueError(f"lowbit: layer {self.prefix!r} has {len(output_partition_sizes)} shards but the "
                              f"checkpoint layers {self.names}")
@@ -286,6 +301,9 @@ class LowbitLinearMethod(LinearMethodBase):
         if None in pieces and len(pieces) > 1:
             raise ValueError(f"lowbit: layer {self.prefix!r}: the checkpoint holds it both fused and as shards")
         if None in pieces:
+            if layer.lowbit_split is not None and len(sizes) > 1:
+                raise ValueError(f"lowbit: layer {self.prefix!r}: the checkpoint holds it fused, whose shards' rows "
+                                 f"are not contiguous per rank; serve it with tensor_parallel_size=1")
             plan = [(None, sum(sizes))]
         else:
             missing = [self._shard_name(i) for i in range(len(sizes)) if i not in pieces]
@@ -326,8 +344,15 @@ class LowbitLinearMethod(LinearMethodBase):
             marker = sd.pop("weight", None)  # save_pretrained's empty uint8 marker of int/SZ layers
             if marker is not None and marker.numel():
                 raise ValueError(f"{head}: an int/SZ layer with a non-empty 'weight' tensor {tuple(marker.shape)}")
+        # the checkpoint layer whole (with tensor parallelism this rank keeps its part of it: _rank_part)
+        full_in, full_out = layer.lowbit_in, out
+        if layer.lowbit_split is not None:
+            full_in, full_out = layer.lowbit_in_full, meta.get("out_features")
+            if isinstance(full_out, bool) or not isinstance(full_out, int) or full_out < out:
+                raise ValueError(f"{head}: its metadata has out_features={full_out!r}, not a layer of at least "
+                                 f"{out} rows")
         try:
-            m = empty_layer(cfg.quant_type, layer.lowbit_in, out, bias=False, device=device, **cfg.options)
+            m = empty_layer(cfg.quant_type, full_in, full_out, bias=False, device=device, **cfg.options)
             missing, unexpected = m.load_state_dict(sd, strict=False)
         except (ValueError, RuntimeError, TypeError) as e:
             raise ValueError(f"{head} cannot be served: {e}") from None
@@ -342,7 +367,27 @@ class LowbitLinearMethod(LinearMethodBase):
                 raise ValueError(f"{head}: vLLM computes in {dtype}, which this SZ layer cannot serve: {e}; "
                                  "serve it with dtype='float32'") from None
         m.requires_grad_(False)
-        return m
+        return self._rank_part(layer, m, idx, out, head)
+
+    @staticmethod
+    def _rank_part(layer: nn.Module, m: QuantLinear, idx: Optional[int], out: int, head: str) -> QuantLinear:
+        """This rank's part of the checkpoint layer `m` (all of it without tensor parallelism)."""
+        split, rank, tp = layer.lowbit_split, layer.lowbit_rank, layer.lowbit_tp
+        if split is None:
+            return m
+        try:
+            if split == 1:
+                k = layer.lowbit_in
+                return m.narrow(1, rank * k, k)
+            # output rows: `out` of the checkpoint layer's out_features per rank. A layer smaller than tp parts
+            # (k/v projections with fewer kv heads than ranks) is replicated: rank r holds part r * parts // tp,
+            # as vLLM's own loader does (tp_rank // num_kv_head_replicas).
+            parts, rem = divmod(m.out_features, out)
+            if rem or not parts:
+                raise ValueError(f"its {m.out_features} output rows do not split into parts of {out}")
+            return m.narrow(0, (rank * parts // tp) * out, out)
+        except ValueError as e:
+            raise ValueError(f"{head}: cannot be split for tensor parallelism (rank {rank} of {tp}): {e}") from None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
         shards = layer.lowbit_layers
