@@ -17,8 +17,8 @@ setup(
     # shadow Hugging Face's `kernels` (which transformers imports) whenever Python starts in the repo root,
     # and setuptools' editable finder cannot map a namespace folder elsewhere (hence the symlink).
     package_dir={"lowbit": "python/lowbit"},
-    packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels"],
-    package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "_cpu.c", "_cpu_sz_encode.c"], "lowbit.kernels": ["_configs/*.json"]},
+    packages=["lowbit", "lowbit.formats", "lowbit.integrations", "lowbit.kernels", "lowbit.nn"],
+    package_data={"lowbit": ["py.typed", "_finetune_sample.txt", "csrc/*.c", "csrc/*.h"], "lowbit.kernels": ["_configs/*.json"]},
     # Supported ranges: the lower bounds are the APIs lowbit uses (torch.library.custom_op: torch 2.4;
     # the HfQuantizer API with ConversionOps: transformers 5.0; LoraConfig._register_custom_module: peft
     # 0.12). No upper bound is set where no break is known; what is tested is exactly requirements/test.lock

@@ -16,7 +16,8 @@ their data_ptr() is 0, i.e. aligned like a fresh torch allocation) and intercept
 `run()` to `compile()`, minus the driver.
 
 `python -m lowbit._aot [--arch 80 90] [--filter NAME]` (this module's `main`) compiles every spec
-that the kernel modules list in `aot_specs()`, one process per core, and prints one JSON line per
+that the family kernel modules (every kernels/<family>.py with an `aot_specs()`, found by
+kernels/_families.py) list in `aot_specs()`, one process per core, and prints one JSON line per
 (spec, arch) on stdout (registers, stack, local memory, spill bytes, tensor-core use, which
 pointer offsets are 64-bit) and one progress line per compile on stderr.
 
@@ -36,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from . import intq, nf4, sz
+from ._families import families
 from ._spec import KernelSpec
 
 
@@ -189,8 +190,8 @@ def pointer_offsets(ttir: str) -> dict[str, list[str]]:
 
 @functools.lru_cache(maxsize=None)
 def all_specs() -> tuple[KernelSpec, ...]:
-    """Every spec that a kernel module lists in aot_specs(), names unique."""
-    specs = [s for mod in (nf4, intq, sz) for s in mod.aot_specs()]
+    """Every spec that a family kernel module (kernels/_families.py) lists in aot_specs(), names unique."""
+    specs = [s for mod in families().values() for s in mod.aot_specs()]
     names = [s.name for s in specs]
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:

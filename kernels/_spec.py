@@ -1,7 +1,8 @@
 """A compile spec is a launch: the launcher's own call on meta tensors, intercepted at its
 `kernel[grid](...)` (kernels/_compile.py explains why). The kernel files import this module to
-list their specs (`aot_specs()`); _compile.py and cost.py import the kernel files to compile them.
-This module imports no kernel file, so the imports run one way."""
+list their specs (`aot_specs()`) and their cost goals (`COST_BUDGETS`); _families.py finds the
+kernel files for _compile.py and cost.py. This module imports no kernel file, so the imports run
+one way."""
 
 from __future__ import annotations
 
@@ -18,7 +19,26 @@ class KernelSpec(NamedTuple):
     fn: Any  # the @triton.jit kernel
     args: tuple  # positional arguments as launched (meta tensors, ints)
     kwargs: dict  # constexprs and launch options (num_warps, num_stages, ...) as launched
-    cost: dict | None = None  # what the cost report needs to know (kernels/cost.py); None: not reported
+    # What the cost report needs to know (kernels/cost.py); None: not reported. Keys: kernel, format,
+    # m_bucket, config, weights_per_iter, bytes_per_weight; optional: unit (also report
+    # instr_per_<unit>), iterations_by_stores (count source iterations of an unrolled loop by its
+    # stores), roles ({pointer argument: codes | scales | x | table} beyond cost.ROLE).
+    cost: dict | None = None
+
+
+class CostBudget(NamedTuple):
+    """A static goal for one spec of the cost report (kernels/cost.py). A family module lists its
+    goals in `COST_BUDGETS`; tests/test_cost.py compiles every listed spec and checks each one."""
+
+    spec: str  # the spec's full name, as its aot_specs() names it
+    max_instr_per_weight: float  # SASS instructions per weight in the steady-state loop, at most
+    arch: int = 90  # the sm_ it is compiled for
+    code_load_bits: int | None = None  # the widest load of the codes is exactly this wide (None: unchecked)
+    code_bits_per_weight: float | None = None  # code bits loaded per weight (each code bit loaded once)
+    max_barriers: int = 0  # per loop iteration
+    max_shuffles: int = 0  # per loop iteration
+    max_spill_bytes: int = 0
+    max_stack_bytes: int = 0
 
 
 def meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

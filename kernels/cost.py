@@ -48,10 +48,11 @@ import sys
 from typing import NamedTuple
 
 from ._compile import KernelSpec, all_specs, compile_spec, disassemble, resource_usage, specialize, spill_store_bytes
+from ._launch import DEFAULT_SMS
 
 # H100 SXM, measured and nominal (../shared/research/gpu-gemv.md)
 COPY_BANDWIDTH = 2967e9  # bytes/s, measured device-to-device copy
-SMS = 132
+SMS = DEFAULT_SMS  # 132: the card the launchers size their grids for when compiled without a GPU
 CLOCK = 1.755e9  # Hz
 ISSUE_PER_SM_CLOCK = 128  # thread-instructions: 4 schedulers x one 32-thread warp-instruction
 
@@ -143,7 +144,8 @@ def load_bits(opcode: str) -> int:
     return 128 if "128" in mods else 64 if "64" in mods else 32
 
 
-# Which operand a load reads, by the pointer argument its address is computed from.
+# Which operand a load reads, by the pointer argument its address is computed from. A family whose
+# kernels name a pointer otherwise adds it in its cost dict: {"roles": {"lut_ptr": "table"}}.
 ROLE = {
     "codes_ptr": "codes", "words_ptr": "codes", "payload_ptr": "codes",
     "absmax_ptr": "scales", "nested_absmax_ptr": "scales", "nested_code_ptr": "scales", "offset_ptr": "scales",
@@ -202,17 +204,20 @@ def ptx_load_pointers(ptx: str, arg_names: list[str | None]) -> dict[int, frozen
     return out
 
 
-def load_role(ins: Instr, pointers: dict[int, frozenset[str]]) -> str:
-    roles = {ROLE.get(p, "other") for p in pointers.get(ins.ptx_line, ())}
-    return roles.pop() if len(roles) == 1 else ("mixed" if roles else "other")
+def load_role(ins: Instr, pointers: dict[int, frozenset[str]], roles: dict[str, str] | None = None) -> str:
+    """The role of a global load by the pointer arguments its address derives from: ROLE, or the
+    spec's own `roles` (its cost dict's "roles") for pointer names ROLE does not know."""
+    table = {**ROLE, **(roles or {})}
+    found = {table.get(p, "other") for p in pointers.get(ins.ptx_line, ())}
+    return found.pop() if len(found) == 1 else ("mixed" if found else "other")
 
 
-def loop_stats(loop: list[Instr], pointers: dict[int, frozenset[str]]) -> dict:
+def loop_stats(loop: list[Instr], pointers: dict[int, frozenset[str]], roles: dict[str, str] | None = None) -> dict:
     ops = [i.opcode for i in loop if not i.opcode.startswith("NOP")]
     loads: dict[str, list[int]] = {}
     for ins in loop:
         if is_global_load(ins.opcode):
-            loads.setdefault(load_role(ins, pointers), []).append(load_bits(ins.opcode))
+            loads.setdefault(load_role(ins, pointers, roles), []).append(load_bits(ins.opcode))
     return {
         "loop_instructions": len(ops),
         "loads": {k: sorted(v, reverse=True) for k, v in sorted(loads.items())},
@@ -256,14 +261,14 @@ def cost_record(spec: KernelSpec, arch: int, dump: str | None = None) -> dict:
     signature = specialize(spec, arch)[0]
     params = [k if t.startswith("*") else None for k, t in signature.items() if t != "constexpr"]
     pointers = ptx_load_pointers(compiled.asm["ptx"], params)
-    stats = loop_stats(find_loop(*parse_sass(sass)), pointers)
+    stats = loop_stats(find_loop(*parse_sass(sass)), pointers, spec.cost.get("roles"))
     usage = resource_usage(cubin)
     c = spec.cost
     cfg = c["config"]
     threads = 32 * spec.kwargs.get("num_warps", 4)
-    if c["kernel"] == "sz.decode":
-        # The decoder's symbol loop has a constant trip count (CHUNK), so ptxas may unroll it:
-        # each source iteration stores one symbol, so count source iterations by stores.
+    if c.get("iterations_by_stores"):
+        # A loop with a constant trip count that ptxas may unroll (the SZ decoder's symbol loop),
+        # each of whose source iterations stores one element: count source iterations by stores.
         per_thread = max(1, stats["stores_per_iter"]) * c["weights_per_iter"] / threads
     else:
         per_thread = c["weights_per_iter"] / threads
@@ -293,8 +298,8 @@ def cost_record(spec: KernelSpec, arch: int, dump: str | None = None) -> dict:
         "bytes_per_weight": round(c["bytes_per_weight"], 4),
         "ceiling_fraction_of_bandwidth": round(ceiling_fraction(ipw, c["bytes_per_weight"]), 3) if ipw else None,
     }
-    if c["format"] == "sz":
-        rec["instr_per_symbol"] = rec["instr_per_weight"]
+    if c.get("unit", "weight") != "weight":  # e.g. "symbol": the same figure under the family's own word
+        rec[f"instr_per_{c['unit']}"] = rec["instr_per_weight"]
     return rec
 
 

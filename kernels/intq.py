@@ -13,6 +13,9 @@ and scaled in registers and fed to tl.dot with fp32 accumulation:
   grad_x      gx[M, K] = gy[M, N] @ W
   grad_scale  gs[N, G] = sum_{k in g} (Q - z)[n, k] * (gy^T x)[n, k]   (gy^T x tiles in registers)
 
+The launchers pick a config and hand the launch to kernels/_launch.py (shared with nf4); the file
+ends with the compile specs and cost goals the AOT compile and the cost report find.
+
 Scale modes (constexprs): PER_ROW (G = 1), TILE_IN_GROUP (a K-tile never straddles a group: one
 scale per tile row), otherwise one scale per element of the tile. SPLIT_K/SPLIT_N/SPLIT_M > 1
 write fp32 partial sums that the launcher reduces (deterministic).
@@ -32,21 +35,27 @@ from ._common import (
     bucket,
     count_launch,
     dot_dtype,
+    fma_x_pair,
     grouped_tile,
     interpreting,
     pick,
     precision,
-    reduce_split,
     store_output,
     tune_m,
-    fma_x_pair,
     words_accumulate,
     words_epilogue,
-    words_out_dtype,
-    words_workspace,
-    words_x,
 )
-from ._spec import launch_spec, meta
+from ._launch import (
+    SIG_DT,
+    buckets,
+    cpu_operand,
+    grad_x_matmul,
+    sm_count,
+    tiled_matmul,
+    words_codes,
+    words_gemv,
+)
+from ._spec import CostBudget, launch_spec, meta
 
 
 @triton.jit
@@ -390,11 +399,6 @@ FALLBACK_FORWARD = C("dot", 16, 32, 32, 1, 4, 1)
 FALLBACK_GRAD_X = G(16, 32, 32, 1, 4, 1)
 
 
-def _cpu_scale(scale):
-    # The interpreter has no bf16 arithmetic: read bf16 scales as fp32 there.
-    return scale.float() if (scale.device.type == "cpu" and scale.dtype == torch.bfloat16) else scale
-
-
 def words_step(bits: int) -> int:
     """Codes per row per step of gemv_int_words_kernel (one 128-bit tile of words; int3: a quad)."""
     return 128 if bits == 3 else 128 // bits
@@ -426,30 +430,19 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
     """y[M, n] = x[M, K] @ W^T (+ bias). x: 2-D contiguous, fp16/bf16/fp32; K % 32 == 0."""
     m, k = x.shape
     x_in, out_dtype = x, x.dtype
-    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-        x = x.float()
+    x = cpu_operand(x)
     dot_dt = dot_dtype(x.dtype, x.device)
     ng = n_groups(k, group_len)
-    scale = _cpu_scale(scale)
+    scale = cpu_operand(scale)
 
     def run(cfg: MatmulConfig):
-        if cfg.kind == "words":  # integer work only: bf16 x stays bf16 under the interpreter too
-            return _words_gemv(x_in.contiguous(), codes, scale, zeros, bits, group_len, n, bias, cfg, out_dtype)
-        split = cfg.split_k
-        store_dtype = torch.float32 if (split > 1 or x.dtype == torch.float32) else x.dtype
-        y = alloc_output((split, m, n), store_dtype, x.device)
-        gemv = cfg.kind == "gemv"
-        kern = gemv_int_kernel if gemv else matmul_int_kernel
-        tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, cfg.block_m))
-        count_launch(f"intq.{cfg.kind}")
-        kern[(tiles, split)](
-            x, codes, scale, zeros, bias if bias is not None else x, y,
-            m, n, k, ng, x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(2),
-            BITS=bits, **_scale_mode(k, group_len, cfg.block_k), HAS_BIAS=bias is not None,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, SPLIT_K=split, GROUP_M=8,
-            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return reduce_split(y, bias, out_dtype)
+        if cfg.kind == "words":  # integer work only: x_in (bf16 stays bf16 under the interpreter too)
+            per_row = group_len >= k
+            return words_gemv("intq", gemv_int_words_kernel, x_in.contiguous(), (words_codes(codes), scale, zeros),
+                              (n, k, ng, k * bits // 128, 0x4B000000), n, bias, cfg, out_dtype,
+                              BITS=bits, GROUP=32 if per_row else group_len, PER_ROW=per_row)
+        return tiled_matmul("intq", gemv_int_kernel, matmul_int_kernel, x, (codes, scale, zeros), ng, n, bias, cfg,
+                            out_dtype, dot_dt, BITS=bits, **_scale_mode(k, group_len, cfg.block_k))
 
     if config is not None and not _fits_forward(config, m, k, bits, group_len, x.dtype):
         raise ValueError(f"config {config} does not serve M={m}, K={k}, int{bits}, group_len={group_len}, "
@@ -468,51 +461,18 @@ def matmul_int(x, codes, scale, zeros, bits, group_len, n, bias, config: MatmulC
     return run(config)
 
 
-def _words_gemv(x, codes, scale, zeros, bits, group_len, n, bias, cfg: MatmulConfig, out_dtype):
-    """One launch of gemv_int_words_kernel: y [M, n] in x's dtype (fp32 under the interpreter for
-    bf16, which it cannot store)."""
-    m, k = x.shape
-    if codes.storage_offset() % 4 or codes.data_ptr() % 16:  # 128-bit loads
-        codes = codes.clone()
-    tiles = triton.cdiv(n, cfg.block_n)
-    ws, count = words_workspace(x.device, cfg.split_k, n, tiles)
-    y = alloc_output((m, n), words_out_dtype(x.dtype), x.device)
-    xw, pairs = words_x(x)
-    per_row = group_len >= k
-    count_launch("intq.words")
-    gemv_int_words_kernel[(tiles, cfg.split_k)](
-        xw, codes, scale, zeros, bias if bias is not None else x, y, ws, count,
-        n, k, n_groups(k, group_len), k * bits // 128, 0x4B000000,
-        BITS=bits, GROUP=32 if per_row else group_len, PER_ROW=per_row, HAS_BIAS=bias is not None,
-        M=m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, PAIRS=pairs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
 def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config: GradXConfig | None = None):
     """gx[M, k] = g[M, N] @ W. g: 2-D contiguous, fp16/bf16/fp32."""
     m, n = g.shape
     out_dtype = g.dtype
-    if g.device.type == "cpu" and g.dtype == torch.bfloat16:
-        g = g.float()
+    g = cpu_operand(g)
     dot_dt = dot_dtype(g.dtype, g.device)
     ng = n_groups(k, group_len)
-    scale = _cpu_scale(scale)
+    scale = cpu_operand(scale)
 
     def run(cfg: GradXConfig):
-        store_dtype = torch.float32 if (cfg.split_n > 1 or g.dtype == torch.float32) else g.dtype
-        gx = alloc_output((cfg.split_n, m, k), store_dtype, g.device)
-        grid = (triton.cdiv(m, cfg.block_m) * (k // cfg.block_k), cfg.split_n)
-        count_launch("intq.grad_x")
-        matmul_int_grad_x_kernel[grid](
-            g, codes, scale, zeros, gx,
-            m, n, k, ng, g.stride(0), g.stride(1), gx.stride(0), gx.stride(1), gx.stride(2),
-            BITS=bits, **_scale_mode(k, group_len, cfg.block_k),
-            BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, SPLIT_N=cfg.split_n, GROUP_M=8,
-            DOT_DTYPE=dot_dt, PRECISION=precision(dot_dt), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-        return reduce_split(gx, None, out_dtype)
+        return grad_x_matmul("intq", matmul_int_grad_x_kernel, g, (codes, scale, zeros), ng, k, cfg, out_dtype, dot_dt,
+                             BITS=bits, **_scale_mode(k, group_len, cfg.block_k))
 
     if config is None:
         if g.device.type == "cpu":
@@ -524,11 +484,18 @@ def matmul_int_grad_x(g, codes, scale, zeros, bits, group_len, k, config: GradXC
     return run(config)
 
 
+# grad_scale splits M until its grid fills about this many waves of the device's SMs.
+GRAD_SCALE_WAVES = 2
+
+
 def _split_m(m: int, n: int, ng: int, bn: int, bm: int, device) -> int:
+    """SPLIT_M of a grad_scale launch: enough programs for GRAD_SCALE_WAVES waves of the device's
+    SMs (meta tensors, i.e. the AOT compile and the cost report: an H100 SXM's 132, so a spec is
+    the launch the JIT makes there), at most one per BLOCK_M rows and 64 in all."""
     if device.type == "cpu":
         return 2 if m > bm else 1
     tiles = triton.cdiv(n, bn) * ng
-    want = max(1, 264 // tiles)  # about two waves on 132 SMs
+    want = max(1, GRAD_SCALE_WAVES * sm_count(device) // tiles)
     return max(1, min(want, triton.cdiv(m, bm), 64))
 
 
@@ -572,9 +539,6 @@ def matmul_int_grad_scale(g, x, codes, zeros, bits, group_len, config: GradScale
 # Compile specs (kernels/_compile.py, `python -m lowbit._aot`, `python -m lowbit.kernels.cost`)
 # ----------------------------------------------------------------------------------------------
 
-_SIG_DT = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-
-
 def _group_variants(k: int, bk: int) -> list[tuple[str, int]]:
     # rows; groups of 128 (tile inside a group when bk divides 128); groups of 32 (per 32-chunk
     # scales when bk > 32; with bk = 32 it compiles the same path as g128)
@@ -592,9 +556,6 @@ def aot_specs() -> list:
     def weights(bits: int, group_len: int):  # codes, scale, zeros
         ng = n_groups(k, group_len)
         return meta(n, k // 32, bits, dtype=torch.int32), meta(n, ng), meta(n, ng, dtype=torch.uint8)
-
-    def buckets(table: dict) -> dict:  # config -> the largest M bucket that lists it
-        return {c: b for b in sorted(table) for c in table[b]}
 
     def variants(first: bool, bits: int, bk: int):  # (dtype, group name, group_len)
         groups = _group_variants(k, bk) if bits == 3 else [("rows", k)]
@@ -615,8 +576,7 @@ def aot_specs() -> list:
                     continue  # the launcher never runs it (e.g. fp32 x, groups smaller than a step)
                 codes, scale, zeros = weights(bits, glen)
                 x, bias = meta(m, k, dtype=dt), meta(n, dtype=dt)
-                name = (f"{cfg.kind}_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_n}x{bk},"
-                        f"split={cfg.split_k},w={cfg.num_warps},s={cfg.num_stages}]")
+                name = _forward_spec_name(cfg, bits, dt, gname)
                 c = (cost(f"int.{cfg.kind}", bits, m_bucket, cfg, cfg.block_n * bk)
                      if (dt, gname) == (torch.bfloat16, "rows") else None)
                 specs.append(launch_spec(name, lambda: matmul_int(x, codes, scale, zeros, bits, glen, n, bias,
@@ -627,7 +587,7 @@ def aot_specs() -> list:
             for dt, gname, glen in variants(i == 0, bits, cfg.block_k):
                 codes, scale, zeros = weights(bits, glen)
                 g = meta(m, n, dtype=dt)
-                name = (f"grad_x_int{bits}[{_SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_k}x{cfg.block_n},"
+                name = (f"grad_x_int{bits}[{SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_k}x{cfg.block_n},"
                         f"split={cfg.split_n},w={cfg.num_warps},s={cfg.num_stages}]")
                 c = (cost("int.grad_x", bits, m_bucket, cfg, cfg.block_n * cfg.block_k)
                      if (dt, gname) == (torch.bfloat16, "rows") else None)
@@ -641,8 +601,32 @@ def aot_specs() -> list:
     for cfg, bits, dt in gs:
         codes, _, zeros = weights(bits, k)
         g, x = meta(4096, n, dtype=dt), meta(4096, k, dtype=dt)
-        name = (f"grad_scale_int{bits}[{_SIG_DT[dt]},{cfg.block_n}x{cfg.block_k}x{cfg.block_m},"
+        name = (f"grad_scale_int{bits}[{SIG_DT[dt]},{cfg.block_n}x{cfg.block_k}x{cfg.block_m},"
                 f"w={cfg.num_warps},s={cfg.num_stages}]")
         c = cost("int.grad_scale", bits, 1 << 30, cfg, 0) if dt != torch.float16 else None
         specs.append(launch_spec(name, lambda: matmul_int_grad_scale(g, x, codes, zeros, bits, k, config=cfg), c))
     return specs
+
+
+def _forward_spec_name(cfg: MatmulConfig, bits: int, dt: torch.dtype, gname: str) -> str:
+    bk = words_step(bits) if cfg.kind == "words" else cfg.block_k
+    return (f"{cfg.kind}_int{bits}[{SIG_DT[dt]},{gname},{cfg.block_m}x{cfg.block_n}x{bk},"
+            f"split={cfg.split_k},w={cfg.num_warps},s={cfg.num_stages}]")
+
+
+# Static goals checked by tests/test_cost.py on the cost report (python -m lowbit.kernels.cost):
+# the M=1 default (the "words" GEMV, bf16, per-row scales) of each width within the issue's SASS
+# instruction budget per weight on sm_90 (int2 4.0, int3 5.5, int4 6.0), its codes read by 128-bit
+# loads with every code bit loaded once, no barrier, no shuffle, no spill.
+COST_BUDGETS = [
+    CostBudget(_forward_spec_name(FORWARD_CONFIGS[1][0], bits, torch.bfloat16, "rows"), max_instr_per_weight=budget,
+               code_load_bits=128, code_bits_per_weight=bits)
+    for bits, budget in ((2, 4.0), (3, 5.5), (4, 6.0))
+]
+
+# Pointer arguments whose offsets grow with M (activation rows) or with N * K (weight bytes), by
+# spec-name prefix: tests/test_compile_tier.py checks that each gets a 64-bit tensor offset.
+INT64_POINTERS = {
+    "gemv_int": ("x_ptr", "codes_ptr", "y_ptr"), "dot_int": ("x_ptr", "codes_ptr", "y_ptr"),
+    "grad_x_int": ("g_ptr", "codes_ptr", "gx_ptr"), "grad_scale_int": ("g_ptr", "x_ptr", "codes_ptr"),
+}

@@ -254,7 +254,8 @@ def aot_specs() -> list:
                     meta(1 << max_len, dtype=torch.int16), meta(1), meta(0, dtype=torch.int64), meta(0),
                     numel, chunk, max_len, radius, dt)
             # one lane per thread; the cost report counts symbols by the loop's stores
-            cost = {"kernel": "sz.decode", "format": "sz", "m_bucket": None,
+            cost = {"kernel": "sz.decode", "format": "sz", "m_bucket": None, "unit": "symbol",
+                    "iterations_by_stores": True,
                     "config": {"out": name, "chunk": chunk, "lanes": lanes, "symbols_per_lane": chunk // lanes,
                                "block": BLOCK},
                     "weights_per_iter": BLOCK, "bytes_per_weight": torch.finfo(dt).bits / 8 + 0.5}
@@ -266,9 +267,18 @@ def aot_specs() -> list:
             args = (meta(m, k, dtype=torch.bfloat16), meta(numel // 8, dtype=torch.int32),
                     meta(n_lanes + 1, dtype=torch.int32), meta(1 << max_len, dtype=torch.int16), meta(1),
                     meta(0, dtype=torch.int64), meta(0), n, chunk, max_len, radius, None)
-            cost = {"kernel": "sz.gemv", "format": "sz", "m_bucket": m,
+            cost = {"kernel": "sz.gemv", "format": "sz", "m_bucket": m, "unit": "symbol",
                     "config": {"out": f"bf16 M={m}", "chunk": chunk, "lanes": lanes, "symbols_per_lane": chunk // lanes,
                                "block": BLOCK},
                     "weights_per_iter": BLOCK, "bytes_per_weight": 0.5}
             specs.append(launch_spec(f"sz_gemv[bf16,M={m},{n}x{k}]", lambda a=args: sz_gemv(*a), cost))
     return specs
+
+
+# No static instruction goal is set for the decoder yet (tests/test_cost.py checks the shape of
+# its loop: one refill per two symbols, one table load per symbol).
+COST_BUDGETS: list = []
+
+# Pointer arguments whose offsets grow with N * K, by spec-name prefix: tests/test_compile_tier.py
+# checks that each gets a 64-bit tensor offset.
+INT64_POINTERS = {"sz_decode": ("payload_ptr", "out_ptr")}

@@ -146,14 +146,9 @@ def use_cpu_build(monkeypatch, variant: str) -> None:
     the plain-C kernels of CPUs without AVX-512; "no-gfni": AVX-512 without GFNI); "native" keeps the default."""
     if variant == "native":
         return
-    import ctypes
+    from lowbit import _clib
 
-    from lowbit import _cpu
-
-    lib = ctypes.CDLL(str(_cpu.build(variant)))
-    for name, args in _cpu._SIGNATURES.items():
-        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
+    monkeypatch.setitem(_clib._STATE, "lib", _clib.load(_clib.build(variant)))  # every declared binding set
 
 
 def smollm2_or_skip():

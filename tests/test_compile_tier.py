@@ -10,6 +10,7 @@ compile, goes straight to the terminal, its JSON lines come back to the tests be
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -94,15 +95,16 @@ def test_specs_carry_the_jit_specialization(aot_results):
     assert {"stride_xk", "stride_yn"} <= set(dot["constant_1"]) and "M" in dot["divisible_16"]
 
 
-# Pointers whose offsets grow with M (activation rows) or with N * K (weight bytes), per kernel.
-ROW_POINTERS = {
-    "gemv_4bit": ("x_ptr", "codes_ptr", "y_ptr"), "dot_4bit": ("x_ptr", "codes_ptr", "y_ptr"),
-    "grad_x_4bit": ("g_ptr", "codes_ptr", "gx_ptr"),
-    "gemv_int": ("x_ptr", "codes_ptr", "y_ptr"), "dot_int": ("x_ptr", "codes_ptr", "y_ptr"),
-    "grad_x_int": ("g_ptr", "codes_ptr", "gx_ptr"), "grad_scale_int": ("g_ptr", "x_ptr", "codes_ptr"),
-    "quantize_4bit": ("x_ptr", "packed_ptr"), "dequantize_4bit": ("packed_ptr", "out_ptr"),
-    "sz_decode": ("payload_ptr", "out_ptr"),
-}
+def _row_pointers() -> dict[str, tuple[str, ...]]:
+    """Pointers whose offsets grow with M (activation rows) or with N * K (weight bytes), by spec-name
+    prefix: every family kernel module's INT64_POINTERS (kernels/_families.py finds the modules)."""
+    from lowbit.kernels import _families
+
+    out = {}
+    for family, module in _families.families().items():
+        assert isinstance(getattr(module, "INT64_POINTERS", None), dict), f"kernels/{family}.py: no INT64_POINTERS"
+        out.update(module.INT64_POINTERS)
+    return out
 
 
 def test_activation_and_weight_offsets_are_int64(aot_results):
@@ -115,13 +117,14 @@ def test_activation_and_weight_offsets_are_int64(aot_results):
     pointer's chain with no i64 tensor offset (the split index `pid_k.to(tl.int64) * stride_ys` of
     y is a scalar, so it does not count). Exempt: x and y of a BLOCK_M = 1 GEMV, whose row offset
     is the constant 0 and folds away."""
+    row_pointers = _row_pointers()
     checked, bad = 0, []
     for r in _ok(aot_results):
-        family = next((f for f in ROW_POINTERS if r["name"].startswith(f)), None)
+        family = next((f for f in row_pointers if r["name"].startswith(f)), None)
         if family is None:
             continue
         one_row = r["specialization"]["constexprs"].get("BLOCK_M") == 1 and family.startswith("gemv")
-        for ptr in ROW_POINTERS[family]:
+        for ptr in row_pointers[family]:
             if one_row and ptr in ("x_ptr", "y_ptr"):
                 continue
             checked += 1
@@ -129,3 +132,42 @@ def test_activation_and_weight_offsets_are_int64(aot_results):
                 bad.append(f"{r['name']} sm{r['arch']}: {ptr} offsets {r['offsets'][ptr]}")
     assert checked > 300
     assert not bad, "\n".join(bad[:10])
+
+
+FAMILY = """
+from ._spec import KernelSpec
+
+COST_BUDGETS = []
+INT64_POINTERS = {}
+
+
+def aot_specs():
+    return [KernelSpec("new_kernel[bf16]", None, (), {})]
+"""
+
+
+def test_a_new_family_file_is_found_without_editing_a_shared_file(tmp_path, monkeypatch):
+    """kernels/_families.py finds every module of its folder that defines aot_specs(): a new
+    kernels/<family>.py joins the AOT compile, the cost report and their tests as it is. Modules
+    starting with "_", the cost tool and modules without aot_specs() are not families."""
+    import shutil
+
+    from lowbit.kernels import _families, _spec
+
+    pkg = tmp_path / "fakekernels"
+    pkg.mkdir()
+    shutil.copy(_families.__file__, pkg / "_families.py")
+    shutil.copy(_spec.__file__, pkg / "_spec.py")
+    (pkg / "newfam.py").write_text(FAMILY)
+    (pkg / "_helpers.py").write_text("def aot_specs():\n    raise AssertionError('not a family')\n")
+    (pkg / "cost.py").write_text("raise AssertionError('the cost tool is not imported as a family')\n")
+    (pkg / "notes.py").write_text("X = 1\n")  # no aot_specs(): imported, not a family
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        found = importlib.import_module("fakekernels._families").families()
+        assert list(found) == ["newfam"]
+        assert [s.name for s in found["newfam"].aot_specs()] == ["new_kernel[bf16]"]
+        assert "fakekernels.notes" in sys.modules and "fakekernels.cost" not in sys.modules
+    finally:
+        for name in [m for m in sys.modules if m == "fakekernels" or m.startswith("fakekernels.")]:
+            del sys.modules[name]

@@ -93,3 +93,27 @@ def test_tune_needs_cuda(tmp_path, capsys):
     assert cli.main(["tune", "--out", str(tmp_path / "t.json")]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "t.json").exists()
+
+
+def test_grad_scale_split_reads_the_sm_count_once_per_device(monkeypatch):
+    """intq's grad_scale sizes SPLIT_M for two waves of the device's SMs, read once per device; meta
+    tensors (the AOT compile, the cost report) get an H100 SXM's 132, the JIT's launch there."""
+    import types
+
+    from lowbit.kernels import _launch, intq
+
+    calls = []
+
+    def props(index):
+        calls.append(index)
+        return types.SimpleNamespace(multi_processor_count={0: 114, 1: 132}[index])
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
+    monkeypatch.setattr(_launch, "_SMS", {})
+    # N = 4096 in tiles of 64 rows, one group: 64 tiles; 2 * 114 // 64 = 3 splits, 2 * 132 // 64 = 4
+    args = (4096, 4096, 1, 64, 64)
+    assert intq._split_m(*args, torch.device("cuda", 0)) == 3
+    assert intq._split_m(*args, torch.device("cuda", 0)) == 3
+    assert intq._split_m(*args, torch.device("cuda", 1)) == 4
+    assert intq._split_m(*args, torch.device("meta")) == 4 and _launch.DEFAULT_SMS == 132
+    assert calls == [0, 1]

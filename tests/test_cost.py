@@ -1,11 +1,13 @@
 """The static cost report (kernels/cost.py): its method on hand-written SASS and PTX, its budget
-formula against the research note, and one real run (the nf4 M=1 default GEMV and one SZ decoder
-on sm_90, compiled as the JIT would, in a subprocess with the interpreter off)."""
+formula against the research note, and one real run (every spec a family kernel module lists in
+its COST_BUDGETS, plus one SZ decoder, on sm_90, compiled as the JIT would, in a subprocess with
+the interpreter off) against each family's budgets."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +15,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from lowbit.kernels import cost, intq, nf4  # noqa: E402  (decorated under the interpreter here: nothing compiles in-process)
+from lowbit.kernels import _families, cost, nf4  # noqa: E402  (decorated under the interpreter here: nothing compiles in-process)
 
 # nvdisasm's layout: an outer loop .L_x_0 around an inner one .L_x_1, and the `BRA .` after EXIT.
 SASS = """
@@ -89,54 +91,57 @@ def test_loads_are_attributed_by_the_address_not_by_the_data():
     assert pointers == {12: frozenset({"a_ptr"}), 14: frozenset({"b_ptr"})}
 
 
+def test_a_family_names_the_role_of_its_own_pointers():
+    """A pointer name cost.ROLE does not know reads as "other" unless the spec's cost dict maps it."""
+    loop = cost.find_loop(*cost.parse_sass(SASS))
+    assert cost.loop_stats(loop, {9: frozenset({"lut_ptr"})})["loads"] == {"other": [8]}
+    assert cost.loop_stats(loop, {9: frozenset({"lut_ptr"})}, {"lut_ptr": "table"})["loads"] == {"table": [8]}
+
+
 REQUIRED = {"kernel", "format", "m_bucket", "arch", "weights_per_thread_per_iter", "instr_per_weight",
             "code_load_bits", "barriers_per_iter", "shuffles_per_iter", "registers", "spill_bytes", "stack_bytes",
             "ceiling_fraction_of_bandwidth"}
 
-
-def _gemv_default_name() -> str:
-    c = nf4.FORWARD_CONFIGS[1][0]  # the M=1 default: the "words" GEMV
-    return f"{c.kind}_4bit[bf16,dq=True,{c.block_m}x{c.block_n}x{c.block_k},split={c.split_k},w={c.num_warps},"
-
-
-def _int_default_names() -> list[str]:
-    c = intq.FORWARD_CONFIGS[1][0]  # the M=1 default: the integer "words" GEMV
-    return [f"{c.kind}_int{b}[bf16,rows,{c.block_m}x{c.block_n}x{intq.words_step(b)},split={c.split_k},"
-            f"w={c.num_warps}," for b in (2, 3, 4)]
+# Every family kernel module (kernels/<family>.py with aot_specs(), found by kernels/_families.py)
+# states its static goals in COST_BUDGETS; a new family's are checked here without an edit.
+FAMILIES = _families.families()
+BUDGETS = [(family, b) for family, module in FAMILIES.items() for b in module.COST_BUDGETS]
+SZ_DECODER = "sz_decode[fp32,4096x4096]"  # the method's second subject: a loop that stores symbols
 
 
-# The issue's static goals for the shipped M=1 configs (sm_90, SASS instructions per weight).
-INT_BUDGET = {"int2": 4.0, "int3": 5.5, "int4": 6.0}
-NF4_BUDGET = 6.0  # nf4 (+dq), the same goal
+def test_every_family_states_its_budgets():
+    assert {"nf4", "intq", "sz"} <= set(FAMILIES)
+    for family, module in FAMILIES.items():
+        assert isinstance(getattr(module, "COST_BUDGETS", None), list), f"kernels/{family}.py: no COST_BUDGETS list"
+        names = {s.name for s in module.aot_specs() if s.cost}
+        for b in module.COST_BUDGETS:
+            assert b.spec in names, f"kernels/{family}.py: budget for {b.spec!r}, which aot_specs() does not report"
 
 
-@pytest.fixture(scope="module")
-def int_records(report):
-    return report[3]
+def _spec_names() -> list[str]:
+    return sorted({b.spec for _, b in BUDGETS} | {SZ_DECODER})
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    """{(spec name, arch): record} for every budgeted spec and the SZ decoder, and the dump folder."""
     dump = tmp_path_factory.mktemp("cost")
+    archs = sorted({b.arch for _, b in BUDGETS} | {90})
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cost", "--arch", "90", "--json", "--jobs", "1",
-                          "--dump", str(dump), "--filter", _gemv_default_name(), "sz_decode[fp32,4096x4096]",
-                          *_int_default_names()],
+    out = subprocess.run([sys.executable, "-m", "lowbit.kernels.cost", "--arch", *map(str, archs), "--json",
+                          "--jobs", "1", "--dump", str(dump), "--filter", *_spec_names()],
                          capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:] + out.stdout[-3000:]
-    records = json.loads(out.stdout)
-    gemv = [r for r in records if r["kernel"] == f"nf4.{nf4.FORWARD_CONFIGS[1][0].kind}"]
-    sz = [r for r in records if r["kernel"] == "sz.decode"]
-    ints = {r["format"]: r for r in records if r["kernel"] == "int.words"}
-    assert len(gemv) == 1 and len(sz) == 1 and set(ints) == set(INT_BUDGET), [r["name"] for r in records]
-    return gemv[0], sz[0], dump, ints
+    records = {(r["name"], r["arch"]): r for r in json.loads(out.stdout)}
+    want = {(b.spec, b.arch) for _, b in BUDGETS} | {(SZ_DECODER, 90)}
+    assert want <= set(records), sorted(want - set(records))
+    return records, dump
 
 
 def test_records_carry_the_keys_and_sane_values(report):
-    gemv, sz, _, _ = report
-    for r in (gemv, sz):
+    records, _ = report
+    for r in records.values():
         assert REQUIRED <= set(r), REQUIRED - set(r)
-        assert r["arch"] == 90
         assert r["instr_per_weight"] > 0 and r["registers"] > 0
         assert r["instr_per_weight"] == pytest.approx(r["loop_instructions"] / r["weights_per_thread_per_iter"],
                                                       abs=0.01)
@@ -144,14 +149,30 @@ def test_records_carry_the_keys_and_sane_values(report):
         assert r["ceiling_fraction_of_bandwidth"] == pytest.approx(
             cost.ceiling_fraction(r["instr_per_weight"], r["bytes_per_weight"]), abs=0.001)
         assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0
+    gemv = records[(nf4.COST_BUDGETS[0].spec, 90)]
     cfg = nf4.FORWARD_CONFIGS[1][0]
-    assert (gemv["format"], gemv["m_bucket"]) == ("nf4", 1)
+    assert (gemv["kernel"], gemv["format"], gemv["m_bucket"]) == (f"nf4.{cfg.kind}", "nf4", 1)
     assert gemv["weights_per_thread_per_iter"] == cfg.block_n * cfg.block_k / (32 * cfg.num_warps)
+    sz = records[(SZ_DECODER, 90)]
     assert (sz["format"], sz["m_bucket"], sz["instr_per_symbol"]) == ("sz", None, sz["instr_per_weight"])
 
 
+@pytest.mark.parametrize("family,budget", BUDGETS, ids=[f"{f}:{b.spec}:sm{b.arch}" for f, b in BUDGETS])
+def test_family_meets_its_static_goals(report, family, budget):
+    """A family's COST_BUDGETS entry: SASS instructions per weight, code load width, code bits loaded
+    per weight (each code bit once), barriers, shuffles, spill and stack, as the cost report reads them."""
+    r = report[0][(budget.spec, budget.arch)]
+    assert r["instr_per_weight"] <= budget.max_instr_per_weight, (r["instr_per_weight"], budget)
+    if budget.code_load_bits is not None:
+        assert r["code_load_bits"] == max(r["loads"]["codes"]) == budget.code_load_bits, r["loads"]
+    if budget.code_bits_per_weight is not None:
+        assert sum(r["loads"]["codes"]) == budget.code_bits_per_weight * r["weights_per_thread_per_iter"], r["loads"]
+    assert r["barriers_per_iter"] <= budget.max_barriers and r["shuffles_per_iter"] <= budget.max_shuffles
+    assert r["spill_bytes"] <= budget.max_spill_bytes and r["stack_bytes"] <= budget.max_stack_bytes
+
+
 def test_nf4_gemv_loop_streams_codes_scales_x_and_the_table(report):
-    gemv, _, _, _ = report
+    gemv = report[0][(nf4.COST_BUDGETS[0].spec, 90)]
     loads = gemv["loads"]
     # every global load in the loop is accounted for: the L1-resident code table is gathered per weight
     assert set(loads) == {"codes", "scales", "x", "table"}, loads
@@ -168,35 +189,16 @@ def test_nf4_gemv_loop_streams_codes_scales_x_and_the_table(report):
 def test_sz_loop_refills_one_word_per_two_symbols(report):
     """Stream v2: each lane reads its bits as 32-bit words into a 64-bit buffer (one refill per
     two symbols) and looks each symbol up in a 16-bit table entry."""
-    _, sz, _, _ = report
+    sz = report[0][(SZ_DECODER, 90)]
     assert sz["stores_per_iter"] >= 2  # one output element per symbol, two symbols per refill
     assert sz["loads"]["codes"] == [32] * (sz["stores_per_iter"] // 2)
     assert sz["loads"]["table"] == [16] * sz["stores_per_iter"]
 
 
 def test_dump_writes_each_cubin_and_its_sass(report):
-    gemv, sz, dump, _ = report
+    records, dump = report
     files = sorted(p.name for p in dump.iterdir())
-    assert len(files) == 10 and sum(f.endswith(".sm90.cubin") for f in files) == 5
-    sass = next(p for p in dump.iterdir() if p.name.startswith(nf4.FORWARD_CONFIGS[1][0].kind) and p.suffix == ".sass").read_text()
+    assert len(files) == 2 * len(records) and sum(f.endswith(".cubin") for f in files) == len(records)
+    stem = re.sub(r"[^\w.=-]+", "_", nf4.COST_BUDGETS[0].spec)  # as cost_record names its files
+    sass = (dump / f"{stem}.sm90.sass").read_text()
     assert "LDG" in sass and ".nv_debug_ptx_txt" in sass
-
-
-def test_nf4_m1_default_meets_the_static_goal(report):
-    gemv = report[0]
-    assert gemv["instr_per_weight"] <= NF4_BUDGET, gemv["instr_per_weight"]
-
-
-@pytest.mark.parametrize("fmt", sorted(INT_BUDGET))
-def test_int_m1_defaults_meet_the_static_goals(int_records, fmt):
-    """Packed int codes (format 3) in the words GEMV: within the issue's instruction budget, 128-bit
-    code loads, no barrier, no shuffle, no spill."""
-    r = int_records[fmt]
-    assert r["m_bucket"] == 1
-    assert r["instr_per_weight"] <= INT_BUDGET[fmt], r["instr_per_weight"]
-    assert r["code_load_bits"] == 128
-    assert r["barriers_per_iter"] == 0 and r["shuffles_per_iter"] == 0
-    assert r["spill_bytes"] == 0 and r["stack_bytes"] == 0
-    bits = int(fmt[-1])
-    # every code bit is loaded exactly once per step: bits per weight of code loads
-    assert sum(r["loads"]["codes"]) == bits * r["weights_per_thread_per_iter"]

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import _cpu, _ops
+from lowbit import _clib, _cpu, _ops
 from tests.helpers import TOL, rel_err, use_cpu_build
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -292,9 +292,9 @@ def test_no_compiler_falls_back_to_reference_with_one_warning(monkeypatch, tmp_p
     x = torch.randn(2, 64)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_machine", lambda: "a machine never built for")  # no cached library either
-    monkeypatch.setitem(_cpu._STATE, "tried", False)
-    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    monkeypatch.setattr(_clib, "_machine", lambda: "a machine never built for")  # no cached library either
+    monkeypatch.setitem(_clib._STATE, "tried", False)
+    monkeypatch.setitem(_clib._STATE, "lib", None)
     before = collections.Counter(_cpu.CALLS)
     with pytest.warns(RuntimeWarning, match="could not be built"):
         y = lowbit.matmul_4bit(x, q)
@@ -312,9 +312,9 @@ def test_build_step_raising_falls_back(monkeypatch):
 
     qi = lowbit.quantize_int(torch.randn(16, 64), 4, None)
     x = torch.randn(2, 64)
-    monkeypatch.setattr(_cpu, "build", broken)
-    monkeypatch.setitem(_cpu._STATE, "tried", False)
-    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    monkeypatch.setattr(_clib, "build", broken)
+    monkeypatch.setitem(_clib._STATE, "tried", False)
+    monkeypatch.setitem(_clib._STATE, "lib", None)
     with pytest.warns(RuntimeWarning, match="compiler crashed"):
         y = lowbit.matmul_int(x, qi)
     assert torch.equal(y, reference(lowbit.matmul_int, x, qi))
@@ -490,9 +490,9 @@ def test_sz_no_compiler_falls_back_to_the_numpy_decoder(monkeypatch, tmp_path):
     c = _sz_stream((20, 37), chunk_size=16)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_machine", lambda: "a machine never built for")
-    monkeypatch.setitem(_cpu._STATE, "tried", False)
-    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    monkeypatch.setattr(_clib, "_machine", lambda: "a machine never built for")
+    monkeypatch.setitem(_clib._STATE, "tried", False)
+    monkeypatch.setitem(_clib._STATE, "lib", None)
     before = collections.Counter(_cpu.CALLS)
     with pytest.warns(RuntimeWarning, match="could not be built"):
         out = lowbit.sz_decompress(c, dtype=torch.bfloat16, allow_unbounded=True)

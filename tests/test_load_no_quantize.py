@@ -46,12 +46,12 @@ def no_quantizer(monkeypatch):
     import lowbit.formats.nf4
     import lowbit.formats.sz
     import lowbit.functional
-    import lowbit.nn
+    import lowbit.nn.linear4bit
 
     names = ("quantize_4bit", "fit_optimal_table", "quantize_flat", "quantize_blockwise_8bit", "quantize_int",
              "sz_compress")
     patched = []
-    for mod in (lowbit, lowbit.nn, lowbit.functional, lowbit._ops, lowbit.formats.nf4, lowbit.formats.intq,
+    for mod in (lowbit, lowbit.nn.linear4bit, lowbit.functional, lowbit._ops, lowbit.formats.nf4, lowbit.formats.intq,
                 lowbit.formats.sz):
         for name in names:
             if hasattr(mod, name):
@@ -60,7 +60,7 @@ def no_quantizer(monkeypatch):
     for cls in (Linear4bit, IntLinear, SZLinear):
         monkeypatch.setattr(cls, "from_linear", classmethod(_raise))
     # the patch must reach what from_linear calls, or this fixture proves nothing
-    for must in ("lowbit.nn.quantize_4bit", "lowbit.formats.nf4.fit_optimal_table", "lowbit.formats.intq.quantize_int",
+    for must in ("lowbit.nn.linear4bit.quantize_4bit", "lowbit.formats.nf4.fit_optimal_table", "lowbit.formats.intq.quantize_int",
                  "lowbit.formats.sz.sz_compress"):
         assert must in patched, must
     with pytest.raises(QuantizerCalled):

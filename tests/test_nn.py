@@ -72,9 +72,9 @@ def test_constructor_allocates_without_quantizing(cls, opts, monkeypatch):
 
     for mod, name in ((F_, "quantize_4bit"), (intq, "quantize_int"), (szf, "sz_compress")):
         monkeypatch.setattr(mod, name, boom)
-    import lowbit.nn as lnn
+    import lowbit.nn.linear4bit as l4
 
-    monkeypatch.setattr(lnn, "quantize_4bit", boom)
+    monkeypatch.setattr(l4, "quantize_4bit", boom)
     m = cls(4096, 11008, **{k: v for k, v in opts.items() if k != "group_size"})
     assert m.out_features == 11008
 

@@ -646,13 +646,10 @@ def test_encoder_c_kernels_bit_identical_to_reference(monkeypatch):
 
 def test_encoder_generic_c_build_bit_identical_to_reference(monkeypatch):
     # The plain-C kernels (CPUs without AVX-512; AVX-512 builds also run them on the tails of blocks).
-    import ctypes
+    from lowbit import _clib
 
-    from lowbit import _cpu
-
-    lib = ctypes.CDLL(str(_cpu.build("generic")))
-    monkeypatch.setitem(_cpu._STATE, "lib", lib)
-    monkeypatch.setitem(_cpu._STATE, "tried", True)
+    monkeypatch.setitem(_clib._STATE, "lib", _clib.load(_clib.build("generic")))
+    monkeypatch.setitem(_clib._STATE, "tried", True)
     g = torch.Generator().manual_seed(11)
     for w, eb, mode, chunk in _encoder_inputs(g):
         fast, ran = _compress_counting(monkeypatch, "fast", w, eb, mode, chunk_size=chunk)
@@ -662,15 +659,15 @@ def test_encoder_generic_c_build_bit_identical_to_reference(monkeypatch):
 
 
 def test_encoder_without_a_compiler_warns_and_writes_the_same_bytes(monkeypatch, tmp_path):
-    from lowbit import _cpu
+    from lowbit import _clib
 
     w = torch.randn(40, 64) * 0.05
     ref, _ = _compress_counting(monkeypatch, "reference", w, 1e-3)
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("LOWBIT_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(_cpu, "_machine", lambda: "a machine never built for")
-    monkeypatch.setitem(_cpu._STATE, "tried", False)
-    monkeypatch.setitem(_cpu._STATE, "lib", None)
+    monkeypatch.setattr(_clib, "_machine", lambda: "a machine never built for")
+    monkeypatch.setitem(_clib._STATE, "tried", False)
+    monkeypatch.setitem(_clib._STATE, "lib", None)
     with pytest.warns(RuntimeWarning, match="could not be built"):
         blob, ran = _compress_counting(monkeypatch, "fast", w, 1e-3)
     assert not ran and blob == ref
@@ -690,7 +687,7 @@ def test_encoder_c_huffman_lengths_equal_the_reference():
     cases += [(g.geometric(0.05, size=1023) ** 3).astype(np.int64) for _ in range(10)]
     for hist in cases:
         hist = np.asarray(hist, dtype=np.int64)
-        before = _sz_encode._cpu.CALLS["sz.encode_huffman"]
+        before = _sz_encode._clib.CALLS["sz.encode_huffman"]
         got = _sz_encode.code_lengths(lib, hist)
-        assert _sz_encode._cpu.CALLS["sz.encode_huffman"] == before + (np.count_nonzero(hist) >= 2)
+        assert _sz_encode._clib.CALLS["sz.encode_huffman"] == before + (np.count_nonzero(hist) >= 2)
         np.testing.assert_array_equal(got, _entropy.huffman_lengths(hist, _entropy.MAX_LEN))

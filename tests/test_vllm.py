@@ -112,7 +112,8 @@ def _cache_key() -> str:
 
     root = Path(lowbit.__file__).parent
     h = hashlib.sha256(f"{lowbit.__version__}/{FORMAT_VERSION}".encode())
-    sources = ["_quantize.py", "nn.py", "io.py", *(f"formats/{p.name}" for p in (root / "formats").glob("*.py"))]
+    sources = ["_quantize.py", "io.py", *(f"formats/{p.name}" for p in (root / "formats").glob("*.py")),
+               *(f"nn/{p.name}" for p in (root / "nn").glob("*.py"))]
     for rel in sorted(sources):
         h.update(rel.encode() + (root / rel).read_bytes())
     return h.hexdigest()[:16]

@@ -10,7 +10,7 @@ The working tree is never written: the tracked and untracked-but-not-ignored fil
 ls-files | tar`) to a temporary folder, pytest runs there with that copy's python/ first on PYTHONPATH
 (lowbit is installed editable from the working tree; the tool checks that lowbit and lowbit.kernels
 import from the copy), PYTHONDONTWRITEBYTECODE=1 (a restored file must never meet the mutant's cached
-bytecode) and LOWBIT_CACHE_DIR inside the temporary folder (a mutated _cpu.c hashes to a new library
+bytecode) and LOWBIT_CACHE_DIR inside the temporary folder (a mutated csrc/*.c hashes to a new library
 name, so it is really compiled, and no mutant library lands in the user's cache). The copy is deleted at
 the end, also on Ctrl-C or an exception (--keep keeps it).
 
@@ -97,7 +97,7 @@ def environment(tree: Path, tmp: Path) -> dict:
 def check_isolation(tree: Path, env: dict) -> None:
     # lowbit, its kernels (through the symlink) and the C sources the backend compiles: all the copy's
     code = ("import importlib.resources as r, lowbit, lowbit.kernels.nf4 as k; "
-            "print(lowbit.__file__); print(k.__file__); print(r.files('lowbit').joinpath('_cpu.c'))")
+            "print(lowbit.__file__); print(k.__file__); print(r.files('lowbit').joinpath('csrc/lowbit.h'))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True)
     paths = out.stdout.split()
     real = tree.resolve()

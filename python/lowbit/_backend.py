@@ -43,8 +43,8 @@ def use_triton(t: torch.Tensor) -> bool:
 
 def kernels() -> ModuleType:
     """The lowbit.kernels package, every family's kernels imported (imports Triton)."""
-    import lowbit.kernels.intq
-    import lowbit.kernels.nf4
-    import lowbit.kernels.sz
+    import lowbit.kernels
+    from lowbit.kernels._families import families
 
+    families()  # imports every kernels/<family>.py that defines aot_specs()
     return lowbit.kernels

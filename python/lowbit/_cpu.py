@@ -1,13 +1,14 @@
-"""The CPU backend: fused decode-matmul kernels in C for CPU tensors (the default on CPU).
+"""The CPU backend's launchers: fused decode-matmul kernels in C for CPU tensors (the default on CPU).
 
-The kernels are one C file beside this one (`_cpu.c`), built once per machine with the system C
-compiler (-O3 -march=native -fopenmp; ~1-2 s, cached on disk under `cache_dir()`) and called through
-ctypes. They take sizes at run time, so nothing recompiles across batch sizes, layers or shapes.
-AVX-512 intrinsics where the compiler targets them (a 16-entry table lookup is one `vpermps`; int codes
-are packed fields, one shift from a table index), plain C elsewhere. With OpenMP they run on torch's own OpenMP
-workers. Why not torch.compile: inductor turns the 16-entry table gather into a scalar loop and
-specialises on shapes (the 4096x4096 NF4 GEMV: 44 ms static, 520 ms dynamic, 2-10 s of compiling
-per shape, against 1.5-2 ms here).
+The kernels are C, one file per family in lowbit/csrc/ (`nf4.c`: the 4-bit LUT family, `intq.c`: integer rows,
+`sz_decode.c`: the SZ decoder; the SZ encoder's are called from formats/_sz_encode.py), built once per machine
+into one library and loaded through ctypes by lowbit._clib, which also holds the bindings table: this module
+declares the signatures of the kernels it calls (`_clib.bind` below) and launches them. The kernels take sizes at
+run time, so nothing recompiles across batch sizes, layers or shapes. AVX-512 intrinsics where the compiler targets
+them (a 16-entry table lookup is one `vpermps`; int codes are packed fields, one shift from a table index), plain C
+elsewhere. With OpenMP they run on torch's own OpenMP workers. Why not torch.compile: inductor turns the 16-entry
+table gather into a scalar loop and specialises on shapes (the 4096x4096 NF4 GEMV: 44 ms static, 520 ms dynamic,
+2-10 s of compiling per shape, against 1.5-2 ms here).
 
 Dispatch, per call, by M (the rows of x or of the output gradient; thresholds measured, docs/cpu.md):
 * M small: fused decode-GEMV (`lb_mv4`, `lb_mvi`; grad_x `lb_mv4t`, `lb_mvit`), fp32 accumulation;
@@ -19,31 +20,20 @@ Dispatch, per call, by M (the rows of x or of the output gradient; thresholds me
 
 `LOWBIT_CPU_BACKEND`: "fast" (default) | "reference" (the pure-torch spec) | "triton" (the Triton
 kernels under TRITON_INTERPRET=1, tests only). When the kernels can not be built (no compiler), one
-warning, then every op takes the reference. `CALLS` counts the fast paths that ran (for tests).
+warning, then every op takes the reference. `CALLS` counts the fast paths that ran (for tests). `CALLS`,
+`backend`, `build` and `library` are lowbit._clib's, imported here for this module's callers: patch them (and
+the loader's state) in lowbit._clib. An allocation failing in C raises MemoryError naming the kernel.
 """
 
 from __future__ import annotations
 
-import collections
-import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
-import warnings
-from importlib import resources
-from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-BACKENDS = ("fast", "reference", "triton")
-CALLS: collections.Counter = collections.Counter()  # fast-path launches by name, e.g. CALLS["nf4.gemv"]
+from . import _clib
+from ._clib import CALLS, F32, I64, INT, P, backend, build, kernel, library  # noqa: F401 (CALLS, backend, build)
 
 # Dispatch thresholds (rows of x or of the output gradient), measured on a 2-core Xeon (AVX-512,
 # AMX); see docs/cpu.md and benchmarks/cpu_backend.py.
@@ -53,137 +43,29 @@ CHUNK_BYTES = 16 << 20  # dequantized weight per BLAS call (a reused buffer; 8-2
 PARALLEL_MIN = 1 << 20  # weight elements below which one thread works (waking threads costs ~20-50 us)
 SZ_PARALLEL_MIN = 1 << 16  # the same for the SZ decoder (~1 ns per element: 64k elements ~ 60 us)
 
-
-# ----------------------------------------------------------------------------------------------
-# Build once per machine (cached on disk), load with ctypes
-# ----------------------------------------------------------------------------------------------
-
-_P, _I, _F, _C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-_SCALES = [_P, _P, _P, _P, _F, _I]  # absmax, qabs, nested_code, nested_absmax, offset, nested_blocksize
-_SIGNATURES = {
-    "lb_dq4": [_P, *_SCALES, _P, _I, _I, _I, _I, _I, _I, _P, _C, _C],
-    "lb_q4": [_P, _C, _I, _I, _P, _C, _P, _P, _P, _C],
-    "lb_mv4": [_P, _I, _I, _P, *_SCALES, _P, _I, _I, _P, _C],
-    "lb_mv4t": [_P, _I, _I, _P, *_SCALES, _P, _I, _I, _P, _C],
-    "lb_dqi": [_P, _P, _P, _C, _I, _I, _I, _I, _I, _I, _I, _P, _C, _C],
-    "lb_mvi": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
-    "lb_mvit": [_P, _I, _P, _P, _P, _C, _I, _I, _I, _P, _C],
-    "lb_rdi": [_P, _P, _P, _C, _I, _I, _I, _I, _I, _P, _C],
-    "lb_szd": [_P, _I, _P, _C, _P, _C, _F, _I, _I, _I, _I, _P, _P, _I, _P, _C, _C, _P],
-}  # lb_isa() and lb_openmp() take nothing and return int: 1 when built with AVX-512 / OpenMP
-_LOCK = threading.Lock()
-_STATE: dict = {"tried": False, "lib": None}
-
-
-def backend() -> str:
-    """The CPU backend named by LOWBIT_CPU_BACKEND ("fast" when unset)."""
-    name = os.environ.get("LOWBIT_CPU_BACKEND", "fast")
-    if name not in BACKENDS:
-        raise ValueError(f"LOWBIT_CPU_BACKEND must be one of {BACKENDS}, got {name!r}")
-    return name
+# The kernels this module calls (csrc/nf4.c, csrc/intq.c, csrc/sz_decode.c), as C declares them; each returns a
+# code (MemoryError on LB_ENOMEM; lb_szd's own codes are read below). tests/test_c_bindings.py checks them.
+_SCALES = dict(absmax=P, qabs=P, ncode=P, nabs=P, offset=F32, nbs=I64)  # a 4-bit weight's block scales
+_clib.bind(
+    kernel("lb_dq4", codes=P, **_SCALES, table=P, bs=I64, K=I64, n0=I64, nr=I64, k0=I64, kc=I64, out=P, dt=INT,
+           nt=INT),
+    kernel("lb_q4", x=P, dt=INT, n=I64, bs=I64, bounds=P, nbounds=INT, order=P, packed=P, absmax=P, nt=INT),
+    kernel("lb_mv4", x=P, M=I64, K=I64, codes=P, **_SCALES, table=P, bs=I64, N=I64, y=P, nt=INT),
+    kernel("lb_mv4t", g=P, M=I64, N=I64, codes=P, **_SCALES, table=P, bs=I64, K=I64, gx=P, nt=INT),
+    kernel("lb_dqi", codes=P, scale=P, zeros=P, bits=INT, L=I64, N=I64, K=I64, n0=I64, nr=I64, k0=I64, kc=I64,
+           out=P, dt=INT, nt=INT),
+    kernel("lb_mvi", x=P, M=I64, codes=P, scale=P, zeros=P, bits=INT, L=I64, N=I64, K=I64, y=P, nt=INT),
+    kernel("lb_mvit", g=P, M=I64, codes=P, scale=P, zeros=P, bits=INT, L=I64, N=I64, K=I64, gx=P, nt=INT),
+    kernel("lb_rdi", d=P, codes=P, zeros=P, bits=INT, L=I64, N=I64, K=I64, n0=I64, nr=I64, out=P, nt=INT),
+    kernel("lb_szd", payload=P, nwords=I64, start=P, s64=INT, table=P, max_len=INT, step=F32, radius=I64,
+           numel=I64, chunk=I64, lanes=I64, oidx=P, ovals=P, nout=I64, out=P, dt=INT, nt=INT, err=P),
+)
+_SZD_LANE_END, _SZD_LONG_CODE, _SZD_OUTLIER, _SZD_LANE_START = 1, 2, 3, 4  # lb_szd's own codes (sz_decode.c)
 
 
 def enabled(t: Tensor) -> bool:
     """Whether this backend runs an op on `t`: a CPU tensor, LOWBIT_CPU_BACKEND=fast, the kernels built."""
     return t.device.type == "cpu" and backend() == "fast" and library() is not None
-
-
-def library() -> Optional[ctypes.CDLL]:
-    """The loaded kernels, built on first use; None (after one warning) when they can not be built."""
-    if not _STATE["tried"]:
-        with _LOCK:
-            if not _STATE["tried"]:
-                try:
-                    lib = ctypes.CDLL(str(build()))
-                    for name, args in _SIGNATURES.items():
-                        getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
-                    _STATE["lib"] = lib
-                except Exception as e:  # no compiler, a failed compile, an unloadable library
-                    warnings.warn(f"lowbit: the fast CPU backend could not be built ({e}); CPU ops run the pure-torch "
-                                  "reference instead (same results, slower). Point CC at a C compiler to enable it, "
-                                  "or set LOWBIT_CPU_BACKEND=reference to silence this.", RuntimeWarning, stacklevel=2)
-                _STATE["tried"] = True
-    return _STATE["lib"]
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept: $LOWBIT_CACHE_DIR, else $XDG_CACHE_HOME/lowbit or ~/.cache/lowbit."""
-    if os.environ.get("LOWBIT_CACHE_DIR"):
-        return Path(os.environ["LOWBIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowbit"
-
-
-# The kernels' C sources (package data), compiled as one translation unit in this order: _cpu.c has
-# the shared helpers (parallel(), the ISA switches) that the family files after it use.
-C_SOURCES = ("_cpu.c", "_cpu_sz_encode.c")
-
-
-def _source() -> str:
-    files = resources.files("lowbit")
-    return "\n".join(files.joinpath(name).read_text() for name in C_SOURCES if files.joinpath(name).is_file())
-
-
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc or not shutil.which(cc):
-        raise RuntimeError(f"no C compiler found (CC={os.environ.get('CC')!r}, and no cc, gcc or clang on PATH)")
-    return shutil.which(cc)
-
-
-def _machine() -> str:
-    """What -march=native depends on: the CPU's feature flags (Linux), else the platform's names."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
-    except OSError:
-        flags = ""
-    return f"{platform.machine()} {platform.processor()} {flags}"
-
-
-_VARIANTS = {"native": [], "generic": ["-DLB_GENERIC"], "no-gfni": ["-mno-gfni"]}
-
-
-def build(variant: str = "native") -> Path:
-    """Compile the kernels (or find them built) and return the library's path. The tests also build
-    "generic" (plain C: what CPUs without AVX-512 run) and "no-gfni" (AVX-512 without GFNI, e.g. Skylake-X)."""
-    cc = _compiler()
-    st = os.stat(cc)
-    extra = _VARIANTS[variant]  # after -march=native, which they amend
-    source = _source()
-    key = "\0".join([source, cc, str(st.st_size), str(st.st_mtime_ns), _machine(), sys.platform, *extra])
-    name = f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:24]}.so"
-    for folder in (cache_dir(), Path(tempfile.gettempdir()) / f"lowbit-{os.getuid() if hasattr(os, 'getuid') else 0}"):
-        if (folder / name).exists():
-            return folder / name
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            src = folder / f"{name}.{os.getpid()}.c"
-            src.write_text(source)
-            break
-        except OSError:
-            continue
-    else:
-        raise RuntimeError("no writable folder for the built kernels (set LOWBIT_CACHE_DIR)")
-    tmp, err = folder / f"{name}.{os.getpid()}.tmp", ""
-    try:
-        base = ["-O3", "-std=gnu11", "-ffp-contract=off", "-fPIC", "-shared", "-pthread"]
-        # -fopenmp: share torch's OpenMP runtime (see parallel() in the source); not every compiler has
-        # OpenMP or knows -march=native, so each is dropped in turn before giving up
-        for arch in (["-march=native", "-fopenmp"], ["-march=native"], []):
-            cmd = [cc, *base, *arch, *extra, str(src), "-o", str(tmp), "-lm"]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode == 0:
-                if err:
-                    dropped = " and ".join(a for a in ("-march=native", "-fopenmp") if a not in arch)
-                    warnings.warn(f"lowbit: the CPU kernels built without {dropped} (slower): {err}", RuntimeWarning,
-                                  stacklevel=2)
-                os.replace(tmp, folder / name)  # atomic: concurrent builders each write their own tmp
-                return folder / name
-            err = r.stderr.strip()[-400:]
-        raise RuntimeError(f"{cc} failed: {err}")
-    finally:
-        src.unlink(missing_ok=True)
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -434,10 +316,10 @@ def sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel,
     """An SZ stream (version 2, SZTensor.decoder_args) decoded to `numel` values in `dtype` by `lb_szd`,
     bit-identical to formats.sz.decode_reference / decode_vectorized. Like the numpy decoder, it always
     verifies every lane's length (it costs nothing here), whatever `check` says: a stream whose lane lengths
-    lie raises the numpy decoder's ValueError. Returns None for what it does not decode - output dtypes other
-    than fp32/fp16/bf16, tables with code lengths over 14 bits (no valid stream has them) - and the caller
-    (lowbit._ops) takes the numpy decoder: importing formats.sz here would close a cycle (formats._sz_encode
-    imports this module)."""
+    lie raises the numpy decoder's ValueError. max_len must be 1..12 (the encoder's limit, _entropy.MAX_LEN).
+    Returns None for what it does not decode - output dtypes other than fp32/fp16/bf16, and corrupt tables whose
+    entries claim codes over 14 bits (the most that 4 code words per 64-bit read allow) - and the caller,
+    lowbit._ops, takes the numpy decoder, as it does for every other device and backend."""
     if dtype not in _DT:
         return None
     _need(numel > 0 and chunk_size > 0 and 1 <= max_len <= 12, "SZ stream: numel, chunk_size > 0, max_len in [1, 12]")
@@ -453,19 +335,20 @@ def sz_decode(payload, lane_start, table, step, outlier_idx, outlier_val, numel,
     vals = outlier_val.to(dtype).contiguous()
     _need(idx.dtype == torch.int64 and idx.numel() == vals.numel(), "SZ stream: int64 outlier indices, one per value")
     out = torch.empty(numel, dtype=dtype)
-    err = torch.zeros(3, dtype=torch.int64)
-    library().lb_szd(_p(words), words.numel(), _p(start), int(start.dtype == torch.int64), _p(tab), max_len,
-                     float(step.reshape(-1)[0]), radius, numel, chunk_size, lanes, _p(idx), _p(vals), idx.numel(),
-                     _p(out), _DT[dtype], 1 if numel < SZ_PARALLEL_MIN else torch.get_num_threads(), _p(err))
-    status, a, b = err.tolist()
-    if status == 1:  # the numpy decoder's message
+    err = torch.zeros(2, dtype=torch.int64)
+    nt = 1 if numel < SZ_PARALLEL_MIN else torch.get_num_threads()
+    status = library().lb_szd(_p(words), words.numel(), _p(start), int(start.dtype == torch.int64), _p(tab), max_len,
+                              float(step.reshape(-1)[0]), radius, numel, chunk_size, lanes, _p(idx), _p(vals),
+                              idx.numel(), _p(out), _DT[dtype], nt, _p(err))
+    a, b = err.tolist()
+    if status == _SZD_LANE_END:  # the numpy decoder's message
         raise ValueError(f"invalid SZ stream: lane {a} ends at bit {b}, its length says {int(start[a + 1])}")
-    if status == 4:
+    if status == _SZD_LANE_START:
         raise ValueError(f"invalid SZ stream: lane {a} starts at bit {b}, outside the payload's {32 * words.numel()} "
                          "bits")
-    if status == 3:
+    if status == _SZD_OUTLIER:
         raise IndexError(f"invalid SZ stream: outlier index {a} is out of bounds for {numel} elements")
-    if status == 2:
+    if status == _SZD_LONG_CODE:
         return None
     CALLS["sz.decode"] += 1
     return out

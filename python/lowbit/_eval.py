@@ -32,6 +32,7 @@ import time
 from ._quantize import (FORMATS, _positive_float, _positive_int, add_calibration_arguments, calibration_moments,
                         check_calibration_arguments, max_positions)
 from ._tools import UsageError, _threads, read_config
+from .nn import family_of
 
 DEFAULT_FORMATS = ("nf4", "fp4", "optimal", "int4", "int3", "sz")
 DEFAULT_CTX = 512
@@ -112,12 +113,16 @@ def parse_formats(values) -> list[str]:
 
 
 def format_options(fmt: str, *, group_size=None, error_bound=None) -> dict:
-    """replace_linear options of a row (group_size: the int formats' resolved group size)."""
+    """replace_linear options of a row (group_size: the int formats' resolved group size). The three
+    original families get the settings the report compares them at; any other registered family its
+    options' defaults (lowbit.nn.family)."""
     if fmt in ("nf4", "fp4", "optimal"):
         return {"blocksize": BLOCKSIZE, "double_quant": True}
-    if fmt.startswith("int"):
+    if fmt in ("int2", "int3", "int4"):
         return {"group_size": group_size, "method": INT_METHOD}
-    return {"error_bound": SZ_EVAL_BOUND if error_bound is None else error_bound, "mode": "abs"}
+    if fmt == "sz":
+        return {"error_bound": SZ_EVAL_BOUND if error_bound is None else error_bound, "mode": "abs"}
+    return family_of(fmt).defaults(fmt)
 
 
 def format_label(fmt: str, opts: dict, calibrated: bool = False) -> str:
@@ -127,12 +132,7 @@ def format_label(fmt: str, opts: dict, calibrated: bool = False) -> str:
 
 
 def _plain_label(fmt: str, opts: dict) -> str:
-    if fmt in ("nf4", "fp4", "optimal"):
-        return f"{fmt} b{opts['blocksize']}{' dq' if opts['double_quant'] else ''}"
-    if fmt.startswith("int"):
-        g = opts.get("group_size")
-        return f"{fmt} {'rows' if g is None else f'g{g}'} {opts.get('method', 'rtn')}"
-    return f"sz {opts.get('mode', 'abs')} {opts['error_bound']:g}"
+    return family_of(fmt).describe(fmt, opts)
 
 
 def _fit_options(opts: dict) -> dict:

@@ -11,8 +11,9 @@ import sys
 import time
 
 from ._tools import UsageError, linear_targets, read_config
+from .nn import FAMILIES, REQUIRED, QuantLinear, all_options, empty_layer, family_of, layer_factory, quant_types
 
-FORMATS = ("nf4", "fp4", "optimal", "int2", "int3", "int4", "sz")
+FORMATS = quant_types()  # every registered family's (lowbit.nn.family)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -40,35 +41,47 @@ def _positive_float(s: str) -> float:
     return v
 
 
+def add_format_arguments(p) -> None:
+    """Every registered family's command-line options (lowbit.nn.family.Option.flag), one flag per option
+    name: `lowbit quantize` takes them for any --format, and quantize_options checks which apply."""
+    for o in all_options():
+        if not o.flag:
+            continue
+        users = [q for f in FAMILIES.values() for q in f.quant_types if o.name in f.option_names(q)]
+        help_ = f"{'/'.join(users)}: {o.help}" + (f" (default {o.default})" if o.default not in (None, REQUIRED)
+                                                  and not o.cli_action else "")
+        if o.cli_action:
+            p.add_argument(o.flag, dest=o.name, action=o.cli_action, default=None, help=help_)
+        else:
+            typ = {int: _positive_int, float: _positive_float}.get(o.cli_type, o.cli_type)
+            p.add_argument(o.flag, dest=o.name, type=typ, default=None, choices=o.choices or None,
+                           help=help_ + (" (required)" if o.default is REQUIRED else ""))
+
+
 def quantize_options(a) -> dict:
-    """The replace_linear options for the parsed `lowbit quantize` arguments (UsageError when an
-    option does not apply to the format or has a bad value)."""
+    """The replace_linear options for the parsed `lowbit quantize` arguments: every command-line option of
+    a.format's family, given or its default (UsageError when an option does not apply to the format, a
+    required one is missing, or the family's layer refuses a value)."""
     fmt = a.format
-    given = {"--group-size": a.group_size is not None, "--blocksize": a.blocksize is not None,
-             "--no-double-quant": a.no_double_quant, "--error-bound": a.error_bound is not None,
-             "--mode": a.mode is not None}
-    if fmt in ("nf4", "fp4", "optimal"):
-        allowed = {"--blocksize", "--no-double-quant"}
-    elif fmt.startswith("int"):
-        allowed = {"--group-size"}
-    else:
-        allowed = {"--error-bound", "--mode"}
-    bad = [k for k, v in given.items() if v and k not in allowed]
+    fam = family_of(fmt)
+    mine = {o.name: o for o in fam.options if o.flag and o.name in fam.option_names(fmt)}
+    given = {o.name: getattr(a, o.name) for o in all_options() if o.flag and getattr(a, o.name, None) is not None}
+    bad = [o.flag for o in all_options() if o.name in given and o.name not in mine]
     if bad:
-        raise UsageError(f"{', '.join(bad)} does not apply to --format {fmt} (it takes: {', '.join(sorted(allowed))})")
-    if fmt in ("nf4", "fp4", "optimal"):
-        bs = 64 if a.blocksize is None else a.blocksize
-        if bs & (bs - 1) or not 32 <= bs <= 4096:
-            raise UsageError(f"--blocksize must be a power of two in [32, 4096], got {bs}")
-        return {"blocksize": bs, "double_quant": not a.no_double_quant}
-    if fmt.startswith("int"):
-        if a.group_size is not None and a.group_size % 32:
-            raise UsageError(f"--group-size must be a positive multiple of 32, got {a.group_size}")
-        return {"group_size": a.group_size}
-    if a.error_bound is None:
-        raise UsageError("--format sz needs --error-bound X (absolute, or relative to each weight's range "
-                         "with --mode rel)")
-    return {"error_bound": a.error_bound, "mode": a.mode or "abs"}
+        flags = sorted(o.flag for o in mine.values())
+        raise UsageError(f"{', '.join(bad)} does not apply to --format {fmt} (it takes: {', '.join(flags) or 'none'})")
+    missing = [o.flag for o in mine.values() if o.default is REQUIRED and o.name not in given]
+    if missing:
+        raise UsageError(f"--format {fmt} needs {' '.join(missing)} X ({'; '.join(mine[o.name].help for o in mine.values() if o.flag in missing)})")
+    opts = {name: given.get(name, o.default) for name, o in mine.items()}
+    try:  # the family's own checks of the values (a 1-row layer on the meta device allocates nothing)
+        layer_factory(fmt, opts)
+        gs = opts.get("group_size")
+        empty_layer(fmt, 32 * gs if isinstance(gs, int) and gs > 0 else 64, 1, bias=False, device="meta", **opts)
+    except (TypeError, ValueError) as e:
+        flag = next((o.flag for o in mine.values() if o.name in str(e).split(" ")[0]), None)
+        raise UsageError(f"{flag or '--format ' + fmt}: {e}") from None
+    return opts
 
 
 _MAX_POSITIONS_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
@@ -197,7 +210,7 @@ def _from_bnb_layers(model, a, opts: dict, skip, src: str, qc: dict) -> dict:
     if fmt in ("nf4", "fp4") and same:
         if a.blocksize is None and len({m.blocksize for m in same}) == 1:
             opts["blocksize"] = same[0].blocksize
-        if not a.no_double_quant and len({m.double_quant for m in same}) == 1:
+        if a.double_quant is None and len({m.double_quant for m in same}) == 1:
             opts["double_quant"] = same[0].double_quant
 
     def skipped(n):
@@ -263,13 +276,12 @@ def _write_folder(model, config: dict, out: str, fmt: str, opts: dict, skip) -> 
 
     import torch
 
-    from lowbit import IntLinear, SZLinear
     from lowbit.integrations.transformers import _HINT_FIELD, LOAD_HINT, LowbitConfig
     from lowbit.io import WEIGHTS, _plain_state_dict, _write_state_dict
 
     sd = _plain_state_dict(model)
     for name, layer in model.named_modules():
-        if isinstance(layer, (IntLinear, SZLinear)):
+        if isinstance(layer, QuantLinear) and not layer.STORES_WEIGHT:
             sd[f"{name}.weight"] = torch.zeros(0, dtype=torch.uint8)
     _write_state_dict(model, sd, os.path.join(out, WEIGHTS))
     config = dict(config)  # the source's; a bitsandbytes source's quantization_config goes: the layers are lowbit's

@@ -51,7 +51,7 @@ from ._eval import _eval, add_arguments as _eval_arguments
 from ._export import _export
 from ._finetune import _finetune
 from ._tune_scales import _tune_scales, add_arguments as _tune_scales_arguments
-from ._quantize import FORMATS, _positive_float, _positive_int, _quantize
+from ._quantize import FORMATS, _positive_float, _positive_int, _quantize, add_format_arguments
 from ._quantize import add_calibration_arguments as _calibration_arguments
 from ._tools import UsageError
 from ._tune import _tune
@@ -91,12 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--skip", default=None, help="comma-separated modules to leave dense, by full name or dotted "
                    "suffix; a module keeps every Linear inside it dense (replace_linear's rule, "
                    "lowbit.nn.skip_matches); default lm_head; '' for none")
-    q.add_argument("--group-size", type=_positive_int, help="int2/3/4: weights per scale (multiple of 32; "
-                   "default one scale per row)")
-    q.add_argument("--blocksize", type=_positive_int, help="nf4/fp4/optimal: weights per scale (default 64)")
-    q.add_argument("--no-double-quant", action="store_true", help="nf4/fp4/optimal: keep fp32 scales")
-    q.add_argument("--error-bound", type=_positive_float, help="sz: error bound (required)")
-    q.add_argument("--mode", choices=("abs", "rel"), help="sz: bound absolute (default) or relative to the range")
+    add_format_arguments(q)  # every family's options (lowbit.nn.family)
     q.add_argument("--force", action="store_true", help="write into OUT_DIR even if it exists")
     _calibration_arguments(q)
     b = sub.add_parser("bench", help="kernel timings vs torch dense matmul on this device")

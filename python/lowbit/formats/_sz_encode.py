@@ -2,10 +2,11 @@
 exact per-element bound check, the outlier values, the lane lengths and the payload packing.
 
 Two implementations, the same bytes: numpy/torch on CPU tensors (the reference, always there), and
-the C kernels in lowbit/_cpu_sz_encode.c (built with lowbit._cpu's kernels) for quantize, lane
-lengths and packing. The C kernels run when LOWBIT_CPU_BACKEND is "fast" (the default) and the
-kernels could be built (lowbit._cpu warns once when not); `_cpu.CALLS["sz.encode_*"]` counts them.
-The suspects' exact check and everything per symbol (radius, Huffman code) is numpy in both.
+the C kernels in lowbit/csrc/sz_encode.c (built into the CPU backend's one library by lowbit._clib;
+their signatures are declared below) for quantize, lane lengths, packing, the exact bound checks and
+the Huffman code lengths. The C kernels run when LOWBIT_CPU_BACKEND is "fast" (the default) and the
+kernels could be built (lowbit._clib warns once when not); `_clib.CALLS["sz.encode_*"]` counts them.
+The suspects' resolution and everything per symbol (radius, canonical codes) is numpy in both.
 The format itself is in sz.py."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .. import _cpu
+from .. import _clib
+from .._clib import F32, F64, I64, INT, P, kernel
 from .._validate import FLOAT_DTYPES
 from ._entropy import MAX_LEN, huffman_lengths, pack_lsb, reversed_codes
 
@@ -27,30 +29,23 @@ _FLT_MAX = float(torch.finfo(torch.float32).max)
 SZQ_BLOCK = 65536  # lb_szq2 reports suspects per block of this many elements (uint16 offsets)
 SZ_PARALLEL_MIN = 1 << 20  # elements below which the C kernels use one thread (as lowbit._cpu.PARALLEL_MIN)
 
-_P, _I, _F, _C, _D = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_double
-_SIGNATURES = {  # the kernels of _cpu_sz_encode.c: (argument types, return type)
-    "lb_szq1": ([_P, _I, _F, _P, _P, _C], None),
-    "lb_szq2": ([_P, _I, _F, _C, _F, _P, _P, _P, _C], None),
-    "lb_szlb": ([_P, _I, _P, _I, _I, _P, _C], None),
-    "lb_szpack": ([_P, _I, _P, _I, _I, _P, _P, _C], None),
-    "lb_szexc": ([_P, _P, _I, _D, _P], None),
-    "lb_szdm": ([_P, _I, _P, _C], None),
-    "lb_szhuff": ([_P, _I, _C, _P], _C),
-}
+# The kernels of csrc/sz_encode.c, as C declares them (tests/test_c_bindings.py checks it); each returns a code:
+# MemoryError on LB_ENOMEM (lowbit._clib).
+_clib.bind(
+    kernel("lb_szq1", w=P, n=I64, step=F32, q=P, hist=P, nt=INT),
+    kernel("lb_szq2", w=P, n=I64, step=F32, radius=INT, limit=F32, q=P, sus=P, cnt=P, nt=INT),
+    kernel("lb_szlb", sym=P, n=I64, len=P, chunk=I64, lanes=I64, bits=P, nt=INT),
+    kernel("lb_szpack", sym=P, n=I64, code=P, chunk=I64, lanes=I64, start=P, out=P, nt=INT),
+    kernel("lb_szexc", v=P, w=P, m=I64, eb=F64, out=P),
+    kernel("lb_szdm", w=P, n=I64, out=P, nt=INT),
+    kernel("lb_szhuff", f=P, n=I64, max_len=INT, len=P),
+)
 
 
 def fast_library() -> Optional[ctypes.CDLL]:
-    """lowbit._cpu's kernels with the encoder's signatures declared; None when LOWBIT_CPU_BACKEND is
-    not "fast" or the kernels can not be built (lowbit._cpu has then warned once): the reference runs."""
-    if _cpu.backend() != "fast":
-        return None
-    lib = _cpu.library()
-    if lib is None:
-        return None
-    for name, (args, res) in _SIGNATURES.items():
-        fn = getattr(lib, name)
-        fn.argtypes, fn.restype = args, res
-    return lib
+    """The CPU backend's kernels; None when LOWBIT_CPU_BACKEND is not "fast" or the kernels can not be
+    built (lowbit._clib has then warned once): the reference runs."""
+    return _clib.fast_library()
 
 
 class _Work:
@@ -196,11 +191,10 @@ def code_lengths(lib: Optional[ctypes.CDLL], hist: np.ndarray) -> np.ndarray:
         return huffman_lengths(hist, MAX_LEN)
     f = np.ascontiguousarray(hist[present], dtype=np.int64)
     ln = np.zeros(len(present), dtype=np.uint8)
-    if lib.lb_szhuff(f.ctypes.data, len(f), MAX_LEN, ln.ctypes.data) != 0:
-        raise MemoryError("lb_szhuff: out of memory")
+    lib.lb_szhuff(f.ctypes.data, len(f), MAX_LEN, ln.ctypes.data)  # MemoryError when C runs out of memory
     lengths = np.zeros(len(hist), dtype=np.uint8)
     lengths[present] = ln
-    _cpu.CALLS["sz.encode_huffman"] += 1
+    _clib.CALLS["sz.encode_huffman"] += 1
     return lengths
 
 
@@ -228,7 +222,7 @@ def _quantize_fast(work: _Work, wt: Tensor, w32: Tensor, eb: float, step: float)
         q_s = s[suspect].astype(np.float64) - radius
         new, changed, outlier_idx = _resolve(suspect, q_s, wt, radius, step32, eb, sym_hist, lib)
         s[suspect[changed]] = (new[changed] + radius).astype(np.int16)
-    _cpu.CALLS["sz.encode_quantize"] += 1
+    _clib.CALLS["sz.encode_quantize"] += 1
     return step32, radius, outlier_idx, sym_hist
 
 
@@ -275,7 +269,7 @@ def lane_bits(work: _Work, lengths: np.ndarray, numel: int, chunk: int, lanes: i
         return _lane_bits(_gather(ln, work.sym.numpy(), work.u8()), numel, chunk, lanes)
     out = np.empty(-(-numel // chunk) * lanes, dtype=np.int64)
     work.lib.lb_szlb(work.sym.data_ptr(), numel, ln.ctypes.data, chunk, lanes, out.ctypes.data, _threads(numel))
-    _cpu.CALLS["sz.encode_lane_bits"] += 1
+    _clib.CALLS["sz.encode_lane_bits"] += 1
     return out
 
 
@@ -293,7 +287,7 @@ def pack_payload(lib: Optional[ctypes.CDLL], sym: Tensor, lengths: np.ndarray, l
     numel = sym.numel()
     lib.lb_szpack(sym.data_ptr(), numel, code.ctypes.data, chunk, lanes, start.ctypes.data, words.ctypes.data,
                   _threads(numel))
-    _cpu.CALLS["sz.encode_pack"] += 1
+    _clib.CALLS["sz.encode_pack"] += 1
     return words, nbits
 
 

@@ -41,9 +41,7 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import check_adapters_to_merge
 
-from ..formats import intq as intq_fmt
-from ..functional import quantize_4bit
-from ..nn import IntLinear, Linear4bit, QuantLinear, SZLinear
+from ..nn import QuantLinear
 
 _MIN_PEFT = (0, 12)
 if tuple(int(p) for p in peft.__version__.split(".")[:2] if p.isdigit()) < _MIN_PEFT:
@@ -55,13 +53,6 @@ class LowbitMergeWarning(UserWarning):
     """A LoRA update was merged into a quantized weight: the message states the re-quantization error."""
 
 
-_SZ_REFUSAL = (
-    "lowbit: merging a LoRA adapter into an SZLinear is refused: SZ guarantees every decoded weight within "
-    "error_bound={eb} of the weight it was compressed from, and re-compressing (decoded W + B@A*scaling) would "
-    "keep that bound only against the already-rounded sum - up to 2x the bound from the exact merged weight - "
-    "while the layer still reported error_bound={eb}. Keep the adapter unmerged (PeftModel), or dequantize the "
-    "base (lowbit's transformers integration: model.dequantize()) and merge into the dense weights."
-)
 
 
 class _DeviceRef:
@@ -146,8 +137,6 @@ class LowbitLoraLinear(nn.Module, LoraLayer):
         if not adapter_names:
             return
         base = self.get_base_layer()
-        if isinstance(base, SZLinear):
-            raise ValueError(_SZ_REFUSAL.format(eb=base.error_bound))
         for active in adapter_names:
             if active not in self.lora_A.keys():
                 continue
@@ -179,18 +168,7 @@ class LowbitLoraLinear(nn.Module, LoraLayer):
     @staticmethod
     def _requantize(base: QuantLinear, target: torch.Tensor, delta: torch.Tensor, what: str) -> None:
         """Quantize `target` (fp32) into `base` in its own format, then warn with the measured error."""
-        if isinstance(base, Linear4bit):
-            orig_dtype = base.weight_dtype
-            base.load_quantized(quantize_4bit(target, base.blocksize, base.quant_type, base.double_quant))
-            base.weight_dtype = orig_dtype
-            fmt = f"{base.quant_type} (blocksize {base.blocksize})"
-        elif isinstance(base, IntLinear):
-            q = intq_fmt.quantize_int(target, base.bits, base.group_size, "rtn")
-            base.codes, base.zeros = q.codes, q.zeros
-            base.scale.data = q.scale.to(base.scale.device, base.scale.dtype)
-            fmt = f"int{base.bits} (group_size {base.group_size})"
-        else:
-            raise TypeError(f"lowbit: cannot merge a LoRA adapter into a {type(base).__name__}")
+        fmt = base.requantize_(target)  # the family's own (SZ refuses, keeping its error bound honest)
         err = base.dequantized_weight(torch.float32) - target
         report = {"max_abs_error": err.abs().max().item(), "rms_error": err.pow(2).mean().sqrt().item(),
                   "rms_update": delta.float().pow(2).mean().sqrt().item()}

@@ -43,11 +43,9 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .._validate import check_choice
 from .._version import __version__
-from ..formats import intq as intq_fmt
-from ..nn import (EXTRA_STATE, FORMAT_VERSION, encode_meta, IntLinear, Linear4bit, QuantLinear, SZLinear, decode_meta, layer_factory,
-                  quant_types)
+from ..nn import (EXTRA_STATE, FORMAT_VERSION, FAMILIES, Linear4bit, QuantLinear, decode_meta, empty_layer, encode_meta,
+                  family_of, layer_factory)
 
 QUANT_METHOD = "lowbit"
 _MIN_TRANSFORMERS = (5, 0)
@@ -56,21 +54,16 @@ if tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
     raise ImportError(f"lowbit.integrations.transformers needs transformers >= 5.0 (the HfQuantizer API with "
                       f"ConversionOps); this is transformers {transformers.__version__}")
 
-# Per layer class: the options LowbitConfig accepts and their defaults (the layers' own defaults).
-# "method" (int) only steers quantization; the others also describe the stored format.
-_FAMILY_OPTIONS: dict[type, dict[str, Any]] = {
-    Linear4bit: {"blocksize": 64, "double_quant": True, "compute_dtype": None},
-    IntLinear: {"group_size": None, "method": "rtn"},
-    SZLinear: {"error_bound": None, "mode": "abs", "chunk_size": 4096},
-}
-_ALL_OPTIONS = sorted({k for opts in _FAMILY_OPTIONS.values() for k in opts})
+# The options LowbitConfig accepts are its family's (lowbit.nn.family: each Option's default; a required one,
+# sz's error_bound, is None here until given and refused by post_init).
+def _config_options(quant_type: str) -> dict[str, Any]:
+    fam = family_of(quant_type)
+    return {o.name: (None if o.name not in fam.defaults(quant_type) else o.default) for o in fam.options
+            if o.name in fam.option_names(quant_type)}
 
 
-def _layer_class(quant_type: str) -> type:
-    for cls in _FAMILY_OPTIONS:
-        if quant_type in cls.QUANT_TYPES:
-            return cls
-    raise ValueError(f"quant_type must be one of {quant_types()}, got {quant_type!r}")
+def _all_options() -> set[str]:
+    return {o.name for f in FAMILIES.values() for o in f.options}
 
 
 def _dtype_name(v: Any) -> Optional[str]:
@@ -87,9 +80,10 @@ def _dtype_name(v: Any) -> Optional[str]:
 class LowbitConfig(QuantizationConfigMixin):
     """The quantization config of a lowbit model (quant_method "lowbit").
 
-    quant_type: "nf4" | "fp4" | "optimal" (options blocksize=64, double_quant=True, compute_dtype=None),
+    quant_type: any of lowbit.nn.quant_types(); its options are its family's (lowbit.nn.family), e.g.
+                "nf4" | "fp4" | "optimal" (blocksize=64, double_quant=True, compute_dtype=None),
                 "int2" | "int3" | "int4" (group_size=None, method="rtn"),
-                "sz" (error_bound, required; mode="abs"; chunk_size=4096).
+                "sz" (error_bound, required; mode="abs"; chunk_size=4096; importance options).
     modules_to_not_convert: module names (or regexes / name suffixes, transformers' rules) kept dense.
                 None: transformers' default (the output embedding, tied weights and the model's last
                 module, e.g. lm_head); [] quantizes every nn.Linear.
@@ -105,11 +99,10 @@ class LowbitConfig(QuantizationConfigMixin):
                              f"{version!r}; lowbit {__version__} reads versions <= {FORMAT_VERSION}: upgrade lowbit")
         if not isinstance(quant_type, str):
             raise TypeError(f"quant_type must be a str, got {type(quant_type).__name__}")
-        cls = _layer_class(quant_type)
-        allowed = _FAMILY_OPTIONS[cls]
+        allowed = _config_options(quant_type)
         for k in options:
             if k not in allowed:
-                where = ("an option of another format family" if k in _ALL_OPTIONS else "not a lowbit option")
+                where = ("an option of another format family" if k in _all_options() else "not a lowbit option")
                 raise ValueError(f"LowbitConfig: option {k!r} is {where}; quant_type={quant_type!r} takes "
                                  f"{sorted(allowed)}")
         if modules_to_not_convert is not None:
@@ -120,8 +113,9 @@ class LowbitConfig(QuantizationConfigMixin):
         self.quant_type = quant_type
         for k, default in allowed.items():
             setattr(self, k, options.get(k, default))
-        if cls is Linear4bit:
-            self.compute_dtype = _dtype_name(self.compute_dtype)
+        for o in family_of(quant_type).options:
+            if o.dtype and o.name in allowed:  # stored by name in config.json
+                setattr(self, o.name, _dtype_name(getattr(self, o.name)))
         self.modules_to_not_convert = modules_to_not_convert
         self.format_version = FORMAT_VERSION
         # the version of the folder being loaded (an older one may need its bytes converted after loading)
@@ -131,49 +125,38 @@ class LowbitConfig(QuantizationConfigMixin):
 
     @property
     def layer_class(self) -> type:
-        return _layer_class(self.quant_type)
+        return family_of(self.quant_type).layer
 
     @property
     def options(self) -> dict:
-        """The family's options, as replace_linear / layer_factory take them."""
-        opts = {k: getattr(self, k) for k in _FAMILY_OPTIONS[self.layer_class]}
-        if "compute_dtype" in opts:
-            opts["compute_dtype"] = None if opts["compute_dtype"] is None else getattr(torch, opts["compute_dtype"])
-        return opts
+        """The family's options, as replace_linear / layer_factory take them (a required option not given is
+        left out, for layer_factory to name it)."""
+        fam = family_of(self.quant_type)
+        opts = {k: getattr(self, k) for k in _config_options(self.quant_type)}
+        for o in fam.options:
+            if o.dtype and opts.get(o.name) is not None:
+                opts[o.name] = getattr(torch, opts[o.name])
+        required = set(_config_options(self.quant_type)) - set(fam.defaults(self.quant_type))
+        return {k: v for k, v in opts.items() if not (k in required and v is None)}
 
     def post_init(self) -> None:
         """Check the option values by building a 1-row layer on the meta device (the layer's own checks)."""
-        if self.layer_class is SZLinear and self.error_bound is None:
-            raise ValueError("LowbitConfig(quant_type='sz') needs error_bound=... (abs, or a fraction of each "
-                             "weight's value range with mode='rel')")
         opts = self.options
         try:
-            if "method" in opts:
-                check_choice("method", opts["method"], intq_fmt.METHODS)
+            layer_factory(self.quant_type, opts)  # unknown / missing required options
             gs = opts.get("group_size")
             in_features = 32 * gs if isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 else 64
             self.make_layer(in_features, 1, bias=False, device="meta")
-            layer_factory(self.quant_type, opts)
         except (TypeError, ValueError) as e:
             raise type(e)(f"LowbitConfig(quant_type={self.quant_type!r}): {e}") from None
 
     def make_layer(self, in_features: int, out_features: int, bias: bool, device=None) -> QuantLinear:
         """An empty lowbit layer of this format (allocates only; device='meta' for a skeleton)."""
-        o = self.options
-        cls = self.layer_class
-        if cls is Linear4bit:
-            return Linear4bit(in_features, out_features, bias, device=device, quant_type=self.quant_type,
-                              blocksize=o["blocksize"], double_quant=o["double_quant"],
-                              compute_dtype=o["compute_dtype"])
-        if cls is IntLinear:
-            return IntLinear(in_features, out_features, bias, device=device, bits=int(self.quant_type[3:]),
-                             group_size=o["group_size"])
-        return SZLinear(in_features, out_features, bias, device=device, error_bound=o["error_bound"], mode=o["mode"],
-                        chunk_size=o["chunk_size"])
+        return empty_layer(self.quant_type, in_features, out_features, bias, device=device, **self.options)
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "quant_type": self.quant_type,
-                **{k: getattr(self, k) for k in _FAMILY_OPTIONS[self.layer_class]},
+                **{k: getattr(self, k) for k in _config_options(self.quant_type)},
                 "modules_to_not_convert": self.modules_to_not_convert, "format_version": self.format_version,
                 "lowbit_version": self.lowbit_version}
 
@@ -288,7 +271,7 @@ class LowbitHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         # The int family's per-row/group scales are trainable parameters (PEQA); the others hold frozen codes.
-        return self.quantization_config.layer_class is IntLinear
+        return bool(self.quantization_config.layer_class.KEEP_DTYPE)
 
     @property
     def is_compileable(self) -> bool:
@@ -413,7 +396,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 dtype = _SAFETENSORS_DTYPES.get(dt)
                 if tuple(t.shape) == shape and t.dtype == dtype:
                     continue
-                if isinstance(layer, SZLinear):  # the compressed sizes depend on the data
+                if layer.DATA_DEPENDENT_SHAPES:  # e.g. SZ: the compressed sizes depend on the data
                     layer._buffers[buf] = torch.empty(shape, dtype=dtype or t.dtype, device="meta")
                 else:
                     raise ValueError(f"{key[: -len(EXTRA_STATE)]}{buf}: the checkpoint {os.path.basename(path)!r} "
@@ -454,7 +437,7 @@ class LowbitHfQuantizer(HfQuantizer):
                 continue
             if not self.pre_quantized and name not in self._quantized:
                 raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no {name + '.weight'!r}")
-            if not isinstance(layer, Linear4bit) and _PLACEHOLDER in layer._buffers:
+            if not layer.STORES_WEIGHT and _PLACEHOLDER in layer._buffers:
                 placeholder = layer._buffers.pop(_PLACEHOLDER)
                 if placeholder is not None and placeholder.numel():
                     raise ValueError(f"lowbit: layer {name!r} was not loaded: the checkpoint has no 'weight' for it")
@@ -471,14 +454,14 @@ class LowbitHfQuantizer(HfQuantizer):
                 meta = decode_meta(sd[EXTRA_STATE], name)
                 sd[EXTRA_STATE] = encode_meta({**meta, "format_version": version})
             layer.load_state_dict(sd, strict=True)
-            if isinstance(layer, (IntLinear, SZLinear)) and layer.bias is not None:
-                layer.bias.requires_grad_(False)  # lowbit's convention for these families (from_linear)
+            if layer.FROZEN_BIAS and layer.bias is not None:
+                layer.bias.requires_grad_(False)  # the family's convention (from_linear)
         return model
 
     def get_state_dict_and_metadata(self, model):
         sd = model.state_dict()
         for name, layer in model.named_modules():
-            if isinstance(layer, (IntLinear, SZLinear)):
+            if isinstance(layer, QuantLinear) and not layer.STORES_WEIGHT:
                 sd[f"{name}.{_PLACEHOLDER}" if name else _PLACEHOLDER] = _marker()
         return sd, {"lowbit.format_version": str(FORMAT_VERSION), "lowbit.version": __version__}
 

@@ -58,38 +58,42 @@ from vllm.model_executor.layers.quantization.base_config import QuantizationConf
 from vllm.model_executor.utils import set_weight_attrs
 
 from .._version import __version__
-from ..formats import sz as sz_fmt
-from ..functional import check_sz_dtype
-from ..nn import (EXTRA_STATE, FORMAT_VERSION, IntLinear, Linear4bit, QuantLinear, SZLinear, decode_meta, empty_layer,
-                  skip_matches)
+from ..nn import (EXTRA_STATE, FAMILIES, FORMAT_VERSION, REQUIRED, QuantLinear, decode_meta, empty_layer, family_named,
+                  family_of, quant_types, skip_matches)
 
 QUANT_METHOD = "lowbit"
 
-# Per family: the quantization_config options that describe the stored format (empty_layer's options),
-# and the checkpoint tensors of one layer with their dtypes (the placeholders vLLM loads into).
-_FAMILIES: dict[type, tuple[tuple[str, ...], dict[str, torch.dtype]]] = {
-    Linear4bit: (("blocksize", "double_quant"),
-                 {"weight": torch.uint8, "weight_absmax": torch.uint8, "weight_code": torch.float32,
-                  "weight_nested_absmax": torch.float32, "weight_nested_code": torch.float32,
-                  "weight_offset": torch.float32}),
-    IntLinear: (("group_size",),
-                {"weight": torch.uint8, "codes": torch.int32, "zeros": torch.uint8, "scale": torch.float32}),
-    SZLinear: (("error_bound", "mode", "chunk_size"),
-               {"weight": torch.uint8, "payload": torch.int32, "lane_index": torch.uint8, "lengths": torch.uint8,
-                "outlier_idx": torch.int64, "outlier_val": torch.float32, "step": torch.float32,
-                "meta": torch.int64, "bounds": torch.float64}),
-}
+# The quantization_config options of a family that describe the stored format are its Options
+# (lowbit.nn.family) less these, which only steer quantization or computing:
 _IGNORED_OPTIONS = ("quant_method", "quant_type", "format_version", "lowbit_version", "modules_to_not_convert",
                     "compute_dtype", "method")
 _QKV = {"q": 0, "k": 1, "v": 2}
 
 
 def _family(quant_type: Any) -> type:
-    for cls in _FAMILIES:
-        if quant_type in cls.QUANT_TYPES:
-            return cls
-    known = [qt for cls in _FAMILIES for qt in cls.QUANT_TYPES]
-    raise ValueError(f"lowbit: quantization_config.quant_type must be one of {known}, got {quant_type!r}")
+    """The layer class of quant_type's family (ValueError naming the known quant types)."""
+    try:
+        return family_of(quant_type).layer
+    except (TypeError, ValueError):
+        raise ValueError(f"lowbit: quantization_config.quant_type must be one of {list(quant_types())}, got "
+                         f"{quant_type!r}") from None
+
+
+def _format_options(quant_type: str) -> tuple[str, ...]:
+    return tuple(o for o in family_of(quant_type).option_names(quant_type) if o not in _IGNORED_OPTIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def _checkpoint_tensors(family: str) -> dict[str, torch.dtype]:
+    """The checkpoint tensors of one layer of `family` and their dtypes (the placeholders vLLM loads into),
+    read from an empty layer of it on the meta device, plus save_pretrained's "weight" marker."""
+    fam = family_named(family)
+    qt = fam.quant_types[0]
+    m = fam.empty(qt, 256, 1, False, "meta", **{**fam.defaults(qt), **{o.name: 1.0 for o in fam.options
+                                                                        if o.default is REQUIRED}})
+    out = {"weight": torch.uint8}
+    out.update({k: t.dtype for k, t in m.state_dict(keep_vars=True).items() if k != EXTRA_STATE and t is not None})
+    return out
 
 
 def _header(path: str) -> dict:
@@ -166,14 +170,15 @@ class LowbitConfig(QuantizationConfig):
                              f"version {version!r}; lowbit {__version__} reads versions <= {FORMAT_VERSION}: "
                              "upgrade lowbit to serve it")
         layer_class = _family(config["quant_type"])
-        allowed = _FAMILIES[layer_class][0]
+        allowed = _format_options(config["quant_type"])
         unknown = [k for k in config if k not in allowed and k not in _IGNORED_OPTIONS]
         if unknown:
             raise ValueError(f"lowbit: quantization_config has option(s) {unknown} that quant_type "
                              f"{config['quant_type']!r} does not take (it takes {list(allowed)})")
         options = {k: config[k] for k in allowed if k in config}
-        if layer_class is SZLinear and options.get("error_bound") is None:
-            options.pop("error_bound", None)  # adopted from each layer's stream
+        for o in family_of(config["quant_type"]).options:
+            if o.default is REQUIRED and options.get(o.name) is None:
+                options.pop(o.name, None)  # e.g. sz's error_bound: adopted from each layer's stream
         return cls(config["quant_type"], options, config.get("modules_to_not_convert"), version)
 
     def get_quant_method(self, layer: nn.Module, prefix: str) -> Optional[QuantizeMethodBase]:
@@ -267,8 +272,8 @@ class LowbitLinearMethod(LinearMethodBase):
         layer.lowbit_loaded = {}
         # every family's tensor names, not only the configured one's: a checkpoint of another family then
         # reaches lowbit's metadata check (a clear refusal) instead of vLLM's "no parameter named ..."
-        buffers = {n: d for cls in _FAMILIES for n, d in _FAMILIES[cls][1].items()}
-        buffers.update(_FAMILIES[self.config.layer_class][1])
+        buffers = {n: d for name in FAMILIES for n, d in _checkpoint_tensors(name).items()}
+        buffers.update(_checkpoint_tensors(self.config.layer_class.FAMILY))
         buffers[EXTRA_STATE] = torch.uint8
         layer.lowbit_buffer_names = tuple(buffers)
         for name, dtype in buffers.items():
@@ -340,7 +345,7 @@ class LowbitLinearMethod(LinearMethodBase):
             raise ValueError(f"{head}: the checkpoint holds a lowbit {meta.get('family')!r} layer but "
                              f"quantization_config says quant_type={cfg.quant_type!r} (family "
                              f"{cfg.layer_class.FAMILY!r}); the folder's config.json does not match its weights")
-        if cfg.layer_class is not Linear4bit:
+        if not cfg.layer_class.STORES_WEIGHT:
             marker = sd.pop("weight", None)  # save_pretrained's empty uint8 marker of int/SZ layers
             if marker is not None and marker.numel():
                 raise ValueError(f"{head}: an int/SZ layer with a non-empty 'weight' tensor {tuple(marker.shape)}")
@@ -360,12 +365,11 @@ class LowbitLinearMethod(LinearMethodBase):
             raise ValueError(f"{head}: the checkpoint lacks {sorted(missing)}" +
                              (f" and has unexpected {sorted(unexpected)}" if unexpected else ""))
         dtype = layer.lowbit_dtype
-        if isinstance(m, SZLinear) and not m._mask & sz_fmt.DTYPE_BIT.get(dtype, 0):
-            try:
-                check_sz_dtype(m.to_sz(), dtype, False)
-            except ValueError as e:
-                raise ValueError(f"{head}: vLLM computes in {dtype}, which this SZ layer cannot serve: {e}; "
-                                 "serve it with dtype='float32'") from None
+        try:
+            m.check_compute_dtype(dtype)
+        except ValueError as e:
+            raise ValueError(f"{head}: vLLM computes in {dtype}, which this layer cannot serve: {e}; "
+                             "serve it with dtype='float32'") from None
         m.requires_grad_(False)
         return self._rank_part(layer, m, idx, out, head)
 
@@ -399,34 +403,12 @@ class LowbitLinearMethod(LinearMethodBase):
 
 
 def _merge_rows(built: list, in_features: int) -> list:
-    """The shards of a fused layer as one lowbit layer when their storage concatenates by output row exactly
-    (one matmul instead of one per shard; every output row depends only on its own codes and scales): int
-    layers (codes, zeros, scales are per row), and 4-bit layers without double quantization whose rows are
-    whole blocks and whose code tables are equal. Otherwise (double-quantized nf4: second-level scale
-    blocks span rows and the offset is per tensor; SZ: one stream per tensor) the shards stay separate."""
-    first = built[0]
+    """The shards of a fused layer as one lowbit layer when the family can join their storage by output row
+    exactly (QuantLinear.cat_rows: one matmul instead of one per shard); otherwise the shards stay separate."""
     if len(built) == 1:
         return built
-    out = sum(m.out_features for m in built)
-    if all(type(m) is IntLinear and (m.bits, m.group_size, m.weight_dtype) == (first.bits, first.group_size,
-                                                                             first.weight_dtype) for m in built):
-        m = IntLinear(in_features, out, bias=False, device="meta", bits=first.bits, group_size=first.group_size)
-        m.codes = torch.cat([b.codes for b in built])
-        m.zeros = torch.cat([b.zeros for b in built])
-        m.scale = nn.Parameter(torch.cat([b.scale.detach() for b in built]), requires_grad=False)
-        m.weight_dtype = first.weight_dtype
-        return [m]
-    if all(type(m) is Linear4bit and not m.double_quant and m._row_layout()
-           and (m.quant_type, m.blocksize, m.weight_dtype) == (first.quant_type, first.blocksize, first.weight_dtype)
-           and torch.equal(m.weight_code, first.weight_code) for m in built):
-        m = Linear4bit(in_features, out, bias=False, device="meta", quant_type=first.quant_type,
-                       blocksize=first.blocksize, double_quant=False)
-        m.weight = torch.cat([b.weight for b in built])
-        m.weight_absmax = torch.cat([b.weight_absmax for b in built])
-        m.weight_code = first.weight_code
-        m.weight_dtype = first.weight_dtype
-        return [m]
-    return built
+    joined = type(built[0]).cat_rows(built)
+    return built if joined is None else [joined]
 
 
 _registered = False

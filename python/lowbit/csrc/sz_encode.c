@@ -1,12 +1,14 @@
-/* lowbit CPU kernels, SZ encoder (lowbit/formats/_sz_encode.py calls these through ctypes). Compiled after
-   _cpu.c as one translation unit: parallel(), i64, the fp16/bf16 conversions and LB_AVX512 come from there.
+/* The SZ encoder's kernels (lowbit/formats/_sz_encode.py declares and calls them; the decoder is sz_decode.c).
+   Shared helpers (threads, fp16/bf16 conversions, return codes, LB_AVX512): lowbit.h.
    Bit-identical to the numpy/torch reference in _sz_encode.py (fp32 arithmetic as written, -ffp-contract=off):
    lb_szq1   codes q = clamp(rint(w / step), -512, 512) (fp32 division, round half to even) and their histogram;
    lb_szq2   codes clamped to the radius, stored as symbols q + radius, and the suspects: elements whose fp32
              reconstruction q * step, or that rounded to fp16 or bf16, is more than `limit` from w (fp32
              differences); per block of SZQ_BLOCK elements their offsets in the block, and their count;
    lb_szlb   the bits of every lane (code lengths summed per lane);
-   lb_szpack the payload: every lane's code words back to back, LSB first, lanes in stream order. */
+   lb_szpack the payload: every lane's code words back to back, LSB first, lanes in stream order;
+   lb_szexc, lb_szdm, lb_szhuff: per element and per symbol helpers (below). */
+#include "lowbit.h"
 
 #define SZQ_BLOCK 65536 /* suspect offsets are uint16 within a block */
 #define SZQ_OFF 512     /* codes are clamped to +-SZQ_OFF before the radius is known */
@@ -45,9 +47,10 @@ static void szq1_range(const void *p, i64 lo, i64 hi) {
         __atomic_fetch_add(&a->hist[k], h[0][k] + h[1][k] + h[2][k] + h[3][k], __ATOMIC_RELAXED);
 }
 /* hist[2 * 512 + 1] must be zeroed by the caller. */
-void lb_szq1(const float *w, i64 n, float step, int16_t *q, i64 *hist, int nt) {
+int lb_szq1(const float *w, i64 n, float step, int16_t *q, i64 *hist, int nt) {
     szq1_t a = {w, n, step, q, hist};
     parallel(szq1_range, &a, n, SZQ_BLOCK, nt);
+    return LB_OK;
 }
 
 typedef struct { const float *w; i64 n; float step, limit; int radius; int16_t *q; uint16_t *sus; i64 *cnt; } szq2_t;
@@ -97,9 +100,10 @@ static void szq2_range(const void *p, i64 lo, i64 hi) {
     }
 }
 /* q: lb_szq1's codes in, symbols out; sus[n]: suspect offsets, block b's at b * SZQ_BLOCK; cnt[ceil(n / SZQ_BLOCK)]. */
-void lb_szq2(const float *w, i64 n, float step, int radius, float limit, int16_t *q, uint16_t *sus, i64 *cnt, int nt) {
+int lb_szq2(const float *w, i64 n, float step, int radius, float limit, int16_t *q, uint16_t *sus, i64 *cnt, int nt) {
     szq2_t a = {w, n, step, limit, radius, q, sus, cnt};
     parallel(szq2_range, &a, n, SZQ_BLOCK, nt);
+    return LB_OK;
 }
 
 typedef struct { const int16_t *sym; i64 n; const uint8_t *len; i64 chunk, lanes; i64 *bits; } szlb_t;
@@ -117,9 +121,10 @@ static void szlb_range(const void *p, i64 c0, i64 c1) {
     }
 }
 /* bits[ceil(n / chunk) * lanes]: the bits of every lane (element base + j + i * lanes of a chunk in lane j). */
-void lb_szlb(const int16_t *sym, i64 n, const uint8_t *len, i64 chunk, i64 lanes, i64 *bits, int nt) {
+int lb_szlb(const int16_t *sym, i64 n, const uint8_t *len, i64 chunk, i64 lanes, i64 *bits, int nt) {
     szlb_t a = {sym, n, len, chunk, lanes, bits};
     parallel(szlb_range, &a, (n + chunk - 1) / chunk, 1, nt);
+    return LB_OK;
 }
 
 typedef struct { const int16_t *sym; i64 n; const uint32_t *code; i64 chunk, lanes; const i64 *start; uint32_t *out; } szp_t;
@@ -150,17 +155,18 @@ static void szp_range(const void *p, i64 l0, i64 l1) {
 }
 /* out: the payload words, zeroed by the caller; code[sym] = reversed code word | length << 16; start[n_lanes + 1]
    the lanes' bit offsets (their prefix sum). */
-void lb_szpack(const int16_t *sym, i64 n, const uint32_t *code, i64 chunk, i64 lanes, const i64 *start, uint32_t *out,
-               int nt) {
+int lb_szpack(const int16_t *sym, i64 n, const uint32_t *code, i64 chunk, i64 lanes, const i64 *start, uint32_t *out,
+              int nt) {
     szp_t a = {sym, n, code, chunk, lanes, start, out};
     parallel(szp_range, &a, (n + chunk - 1) / chunk * lanes, 64, nt);
+    return LB_OK;
 }
 
 /* ---- per element and per symbol helpers of the encoder, bit-identical to their numpy/torch versions ---- */
 
 /* out[k] = 1 when, for some output dtype d (fp32, fp16, bf16), |d(v[k]) - w[k]| > max(|d(w[k]) - w[k]|, eb) in
    float64 (_sz_encode._exceeds); v and w hold fp32 (fp16/bf16 values widened exactly). */
-void lb_szexc(const float *v, const float *w, i64 m, double eb, uint8_t *out) {
+int lb_szexc(const float *v, const float *w, i64 m, double eb, uint8_t *out) {
     for (i64 k = 0; k < m; k++) {
         const double wd = (double)w[k];
         const double dv[3] = {(double)v[k], (double)from_fp16(to_fp16(v[k])), (double)u2f((uint32_t)to_bf16(v[k]) << 16)};
@@ -173,6 +179,7 @@ void lb_szexc(const float *v, const float *w, i64 m, double eb, uint8_t *out) {
         }
         out[k] = bad;
     }
+    return LB_OK;
 }
 
 /* out[2 * b], out[2 * b + 1]: max |fp16(w) - w| and |bf16(w) - w| (float64) over block b of SZQ_BLOCK elements. */
@@ -193,9 +200,10 @@ static void szdm_range(const void *p, i64 lo, i64 hi) {
         a->out[2 * (b0 / SZQ_BLOCK) + 1] = mbf;
     }
 }
-void lb_szdm(const float *w, i64 n, double *out, int nt) {
+int lb_szdm(const float *w, i64 n, double *out, int nt) {
     szdm_t a = {w, n, out};
     parallel(szdm_range, &a, n, SZQ_BLOCK, nt);
+    return LB_OK;
 }
 
 /* Huffman code lengths of n >= 2 positive weights f (overwritten), limited to max_len: _entropy.huffman_lengths.
@@ -209,9 +217,9 @@ static int hnode_cmp(const void *x, const void *y) {
     return a->id < b->id ? -1 : (a->id > b->id);
 }
 int lb_szhuff(int64_t *f, i64 n, int max_len, uint8_t *len) {
-    hnode_t *leaf = malloc(n * sizeof *leaf), *inner = malloc(n * sizeof *inner);
-    i64 *parent = malloc((2 * n - 1) * sizeof *parent), *depth = malloc((2 * n - 1) * sizeof *depth);
-    if (!leaf || !inner || !parent || !depth) { free(leaf); free(inner); free(parent); free(depth); return 1; }
+    hnode_t *leaf = lb_alloc(n, sizeof *leaf), *inner = lb_alloc(n, sizeof *inner);
+    i64 *parent = lb_alloc(2 * n - 1, sizeof *parent), *depth = lb_alloc(2 * n - 1, sizeof *depth);
+    if (!leaf || !inner || !parent || !depth) { free(leaf); free(inner); free(parent); free(depth); return LB_ENOMEM; }
     for (;;) {
         for (i64 i = 0; i < n; i++) leaf[i] = (hnode_t){f[i], i};
         qsort(leaf, n, sizeof *leaf, hnode_cmp);
@@ -234,5 +242,5 @@ int lb_szhuff(int64_t *f, i64 n, int max_len, uint8_t *len) {
     }
     for (i64 i = 0; i < n; i++) len[i] = (uint8_t)depth[i];
     free(leaf); free(inner); free(parent); free(depth);
-    return 0;
+    return LB_OK;
 }
