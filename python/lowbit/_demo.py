@@ -11,6 +11,7 @@ import sys
 import time
 
 from ._tools import _threads, linear_targets, quantize_layers
+from .nn import family_of, quant_types
 
 # The demo's formats at their usual settings: (row label, family, quant_type, replace_linear options).
 # SZ's abs bound 0.008 lands at ~4.0 bits/param on all-MiniLM-L6-v2 (1.4x NF4's weight RMSE as a bound).
@@ -24,6 +25,9 @@ DEMO_FORMATS = [
     ("int2 (g64)", "int (RTN)", "int2", {"group_size": 64}),
     (f"sz (abs {SZ_DEMO_BOUND:g})", "sz", "sz", {"error_bound": SZ_DEMO_BOUND}),
 ]
+# every other registered family's formats at their defaults (lowbit.nn.family), e.g. mxfp4 / nvfp4
+DEMO_FORMATS += [(family_of(qt).describe(qt, family_of(qt).defaults(qt)), family_of(qt).name, qt,
+                  family_of(qt).defaults(qt)) for qt in quant_types() if qt not in {f[2] for f in DEMO_FORMATS}]
 
 
 
@@ -302,12 +306,17 @@ def causal_formats() -> list[tuple[str, str, dict]]:
                        ("int2", 64), ("sz", None)):
         opts = _eval.format_options(fmt, group_size=group, error_bound=_eval.SZ_EVAL_BOUND)
         plan.append((_eval.format_label(fmt, opts), fmt, opts))
+    for fmt in quant_types():  # every other registered family's formats, at their defaults
+        if fmt not in {p[1] for p in plan}:
+            opts = _eval.format_options(fmt)
+            plan.append((_eval.format_label(fmt, opts), fmt, opts))
     return plan
 
 
 def _family(fmt: str) -> str:
-    return {"nf4": "4-bit table", "fp4": "4-bit table", "optimal": "4-bit table", "bnb-nf4": "bitsandbytes",
-            "sz": "sz", "fp32": "fp32"}.get(fmt, "int (mse)")
+    named = {"nf4": "4-bit table", "fp4": "4-bit table", "optimal": "4-bit table", "bnb-nf4": "bitsandbytes",
+             "sz": "sz", "fp32": "fp32", "int2": "int (mse)", "int3": "int (mse)", "int4": "int (mse)"}
+    return named.get(fmt) or family_of(fmt).name
 
 
 def _causal_inputs(args) -> tuple[str, str]:

@@ -143,7 +143,7 @@ def check_sz_dtype(c: SZTensor, dtype: torch.dtype, allow_unbounded: bool) -> No
 def sz_decompress(c: SZTensor, device=None, dtype: Optional[torch.dtype] = None, *,
                   allow_unbounded: bool = False) -> Tensor:
     """Dense tensor of c.shape in `dtype` (default: the compressed dtype) on `device` (default CPU).
-    CUDA devices decode with the Triton kernel, CPU with the vectorized numpy decoder. A dtype in
+    CUDA devices decode with the Triton kernel, CPU with the C decoder (csrc/sz_decode.c; the vectorized numpy decoder when the C kernels cannot be built). A dtype in
     which the bound cannot hold raises ValueError unless `allow_unbounded=True`."""
     if not isinstance(c, SZTensor):
         raise TypeError(f"c must be a lowbit.SZTensor, got {type(c).__name__}")

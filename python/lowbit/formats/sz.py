@@ -24,7 +24,7 @@ sum and stores contiguous outputs with its neighbours at every step. See docs/sz
 Decoders, bit-identical: `decode_reference` (bit-by-bit canonical decode, the spec),
 `decode_vectorized` (numpy, all lanes in lockstep with a 12-bit table) and the Triton kernel in
 lowbit.kernels.sz (CUDA, or CPU under TRITON_INTERPRET=1). The encoder's inner loops are in
-_sz_encode.py (numpy/torch, and the same in C in lowbit/_cpu_sz_encode.c, used when the CPU
+_sz_encode.py (numpy/torch, and the same in C in lowbit/csrc/sz_encode.c, used when the CPU
 kernels are built: the same bytes), the version-1 reader in _sz_v1.py.
 
 This file is over 500 lines: the container, its byte format, the layout rule and the two CPU

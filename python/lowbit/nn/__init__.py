@@ -48,7 +48,7 @@ from .replace import empty_layer, layer_factory, replace_linear, skip_matches, t
 
 # The format families, registered in this order (each module ends with its register_family call).
 # Adding a family = adding its module here.
-FAMILY_MODULES = ("linear4bit", "intlinear", "szlinear")
+FAMILY_MODULES = ("linear4bit", "intlinear", "szlinear", "blockfp")
 for _name in FAMILY_MODULES:
     importlib.import_module(f"{__name__}.{_name}")
 
