@@ -26,8 +26,9 @@ DEMO_FORMATS = [
     (f"sz (abs {SZ_DEMO_BOUND:g})", "sz", "sz", {"error_bound": SZ_DEMO_BOUND}),
 ]
 # every other registered family's formats at their defaults (lowbit.nn.family), e.g. mxfp4 / nvfp4
-DEMO_FORMATS += [(family_of(qt).describe(qt, family_of(qt).defaults(qt)), family_of(qt).name, qt,
-                  family_of(qt).defaults(qt)) for qt in quant_types() if qt not in {f[2] for f in DEMO_FORMATS}]
+for _qt in [q for q in quant_types() if q not in {f[2] for f in DEMO_FORMATS}]:
+    _fam = family_of(_qt)
+    DEMO_FORMATS.append((_fam.describe(_qt, _fam.defaults(_qt)), _fam.name, _qt, _fam.defaults(_qt)))
 
 
 

@@ -44,8 +44,8 @@ from transformers.quantizers.quantizers_utils import get_module_from_name, shoul
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .._version import __version__
-from ..nn import (EXTRA_STATE, FORMAT_VERSION, FAMILIES, Linear4bit, QuantLinear, decode_meta, empty_layer, encode_meta,
-                  family_of, layer_factory)
+from ..nn import (EXTRA_STATE, FORMAT_VERSION, FAMILIES, REQUIRED, Linear4bit, QuantLinear, check_options, decode_meta,
+                  empty_layer, encode_meta, family_of, layer_factory)
 
 QUANT_METHOD = "lowbit"
 _MIN_TRANSFORMERS = (5, 0)
@@ -131,22 +131,20 @@ class LowbitConfig(QuantizationConfigMixin):
     def options(self) -> dict:
         """The family's options, as replace_linear / layer_factory take them (a required option not given is
         left out, for layer_factory to name it)."""
-        fam = family_of(self.quant_type)
-        opts = {k: getattr(self, k) for k in _config_options(self.quant_type)}
-        for o in fam.options:
-            if o.dtype and opts.get(o.name) is not None:
-                opts[o.name] = getattr(torch, opts[o.name])
-        required = set(_config_options(self.quant_type)) - set(fam.defaults(self.quant_type))
-        return {k: v for k, v in opts.items() if not (k in required and v is None)}
+        opts = {}
+        for o in family_of(self.quant_type).options:
+            if o.name not in _config_options(self.quant_type):
+                continue
+            v = getattr(self, o.name)
+            if o.default is REQUIRED and v is None:
+                continue
+            opts[o.name] = getattr(torch, v) if o.dtype and v is not None else v
+        return opts
 
     def post_init(self) -> None:
         """Check the option values by building a 1-row layer on the meta device (the layer's own checks)."""
-        opts = self.options
         try:
-            layer_factory(self.quant_type, opts)  # unknown / missing required options
-            gs = opts.get("group_size")
-            in_features = 32 * gs if isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 else 64
-            self.make_layer(in_features, 1, bias=False, device="meta")
+            check_options(self.quant_type, self.options)
         except (TypeError, ValueError) as e:
             raise type(e)(f"LowbitConfig(quant_type={self.quant_type!r}): {e}") from None
 

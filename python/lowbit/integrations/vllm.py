@@ -87,10 +87,7 @@ def _format_options(quant_type: str) -> tuple[str, ...]:
 def _checkpoint_tensors(family: str) -> dict[str, torch.dtype]:
     """The checkpoint tensors of one layer of `family` and their dtypes (the placeholders vLLM loads into),
     read from an empty layer of it on the meta device, plus save_pretrained's "weight" marker."""
-    fam = family_named(family)
-    qt = fam.quant_types[0]
-    m = fam.empty(qt, 256, 1, False, "meta", **{**fam.defaults(qt), **{o.name: 1.0 for o in fam.options
-                                                                        if o.default is REQUIRED}})
+    m = empty_layer(family_named(family).quant_types[0], 256, 1, bias=False, device="meta")
     out = {"weight": torch.uint8}
     out.update({k: t.dtype for k, t in m.state_dict(keep_vars=True).items() if k != EXTRA_STATE and t is not None})
     return out

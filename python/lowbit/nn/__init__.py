@@ -44,7 +44,7 @@ from ._base import EXTRA_STATE, FORMAT_VERSION, META_BYTES, QuantLinear, decode_
 from .family import FAMILIES, REQUIRED, Family, Option, all_options, family_named, family_of, quant_types, \
     register_family
 from .lora import LoRALinear
-from .replace import empty_layer, layer_factory, replace_linear, skip_matches, takes_calibration
+from .replace import check_options, empty_layer, layer_factory, replace_linear, skip_matches, takes_calibration
 
 # The format families, registered in this order (each module ends with its register_family call).
 # Adding a family = adding its module here.

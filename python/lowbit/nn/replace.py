@@ -44,6 +44,17 @@ def empty_layer(quant_type: str, in_features: int, out_features: int, bias: bool
     return fam.empty(quant_type, in_features, out_features, bias, device, **full)
 
 
+def check_options(quant_type: str, opts: dict) -> None:
+    """The checks replace_linear would make of quant_type and `opts` before any weight is read (an unknown
+    or missing option: layer_factory; a bad value: the family's constructor, on a 1-row layer on the meta
+    device, which allocates nothing). For configs and command lines checked up front (LowbitConfig,
+    `lowbit quantize`). ValueError / TypeError from the family's own checks."""
+    layer_factory(quant_type, opts)
+    gs = opts.get("group_size")  # a layer wide enough for the group size asked for (32 groups)
+    in_features = 32 * gs if isinstance(gs, int) and not isinstance(gs, bool) and gs > 0 else 64
+    empty_layer(quant_type, in_features, 1, bias=False, device="meta", **opts)
+
+
 _DEFAULT_SKIP = ("lm_head",)
 
 
