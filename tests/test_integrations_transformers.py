@@ -25,7 +25,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 import lowbit  # noqa: E402
 from lowbit import IntLinear, Linear4bit, SZLinear  # noqa: E402
-from lowbit.integrations.transformers import LowbitConfig, save_pretrained_bnb  # noqa: E402
+from lowbit.integrations.bitsandbytes import save_pretrained_bnb  # noqa: E402
+from lowbit.integrations.transformers import LowbitConfig  # noqa: E402
 
 FORMATS = {
     "nf4": ({}, Linear4bit),
@@ -408,7 +409,7 @@ def test_minilm_from_pretrained_equals_replace_linear():
 def test_from_pretrained_bnb_reads_bitsandbytes_folders(quantized, tokens, tmp_path):
     """A bnb 4-bit folder (written by save_pretrained_bnb, and by transformers + bitsandbytes when
     it can load on this machine) loads into lowbit Linear4bit layers with the same logits."""
-    from lowbit.integrations.transformers import from_pretrained_bnb
+    from lowbit.integrations.bitsandbytes import from_pretrained_bnb
 
     model = quantized("nf4")
     save_pretrained_bnb(model, tmp_path / "bnb")
@@ -421,7 +422,7 @@ def test_from_pretrained_bnb_reads_bitsandbytes_folders(quantized, tokens, tmp_p
 
 
 def test_from_pretrained_bnb_reads_a_folder_transformers_bitsandbytes_wrote(quantized, tokens, tmp_path):
-    from lowbit.integrations.transformers import from_pretrained_bnb
+    from lowbit.integrations.bitsandbytes import from_pretrained_bnb
 
     model = quantized("nf4")
     save_pretrained_bnb(model, tmp_path / "bnb")
@@ -488,7 +489,7 @@ def _bnb_folder_written_like_transformers(path, quant_type, double_quant, storag
 def test_folder_written_by_bitsandbytes_api_loads_into_lowbit(quant_type, double_quant, storage, tokens, tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes builds the folder")
     from lowbit import cli
-    from lowbit.integrations.transformers import from_pretrained_bnb
+    from lowbit.integrations.bitsandbytes import from_pretrained_bnb
     from lowbit.io import load_quantized
 
     (tmp_path / "bnb").mkdir()

@@ -143,7 +143,7 @@ def test_the_umask_is_read_without_proc_and_left_as_it_was(monkeypatch):
 
 def test_save_pretrained_bnb_follows_the_umask(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from lowbit.integrations.transformers import save_pretrained_bnb
+    from lowbit.integrations.bitsandbytes import save_pretrained_bnb
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,

@@ -40,6 +40,10 @@ def _layer(cls, opts, n=48, k=128, bias=True):
 def test_every_family_is_public_and_shares_the_leading_arguments():
     for name in ("sz_compress", "sz_decompress", "SZTensor", "SZLinear", "QuantLinear", "IntLinear", "Linear4bit"):
         assert name in lowbit.__all__
+    from lowbit.nn import FAMILIES as REGISTERED
+
+    for fam in REGISTERED.values():  # every registered family's layer is public (a new family adds it to __all__)
+        assert fam.layer.__name__ in lowbit.__all__ and getattr(lowbit, fam.layer.__name__) is fam.layer, fam.name
     for cls, opts in FAMILIES:
         m = cls(128, 48, False, device="cpu", dtype=torch.bfloat16)
         assert isinstance(m, QuantLinear) and m.bias is None

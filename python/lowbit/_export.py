@@ -1,7 +1,7 @@
 """`lowbit export MODEL_DIR OUT_DIR --to hf-bnb`: a Hugging Face model folder (full precision, or
 saved by transformers with a lowbit quantization_config) written as a folder that transformers +
 bitsandbytes load and vLLM serves: bitsandbytes' key names and a `quant_method: bitsandbytes`
-quantization_config (lowbit.integrations.transformers.save_pretrained_bnb). A folder written by
+quantization_config (lowbit.integrations.bitsandbytes.save_pretrained_bnb). A folder written by
 `lowbit quantize` (lowbit.json, lowbit's own keys) is refused up front: transformers cannot load it."""
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ def _export(a) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import transformers
-        from lowbit.integrations.transformers import LowbitConfig, save_pretrained_bnb
+        from lowbit.integrations.bitsandbytes import save_pretrained_bnb
+        from lowbit.integrations.transformers import LowbitConfig
     except ImportError as e:
         raise UsageError(f"lowbit export needs transformers >= 5 (pip install 'lowbit[transformers]'): {e}") from None
     from ._quantize import _quiet_transformers

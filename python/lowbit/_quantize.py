@@ -342,7 +342,7 @@ def _quantize(a) -> int:
     try:
         with contextlib.redirect_stdout(sys.stderr), _quiet_transformers():
             if source_qc is not None:  # bitsandbytes 4-bit: its bytes, into lowbit Linear4bit layers
-                from lowbit.integrations.transformers import from_pretrained_bnb
+                from lowbit.integrations.bitsandbytes import from_pretrained_bnb
 
                 model = from_pretrained_bnb(src)  # picks AutoModelForCausalLM from `architectures` too
             else:

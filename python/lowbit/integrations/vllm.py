@@ -86,10 +86,12 @@ def _format_options(quant_type: str) -> tuple[str, ...]:
 @functools.lru_cache(maxsize=None)
 def _checkpoint_tensors(family: str) -> dict[str, torch.dtype]:
     """The checkpoint tensors of one layer of `family` and their dtypes (the placeholders vLLM loads into),
-    read from an empty layer of it on the meta device, plus save_pretrained's "weight" marker."""
-    m = empty_layer(family_named(family).quant_types[0], 256, 1, bias=False, device="meta")
+    read from an empty layer of each of its quant types on the meta device (they may differ: nvfp4 has a
+    global scale, mxfp4 none), plus save_pretrained's "weight" marker."""
     out = {"weight": torch.uint8}
-    out.update({k: t.dtype for k, t in m.state_dict(keep_vars=True).items() if k != EXTRA_STATE and t is not None})
+    for quant_type in family_named(family).quant_types:
+        m = empty_layer(quant_type, 256, 1, bias=False, device="meta")
+        out.update({k: t.dtype for k, t in m.state_dict(keep_vars=True).items() if k != EXTRA_STATE and t is not None})
     return out
 
 
