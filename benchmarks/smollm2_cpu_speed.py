@@ -3,7 +3,8 @@ tokens/s, fp32 vs each lowbit format, every model in one process, round-robin, m
 
     python benchmarks/smollm2_cpu_speed.py [FORMAT ...] [--rounds 5] [--threads 2]
 
-FORMAT: nf4 (+ double quant), int4 / int3 (group 128, ragged on K = 576), sz (abs bound 0.03); default all.
+FORMAT: nf4 (+ double quant), int4 / int3 (group 128, ragged on K = 576), sz (abs bound 0.03), nvfp4, mxfp4;
+default all.
 210 projections quantized, embeddings and lm_head fp32. Ratios are time / fp32 time from the same rounds.
 """
 
@@ -15,7 +16,8 @@ import time
 
 import torch
 
-FORMATS = {"nf4": {}, "int4": dict(group_size=128), "int3": dict(group_size=128), "sz": dict(error_bound=0.03)}
+FORMATS = {"nf4": {}, "int4": dict(group_size=128), "int3": dict(group_size=128), "sz": dict(error_bound=0.03),
+           "nvfp4": {}, "mxfp4": {}}
 
 
 def main() -> None:

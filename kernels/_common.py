@@ -243,6 +243,17 @@ def grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
+    """x[offs_m, k0 : k0 + BLOCK_K] as (even columns, odd columns), each [BM, BLOCK_K/2]: the 4-bit families
+    (nf4, blockfp) store two columns per byte and split x by parity instead of interleaving W's nibbles."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
+    BM: tl.constexpr = offs_m.shape[0]
+    xe, xo = tl.split(tl.reshape(x.to(DTYPE), (BM, BLOCK_K // 2, 2)))
+    return xe, xo
+
+
+@triton.jit
 def store_output(y_ptr, acc, bias_ptr, offs_m, offs_n, m_mask, n_mask, pid_k, stride_ys, stride_ym, stride_yn,
                  HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """Epilogue of the forward kernels: add the bias (only when not split: the launcher adds it

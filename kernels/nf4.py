@@ -47,6 +47,7 @@ from ._common import (
     fma_x_pair,
     grouped_tile,
     interpreting,
+    load_x_halves,
     pick,
     store_output,
     tune_m,
@@ -244,16 +245,6 @@ def _dequant_halves(
 
 
 @triton.jit
-def _load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K: tl.constexpr, DTYPE: tl.constexpr):
-    """x[offs_m, k0 : k0 + BLOCK_K] as (even columns, odd columns), each [BM, BLOCK_K/2]."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=m_mask[:, None], other=0.0)
-    BM: tl.constexpr = offs_m.shape[0]
-    xe, xo = tl.split(tl.reshape(x.to(DTYPE), (BM, BLOCK_K // 2, 2)))
-    return xe, xo
-
-
-@triton.jit
 def matmul_4bit_kernel(
     x_ptr, codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
     M, N, K, stride_wn,
@@ -274,7 +265,7 @@ def matmul_4bit_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, k_len, BLOCK_K):
         k0 = pid_k * k_len + kk
-        xe, xo = _load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K, DOT_DTYPE)
+        xe, xo = load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K, DOT_DTYPE)
         we, wo = _dequant_halves(codes_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr,
                                  offs_n, n_mask, k0, K, stride_wn, BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE,
                                  DOUBLE_QUANT, DOT_DTYPE, DECODE)
@@ -309,7 +300,7 @@ def gemv_4bit_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, k_len, BLOCK_K):
         k0 = pid_k * k_len + kk
-        xe, xo = _load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K, tl.float32)
+        xe, xo = load_x_halves(x_ptr, offs_m, m_mask, k0, stride_xm, stride_xk, BLOCK_K, tl.float32)
         hi, lo = _load_halves(codes_ptr, code_ptr, offs_n, n_mask, k0, stride_wn, BLOCK_K // 2, DECODE)
         s, _ = _tile_scales(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, offs_n, n_mask, k0, K,
                             BLOCK_K, BLOCKSIZE, NESTED_BLOCKSIZE, DOUBLE_QUANT)

@@ -161,6 +161,8 @@ def _oom_calls(lib):
     if lib.lb_isa():  # the AVX-512 GEMVs copy x into the kernels' order first
         yield "lb_mv4", lambda: lib.lb_mv4(P0, 1 << 20, 1 << 40, P0, P0, P0, P0, P0, 0.0, 256, P0, 64, 1, P0, 1)
         yield "lb_mvi", lambda: lib.lb_mvi(P0, 1 << 20, P0, P0, P0, 4, 32, 1, 1 << 40, P0, 1)
+    # blockfp's GEMV copies x to fp32 in every build
+    yield "lb_blockfp_gemv", lambda: lib.lb_blockfp_gemv(P0, 0, 1 << 20, 1 << 40, P0, P0, P0, 32, 1, P0, P0, 1)
 
 
 @pytest.mark.parametrize("variant", ["native", "generic"])

@@ -1,12 +1,16 @@
 """torch.library.opcheck on every lowbit op (schema, fake/meta implementation, autograd
 registration, AOT dispatch with dynamic shapes), with fresh random inputs of realistic layouts.
 
-Every op in lowbit._ops.ALL_OPS needs an entry in CASES: a new op without one fails
+Every op (lowbit._ops.REGISTRY) needs an entry in CASES, or, for an op a family declares in its own
+module, in that family's tests/test_<family>_ops.py OPCHECK_CASES: a new op without one fails
 test_every_op_has_an_opcheck_case. Each op with a kernel is checked twice: on the reference path,
 and (interp tier) routed through its Triton kernel, with the launch counter proving it ran.
 """
 
 from __future__ import annotations
+
+import importlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,28 +123,42 @@ CASES = {
     "sz_decode": (sz_decode_cases, "sz.decode"),
     "sz_matmul": (sz_matmul_cases, "sz.gemv"),
 }
-OPS = {op.name: op for op in _ops.ALL_OPS}
+
+
+def _family_cases() -> dict:
+    """opcheck cases of the ops a family declares in its own module (lowbit._blockfp): each
+    tests/test_<family>_ops.py holds them as OPCHECK_CASES, in CASES' form."""
+    found = {}
+    for path in sorted(Path(__file__).parent.glob("test_*_ops.py")):
+        found.update(getattr(importlib.import_module(f"tests.{path.stem}"), "OPCHECK_CASES", {}))
+    return found
+
+
+ALL_CASES = {**CASES, **_family_cases()}
+OPS = dict(_ops.REGISTRY)
 
 
 def test_every_op_has_an_opcheck_case():
-    assert set(CASES) == set(OPS), "every op in lowbit._ops.ALL_OPS needs an opcheck case here (and only those)"
+    assert set(ALL_CASES) == set(OPS), ("every lowbit Op (lowbit._ops.REGISTRY) needs an opcheck case, here or in "
+                                        "its family's tests/test_<family>_ops.py OPCHECK_CASES (and only those)")
     declared = {v for v in vars(_ops).values() if isinstance(v, _ops.Op)}
     assert declared == set(_ops.ALL_OPS), "an Op declared in lowbit._ops is missing from ALL_OPS"
+    assert set(_ops.ALL_OPS) <= set(OPS.values())
     registered = {name for name in torch._C._dispatch_get_all_op_names() if name.startswith("lowbit::")}
-    assert registered == {f"lowbit::{name}" for name in OPS}, "a lowbit:: op registered outside _ops.ALL_OPS"
+    assert registered == {f"lowbit::{name}" for name in OPS}, "a lowbit:: op registered outside lowbit._ops.Op"
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(ALL_CASES))
 def test_opcheck_reference(name):
-    cases, _ = CASES[name]
+    cases, _ = ALL_CASES[name]
     for _case, args in cases():
         torch.library.opcheck(OPS[name].op, args)
 
 
 @pytest.mark.interp
-@pytest.mark.parametrize("name", sorted(n for n, (_, launcher) in CASES.items() if launcher is not None))
+@pytest.mark.parametrize("name", sorted(n for n, (_, launcher) in ALL_CASES.items() if launcher is not None))
 def test_opcheck_triton(name):
-    cases, launcher = CASES[name]
+    cases, launcher = ALL_CASES[name]
     _, args = next(iter(cases()))  # the first case only: the interpreter is slow
     with triton_on_cpu(launcher):
         torch.library.opcheck(OPS[name].op, args)

@@ -49,7 +49,8 @@ PROMPTS = ["The capital of France is", "The three primary colors are",  # 5 toke
 FORMATS = {"nf4": ["--format", "nf4"],  # blocksize 64, double-quantized scales (the default)
            "int4": ["--format", "int4", "--group-size", "128"],  # 576 = 4 x 128 + 64: ragged
            "int3": ["--format", "int3", "--group-size", "128"],
-           "sz": ["--format", "sz", "--error-bound", "0.03"]}
+           "sz": ["--format", "sz", "--error-bound", "0.03"],
+           "nvfp4": ["--format", "nvfp4"]}  # the fourth family (blockfp): E2M1 + E4M3 per 16 + a global scale
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -103,7 +104,7 @@ import torch  # noqa: E402
 
 pytestmark = [pytest.mark.realmodel, pytest.mark.slow]
 SZ = os.environ.get("LOWBIT_VLLM_SZ") == "1"
-TIER = ["nf4", "int4", "int3"] + (["sz"] if SZ else [])
+TIER = ["nf4", "int4", "int3", "nvfp4"] + (["sz"] if SZ else [])
 
 
 def _cache_key() -> str:
@@ -143,10 +144,11 @@ def folders() -> dict[str, str]:
     return out
 
 
-TP_FORMATS = {"nf4": FORMATS["nf4"], "int4": FORMATS["int4"],
+TP_FORMATS = {"nf4": FORMATS["nf4"], "int4": FORMATS["int4"], "nvfp4": FORMATS["nvfp4"],
               # refused under TP=2: a block of 256 would be cut by o_proj's 128-column rank split, an SZ stream
               # by any split
               "nf4-b256": ["--format", "nf4", "--blocksize", "256"], "sz": FORMATS["sz"]}
+TP_TESTED = ["nf4", "int4", "nvfp4"]  # the TP_FORMATS served in two ranks whose tokens are compared
 
 
 def _tp_bind() -> str | None:
@@ -268,7 +270,7 @@ def references(folders, tp_folders, prompt_ids, runner) -> dict:
     """{format: transformers + lowbit greedy tokens} (tiny Llama's: "tp:<format>"), computed while the vLLM
     runner works."""
     refs = {fmt: _reference(folders[fmt], prompt_ids) for fmt in TIER}
-    refs.update({f"tp:{fmt}": _reference(tp_folders[fmt], prompt_ids) for fmt in ("nf4", "int4")})
+    refs.update({f"tp:{fmt}": _reference(tp_folders[fmt], prompt_ids) for fmt in TP_TESTED})
     return refs
 
 
@@ -317,7 +319,7 @@ def test_vllm_greedy_tokens_equal_transformers(fmt, folders, served, references)
         assert g == w, f"{fmt}, prompt {p!r}: vLLM {g} != transformers + lowbit {w}"
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+@pytest.mark.parametrize("fmt", TP_TESTED)
 def test_vllm_tensor_parallel_2_tokens_equal_transformers(fmt, tp_folders, served, references):
     """tensor_parallel_size=2 on CPU (two worker processes, one core each): every rank cuts its rows or
     columns out of the checkpoint's packed storage (QuantLinear.narrow; double-quantized nf4 scales decoded

@@ -2,7 +2,7 @@
 
 Layout. The kernels' C sources are package data in lowbit/csrc/: `lowbit.h` (what every file shares: return codes,
 threads, fp16/bf16 conversions, the AVX-512 switch), `common.c` (the probes `lb_isa` / `lb_openmp` and the thread
-pool) and one file per format family (`nf4.c`, `intq.c`, `sz_decode.c`, `sz_encode.c`). `build()` compiles every
+pool) and one file per format family (`nf4.c`, `intq.c`, `sz_decode.c`, `sz_encode.c`, `blockfp.c`). `build()` compiles every
 .c file there, each its own translation unit, into one shared library with the system C compiler (-O3 -march=native
 -fopenmp -ffp-contract=off; a few seconds once per machine, then cached on disk under `cache_dir()`, named by a hash
 of the sources, the compiler and the CPU's flags). `library()` loads it with ctypes on first use; when it can not be
@@ -10,8 +10,9 @@ built (no compiler), it warns once and returns None, and every op takes the pure
 
 Bindings. Every exported `lb_*` function is declared once, by `bind(kernel(...), ...)` in the Python module of the
 family that calls it (lowbit._cpu: the 4-bit LUT and integer families and the SZ decoder; lowbit.formats._sz_encode:
-the SZ encoder; the probes here), with its C parameter names and ctypes types in the C order. `BINDINGS` is the one
-table these declarations make, and every library loaded (`load()`) gets its argument and return types from it.
+the SZ encoder; lowbit._blockfp_cpu: block FP4; the probes here), with its C parameter names and ctypes types in the
+C order. `BINDINGS` is the one table these declarations make, and every library loaded (`load()`) gets its argument
+and return types from it.
 tests/test_c_bindings.py parses the definitions in csrc/ and fails unless the table matches them exactly: the same
 symbols, arity, parameter names and types. A new family adds csrc/<family>.c and calls `bind()` from its own
 module: no shared file changes.

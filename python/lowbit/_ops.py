@@ -4,8 +4,9 @@ Each op has one implementation function: it runs the Triton kernel (lowbit.kerne
 when `_backend.use_triton` says so for the input's device (CUDA, or CPU under the interpreter in
 tests), the CPU backend (lowbit._cpu: C kernels built once per machine, LOWBIT_CPU_BACKEND=fast,
 the default) on CPU tensors, and the family's reference (lowbit.formats.<family>) otherwise: the
-reference serves every device and is the spec the other two are tested against. The ops take plain tensors and ints; the validated public API sits
-above, in functional.py, autograd.py and nn.py.
+reference serves every device and is the spec the other two are tested against. The ops take plain tensors
+and ints; the validated public API sits above, in functional.py, autograd.py and lowbit.nn. A family added
+later declares its ops with `Op` in its own module (lowbit._blockfp), and REGISTRY lists them all.
 
 `Op` pairs the registered custom op with its implementation: eager callers skip the custom-op
 dispatcher (tens of microseconds per call, as much as a decode-sized kernel), traced callers
@@ -26,10 +27,18 @@ from .formats import nf4 as nf4_ref
 from .formats import sz as sz_ref
 
 
+REGISTRY: dict[str, "Op"] = {}  # every Op by name, this module's and the families' own (lowbit._blockfp)
+
+
 class Op:
-    """A registered custom op (`.op`, for torch.compile and opcheck) and its eager implementation."""
+    """A registered custom op (`.op`, for torch.compile and opcheck) and its eager implementation. Every Op is
+    recorded in REGISTRY (a second Op of the same name is refused), so a family declares its ops in its own
+    module and tests/test_ops.py still sees all of them."""
 
     def __init__(self, name: str, impl: Callable, fake: Callable) -> None:
+        if name in REGISTRY:
+            raise ValueError(f"lowbit op {name!r} is declared twice")
+        REGISTRY[name] = self
         self.name = name
         self.impl = impl
         self.op = torch.library.custom_op(f"lowbit::{name}", mutates_args=())(impl)
@@ -253,5 +262,6 @@ def _sz_matmul_fake(x, payload, lane_start, table, step, outlier_idx, outlier_va
 sz_decode = Op("sz_decode", _sz_decode, _sz_decode_fake)
 sz_matmul = Op("sz_matmul", _sz_matmul, _sz_matmul_fake)
 
+# The ops declared here (the three original families); `REGISTRY` also holds those families declare elsewhere.
 ALL_OPS = (quantize_4bit, dequantize_4bit, matmul_4bit, matmul_4bit_grad_x, int_dequantize, int_matmul,
            int_matmul_grad_x, int_matmul_grad_scale, sz_decode, sz_matmul)

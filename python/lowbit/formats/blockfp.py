@@ -211,6 +211,17 @@ def block_scales(q: QuantBlockFP) -> Tensor:
     return e4m3_decode(q.scales) / q.global_scale.float()
 
 
+def scale_table(q: QuantBlockFP) -> Tensor:
+    """fp32 [256]: the block factor of every scale byte, so that `block_scales(q) == scale_table(q)[q.scales]`
+    bit for bit (the same fp32 decode and, for nvfp4, the same one division by the global scale). The kernels
+    (Triton and C) decode a block's scale with one lookup in this table; bytes the format refuses (E8M0 0xFF,
+    E4M3 0x7F / 0xFF) hold NaN here and never occur in a validated weight."""
+    codes = torch.arange(256, dtype=torch.int32, device=q.packed.device).to(torch.uint8)
+    if q.quant_type == "mxfp4":
+        return e8m0_decode(codes)
+    return e4m3_decode(codes) / q.global_scale.float()
+
+
 def _check_structure(q: QuantBlockFP, name: str) -> None:
     """Shapes, dtypes and devices (no pass over the values, no host sync)."""
     if not isinstance(q, QuantBlockFP):

@@ -9,10 +9,9 @@ scales as their raw bytes) and a gpt-oss MXFP4 tensor pair converts without re-q
   weight_scale         uint8 [out, in/block]   E8M0 bytes (mxfp4, block 32) or E4M3 bytes (nvfp4, block 16)
   weight_global_scale  fp32 []                 nvfp4 only: the per-tensor divisor of every block scale
 
-Compute: the weight is decoded by the pure-torch reference (formats.blockfp.dequantize_blockfp, the spec)
-into the activations' dtype and multiplied with F.linear, on every device: no fused CPU or Triton kernel is
-written for this family yet (docs/blockfp.md says what that costs). Gradients reach the input (LoRA / QLoRA
-on top train); the codes and scales are frozen.
+Compute: the family's ops (lowbit._blockfp: Triton kernels on CUDA, C kernels on CPU, the reference
+elsewhere), with the scale bytes decoded through one 256-entry fp32 table (lowbit._blockfp.scale_table).
+Gradients reach the input and the bias (LoRA / QLoRA on top train); the codes and scales are frozen.
 """
 
 from __future__ import annotations
@@ -20,9 +19,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _blockfp as ops
 from .._validate import check_choice, check_device
 from ..formats import blockfp as bfp
 from ._base import QuantLinear
@@ -112,14 +111,19 @@ class BlockFPLinear(QuantLinear):
                                 self.weight_scale, g)
 
     # -- compute -----------------------------------------------------------------------------------
+    def _scale_table(self) -> Tensor:
+        return ops.scale_table(self.quant_type, self._buffers.get("weight_global_scale"), self.weight_scale.device)
+
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
-        return bfp.dequantize_blockfp(self.quantized_weight, self._default_dtype(dtype))
+        return ops.dequantize_blockfp(self.weight_packed, self.weight_scale, self._scale_table(),
+                                      bfp.BLOCK[self.quant_type], self.out_features, self.in_features,
+                                      self._default_dtype(dtype))
 
     def forward(self, x: Tensor) -> Tensor:
         x, in_dtype = self._compute(x)
         bias = self._decode_bias(x, self.weight_packed)
-        w = bfp.dequantize_blockfp(self.quantized_weight, x.dtype)
-        y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
+        y = ops.matmul_blockfp_unchecked(x, self.weight_packed, self.weight_scale, self._scale_table(),
+                                         bfp.BLOCK[self.quant_type], self.out_features, bias)
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     @property
@@ -150,7 +154,10 @@ class BlockFPLinear(QuantLinear):
         if (isinstance(packed, Tensor) and isinstance(scale, Tensor) and packed.device.type != "meta"
                 and tuple(packed.shape) == tuple(self.weight_packed.shape)
                 and tuple(scale.shape) == tuple(self.weight_scale.shape)):
-            q = bfp.QuantBlockFP(self.quant_type, (self.out_features, self.in_features), packed, scale,
+            if hasattr(packed, "to_local") and hasattr(scale, "to_local"):
+                # FSDP2 (a sharded checkpoint loading into a sharded model): each rank checks its own rows
+                packed, scale = packed.to_local(), scale.to_local()
+            q = bfp.QuantBlockFP(self.quant_type, (packed.shape[0], self.in_features), packed, scale,
                                  g.reshape(()) if isinstance(g, Tensor) and self.quant_type == "nvfp4" else None)
             try:
                 bfp.validate(q, prefix.rstrip(".") or "layer")
