@@ -1,5 +1,8 @@
 """Triton kernels for 2/3/4-bit integer weights with per-row or per-group scale and zero point.
 
+Over 500 lines, like kernels/nf4.py: the GEMV, GEMM, grad_x and grad_scale kernels share the field-unpacking
+helpers at the top; splitting them would put one decode in two files.
+
 W [N, K] is stored as in lowbit.formats.intq (format version 3): int32 words, per row a stream of
 K * bits / 32 words holding the codes Q as packed fields (int4 nibbles, int2 crumbs, int3 quads of
 crumb words A, B and third-bit words H), scale [N, G] (any float dtype, read as fp32) and zeros

@@ -1,7 +1,10 @@
 """`lowbit demo`: every format on the real SmolLM2-135M-Instruct (perplexity, paired NLL deltas, bits/param,
 prefill / decode tokens/s, greedy answers), report.md and a rate-distortion plot; the all-MiniLM-L6-v2
 table (weight error, embedding cosine, latency) as a cheaper second section (--minilm), or instead when the
-SmolLM2 fixture is not installed."""
+SmolLM2 fixture is not installed.
+
+Over 500 lines: one report with two sections that share its tables, measurements and the rate-distortion
+plot's label placement; split, each half would import the other's private helpers."""
 
 from __future__ import annotations
 

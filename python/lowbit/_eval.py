@@ -14,6 +14,10 @@ stay fp32 (with tied embeddings lm_head is the embedding matrix).
 MODEL_DIR may also be a folder written by `lowbit quantize` (it holds lowbit.json): that model is evaluated
 as saved (no re-quantization; `_load_quantized_folder`), against the full-precision folder its manifest names
 as `source` when that still exists.
+
+Over 500 lines: the command's argument checks, scoring, bits accounting, the bitsandbytes cross-check row and
+the report read as one pipeline; _demo.py, _finetune.py and _tune_scales.py import its pieces (labels,
+loaders, scoring).
 """
 
 from __future__ import annotations
