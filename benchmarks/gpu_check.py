@@ -12,25 +12,39 @@ Sections, in this order:
    4-bit quantize/dequantize bit-identical to the pure-torch reference run on the CPU (the spec);
    every config of kernels/nf4.py and kernels/intq.py (FORWARD_CONFIGS, GRAD_X_CONFIGS,
    GRAD_SCALE_CONFIGS, and DEQUANT) launched explicitly and compared with float64; the SZ decoder
-   bit-identical to the bit-by-bit reference decoder.
+   bit-identical to the bit-by-bit reference decoder; block FP4 (kernels/blockfp.py, nvfp4 and
+   mxfp4, check_blockfp): dequantize bit-identical to formats.blockfp.dequantize_blockfp, every
+   FORWARD_CONFIGS / GRAD_X_CONFIGS config and DEQUANT launched explicitly vs float64 on the
+   reference-decoded weight (bf16; then fp16, and the defaults in fp32, as time allows), each with
+   its launch counter ("blockfp.words" / ".dot" / ".grad_x" / ".dequantize"); weights with the lowest
+   scale bytes (mxfp4 E8M0 0-3, nvfp4 E4M3 0 and subnormals: fp32-subnormal factors, which a
+   flush-to-zero path returns as 0) checked on their own output slice; nvfp4 with K = 16 * odd
+   (only DEQUANT serves it: the automatic choice must take it).
 2. Timings (triton.testing.do_bench, median, L2 flushed between repetitions), what users get:
    runtime autotuning is off (LOWBIT_AUTOTUNE unset), so each call runs the shipped per-card
    table's config or the bucket's first fitting one, and every row records which.
    a. NF4 + double quant, M = 1, 2, 4, 8, 16, 64, 4096 on the Llama shapes: the public API and the
       bare launcher vs torch bf16 (cuBLAS) vs bitsandbytes' matmul_4bit when importable; grad_x
       at M = 4096; GB/s and the fraction of the measured copy bandwidth.
-   b. The int family (int4 rows, int3 g128, int2 g64), same M and shapes, vs bf16; config, GB/s.
-   c. SZ decode GB/s (4096x4096, 8192x8192), and SZLinear's fused decode-GEMV at M = 1 and 4 vs
+   b. Block FP4, nvfp4 and mxfp4 (time_blockfp): M = 1 on every Llama shape first, then M = 4, 16,
+      64, 4096 (one per config bucket); the bare launcher and BlockFPLinear's forward vs lowbit nf4
+      (a.'s launcher times, same run) and bf16 at the same shape and M: x_bf16, x_nf4, config,
+      GB/s and the fraction of copy bandwidth; grad_x at M = 4096.
+   c. The int family (int4 rows, int3 g128, int2 g64), same M and shapes, vs bf16; config, GB/s.
+   d. SZ decode GB/s (4096x4096, 8192x8192), and SZLinear's fused decode-GEMV at M = 1 and 4 vs
       decode + cuBLAS vs bf16 on 4096x4096.
-   d. A decode loop: a Llama-shaped stack (8 layers, hidden 4096, MLP 11008), one token at a time
+   e. A decode loop: a Llama-shaped stack (8 layers, hidden 4096, MLP 11008), one token at a time
       (M = 1, bf16), tokens/s for bf16 nn.Linear, bitsandbytes Linear4bit nf4, lowbit nf4, int4
       and int3 g128, each eager and replayed from a CUDA graph.
    f. vLLM serving: SmolLM2-135M decode tokens/s, bf16 vs lowbit nf4 / int4 / int3 folders
       (benchmarks/vllm_cpu.py --dtype bfloat16), when vLLM and the SmolLM2 package import here (the GPU
       image has neither: the section records the skip and why).
-   e. Every shipped config timed on 8192x8192 (what the config tables are chosen from; `--sweep`
-      adds the other table-lookup decode methods). Not with --quick.
+   g. Every shipped config timed on 8192x8192 (what the config tables are chosen from: nf4, int3
+      g128, then nvfp4; `--sweep` adds nf4's other table-lookup decode methods). Not with --quick.
 3. `--tune` (last): `lowbit tune` on this card, writing OUT/<card>.json.
+Each section stops at its deadline, a fraction of the budget (main(): quantize 11%, nf4/int configs
+36%, SZ 39%, block FP4 configs 47%, nf4 timing 58%, block FP4 timing 64%, int 74%, SZ 78%, decode
+loop 89%, vLLM 92%, every config 100%); one that ends early leaves its time to the next.
 
 bitsandbytes: the GPU machine cannot install packages. Stage it here with
 `bash ../shared/device/stage-anchors.sh` and take `.carry` along (the device tool's `carry`);
@@ -78,6 +92,8 @@ TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3, torch.float32: 3e-3}
 CHECK_M = {1: 1, 4: 3, 16: 16, 64: 48, 256: 208}
 BENCH_M = {1: 1, 4: 4, 16: 16, 64: 64, 256: 256}
 BIG_CHECK_M, BIG_BENCH_M = 272, 4096
+BFP_LOW_ROWS = 8  # block FP4 checks: rows (and the first block column) given the lowest scale bytes
+BFP_ERR_ROWS = 256  # block FP4 timings: output rows compared with float64 (a sanity check, not the test)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,6 +244,27 @@ class Impl:
         return self._call("sz", "sz_decode", "sz_decode", *args, c.numel, c.chunk_size, c.max_len, c.radius, dtype,
                           has_config=False)
 
+    # block FP4: q a QuantBlockFP, `table` its 256-entry fp32 scale table (formats.blockfp.scale_table) on
+    # q's device. The reference is the family's own ops (lowbit._blockfp: on CPU tensors the C kernels
+    # when built, else the pure-torch reference), not lowbit._ops.
+    def _bfp(self, launcher: str, *args, cfg=None, has_config: bool = True):
+        if self.k is None:
+            from lowbit import _blockfp
+
+            return getattr(_blockfp, launcher)(*args)
+        fn = getattr(self.k.blockfp, launcher)
+        return fn(*args, config=cfg) if has_config else fn(*args)
+
+    def bfp_dequantize(self, q, table, dtype):
+        return self._bfp("dequantize_blockfp", q.packed, q.scales, table, q.block, q.shape[0], q.shape[1], dtype,
+                         has_config=False)
+
+    def bfp_fwd(self, x, q, table, bias, cfg):
+        return self._bfp("matmul_blockfp", x, q.packed, q.scales, table, q.block, q.shape[0], bias, cfg=cfg)
+
+    def bfp_grad_x(self, g, q, table, cfg):
+        return self._bfp("matmul_blockfp_grad_x", g, q.packed, q.scales, table, q.block, q.shape[1], cfg=cfg)
+
 
 class Ctx:
     """What every section needs: the implementation under test, device, sizes, timer, options."""
@@ -250,16 +287,25 @@ class Ctx:
         self.sz_streams = ([((64, 256), 256)] if small else [((4096, 4096), 4096)] if a.quick
                            else [((4096, 4096), 4096), ((8192, 8192), 4096)])
         self.decoder = dict(hidden=256, intermediate=384, layers=1) if small else DECODER
-        self.bf16_cache: dict = {}  # (K, N, M) -> bf16 ms: the nf4 and int sweeps share their baseline
+        # block FP4: M = 1 and one M per config bucket (4, 16, 64, the big M): a subset of nf4's, so the nf4
+        # sweep's times serve as its nf4 column; K = 16 * odd for nvfp4's checks (no tile fits: DEQUANT)
+        self.bfp_ms = (1, 4, 16, 64) if small else (QUICK_MS if a.quick else (1, 4, 16, 64, BIG_BENCH_M))
+        self.bfp_odd_k = 16 * 13 if small else 16 * 65
+        self.bf16_cache: dict = {}  # (K, N, M) -> bf16 ms: the nf4, block FP4 and int sweeps share their baseline
+        self.nf4_cache: dict = {}  # (K, N, M) -> nf4 bare-launcher ms (the nf4 sweep's), block FP4's nf4 column
         self.bnb_memo = False  # load_bnb's memo (False: not tried yet)
 
-    def launched(self, fn):
-        """fn() and whether it launched a Triton kernel (always True for the reference)."""
+    def launched(self, fn, counter: str | None = None):
+        """fn() and whether it launched a Triton kernel (with `counter`: that launch counter's kernel,
+        e.g. "blockfp.words"); always True for the reference."""
         from lowbit.kernels._common import LAUNCHES
 
-        before = sum(LAUNCHES.values())
+        def count():
+            return LAUNCHES[counter] if counter else sum(LAUNCHES.values())
+
+        before = count()
         out = fn()
-        return out, (self.impl.name != "triton" or sum(LAUNCHES.values()) > before)
+        return out, (self.impl.name != "triton" or count() > before)
 
 
 def guarded(run: Run, section: str, name: str, fn, **info) -> None:
@@ -435,6 +481,177 @@ def check_sz(run: Run, ctx: Ctx, until: float) -> None:
             guarded(run, "sz decode", f"sz decode {ctx.sz_check_shape} chunk={chunk} {dname(dt)}: values equal", dec)
 
 
+# -- block FP4 -------------------------------------------------------------------------------------
+
+
+def blockfp_low_scales(q):
+    """`q` with the lowest scale bytes of its format in its first BFP_LOW_ROWS rows (every block) and in
+    its first block column (every row), cycling: mxfp4 E8M0 bytes 0-3 (factors 2^-127 .. 2^-124, fp32
+    subnormals, as are many of their products); nvfp4 E4M3 byte 0 (factor 0) and the E4M3 subnormals 1-7
+    (m/8 * 2^-6) with the global scale set to 2^120, so that their factors m * 2^-129 are fp32 subnormals
+    too (every product a multiple of 2^-133: exact in bf16, not representable in fp16). A GPU path that
+    flushes subnormals to zero returns 0 there (docs/blockfp.md, "For kernel and layer authors"). The
+    result passes formats.blockfp.validate: a legal weight, not a corrupted one."""
+    from lowbit.formats import blockfp as bfp
+
+    n, nb = q.scales.shape
+    low = torch.arange(4 if q.quant_type == "mxfp4" else 8, dtype=torch.uint8)
+    s = q.scales.clone()
+    r = min(BFP_LOW_ROWS, n)
+    s[:r] = low[(torch.arange(r)[:, None] + torch.arange(nb)[None, :]) % len(low)]
+    s[:, 0] = low[torch.arange(n) % len(low)]
+    g = None if q.quant_type == "mxfp4" else torch.tensor(2.0 ** 120, dtype=torch.float32)
+    out = bfp.QuantBlockFP(q.quant_type, q.shape, q.packed, s, g)
+    bfp.validate(out, "low-scale weight")
+    return out
+
+
+def bfp_counter(kind: str, cfg) -> str:
+    """The launch counter that proves `cfg` ran (None: the automatic choice, checked here only where
+    nothing but DEQUANT serves the call)."""
+    from lowbit.kernels import _common
+
+    if cfg is None or cfg == _common.DEQUANT:
+        return "blockfp.dequantize"
+    return "blockfp.grad_x" if kind == "grad_x" else f"blockfp.{cfg.kind}"
+
+
+def check_blockfp(run: Run, ctx: Ctx, until: float) -> None:
+    """Block FP4 (kernels/blockfp.py), nvfp4 and mxfp4, in priority order (the section's deadline cuts
+    the tail): (1) dequantize bit for bit against formats.blockfp.dequantize_blockfp on the CPU (bf16, then
+    fp32 and fp16) for every weight below; (2) the low-scale-byte weights (blockfp_low_scales; bf16 only,
+    no bias), the M = 1 and M <= 4 words defaults, the largest bucket's dot default and DEQUANT, grad_x's
+    largest-bucket default and DEQUANT, the error also measured on the low-scale slice alone (rows for
+    the forward, the first block column for grad_x), where it is not lost in the norm of the rest (the
+    words GEMV, fp32 in the kernel: the plain tolerance; the dot tiles and DEQUANT, which hand the
+    rounded weight to the matmul unit: the plain tolerance plus what torch's own matmul of that weight
+    loses on this machine, logged beside it); (3) nvfp4 with K = 16 * odd (no tile fits, DEQUANT is the
+    only path): the automatic choice and DEQUANT, forward and grad_x; (4) every config of FORWARD_CONFIGS
+    and GRAD_X_CONFIGS, and DEQUANT, launched explicitly, both quant types, bf16; (5) not --quick: the
+    same in fp16, then the defaults in fp32. Matmuls vs float64 on the reference-decoded weight (N(0, 0.02)
+    quantized on the device, decoded by formats.blockfp on the CPU); each check also needs its kernel's
+    launch counter ("blockfp.words" / ".dot" / ".grad_x" / ".dequantize") to move."""
+    from lowbit.formats import blockfp as bfp
+    from lowbit.kernels import _common, blockfp
+
+    k, n = ctx.check_kn
+    w = torch.randn(n, k) * 0.02
+    weights = {}  # name -> (QuantBlockFP on the device, its scale table there, float64 W there, CPU QuantBlockFP)
+
+    def add(name, q):  # q on the CPU: W decoded by the reference there
+        qd = q.to(ctx.dev)
+        weights[name] = (qd, bfp.scale_table(qd), bfp.dequantize_blockfp(q, torch.float32).double().to(ctx.dev), q)
+
+    def quantize(w, qt):  # on the device (seconds on the CPU at this size), the bytes back on the CPU
+        return bfp.quantize_blockfp(w.to(ctx.dev), qt).to("cpu")
+
+    for qt in ("nvfp4", "mxfp4"):
+        q = quantize(w, qt)
+        add(qt, q)
+        add(f"{qt} low scale bytes", blockfp_low_scales(q))
+    odd = f"nvfp4 K=16*{ctx.bfp_odd_k // 16}"
+    add(odd, quantize(torch.randn(n, ctx.bfp_odd_k) * 0.02, "nvfp4"))
+
+    def deq(name, dt):
+        q, table, _, qc = weights[name]
+
+        def check():
+            want = bfp.dequantize_blockfp(qc, dt)
+            got, ran = ctx.launched(lambda: ctx.impl.bfp_dequantize(q, table, dt), "blockfp.dequantize")
+            got = got.cpu()
+            same = torch.equal(want, got) and got.dtype == dt
+            note = "" if ran else "no blockfp.dequantize launch"
+            if not same and got.shape == want.shape:
+                diff = ~((want == got) | (want.isnan() & got.isnan()))
+                sub = diff & (want != 0) & (want.float().abs() < torch.finfo(torch.float32).tiny)
+                note += (f" {int(diff.sum())} elements differ ({int(sub.sum())} where the reference is an fp32 "
+                         f"subnormal; {int((diff & (got == 0)).sum())} returned 0)")
+            return same and ran, None, None, note.strip()
+
+        guarded(run, "blockfp dequantize", f"blockfp dequantize {name} {q.shape[0]}x{q.shape[1]} {dname(dt)}: "
+                "values equal", check, quant_type=q.quant_type, dtype=dname(dt))
+
+    def one(kind, cfg, m, dt, name):
+        q, table, wd, _ = weights[name]
+        kk = q.shape[1]
+        low = "low scale" in name
+        counter = bfp_counter(kind, cfg)
+
+        def check():
+            if kind == "forward":
+                # the launcher refuses an explicit config that does not serve the call (ValueError)
+                if cfg is not None and cfg.kind != "dequant" and not blockfp._fits_forward(cfg, m, kk, q.block):
+                    return None, None, None, "this config does not serve this shape"
+                x = torch.randn(m, kk, dtype=dt, device=ctx.dev)
+                bias = None if low else torch.randn(n, dtype=dt, device=ctx.dev)
+                y, ran = ctx.launched(lambda: ctx.impl.bfp_fwd(x, q, table, bias, cfg), counter)
+                want = x.double() @ wd.t()
+                if bias is not None:
+                    want = want + bias.double()
+                part = (y[:, :BFP_LOW_ROWS], want[:, :BFP_LOW_ROWS], "rows")
+                platform = lambda: (x @ wd.to(dt).t())[:, :BFP_LOW_ROWS]  # noqa: E731
+            else:
+                if cfg is not None and cfg != _common.DEQUANT and not blockfp._fits_grad_x(cfg, kk):
+                    return None, None, None, "this config does not serve this shape"
+                g = torch.randn(m, n, dtype=dt, device=ctx.dev)
+                y, ran = ctx.launched(lambda: ctx.impl.bfp_grad_x(g, q, table, cfg), counter)
+                want = g.double() @ wd
+                part = (y[:, :q.block], want[:, :q.block], "first block column")
+                platform = lambda: (g @ wd.to(dt))[:, :q.block]  # noqa: E731
+            e, tol = rel_err(y, want), TOL[dt]
+            ok = e <= tol and tuple(y.shape) == tuple(want.shape) and y.dtype == dt and ran
+            note = "" if ran else f"no {counter} launch"
+            if low:  # the low-scale slice alone: its values are ~1e-36, nothing next to the rest's norm
+                e_low = rel_err(part[0], part[1])
+                note += f" low-scale {part[2]} err {e_low:.1e}"
+                if torch.isfinite(part[0]).all() and not part[0].any():
+                    note += " (all zero: flushed to zero?)"
+                if kind == "grad_x" or cfg.kind != "words":
+                    # The dot tiles and DEQUANT round W to the activation dtype and multiply on the matmul
+                    # unit (tensor cores, cuBLAS; on the CPU oneDNN's bf16 dot flushes subnormal inputs),
+                    # so they may lose what torch's own matmul of the same rounded weight loses, not more.
+                    # The words GEMV multiplies in fp32 in the kernel: the plain tolerance.
+                    e_plat = rel_err(platform(), part[1])
+                    note += f", torch {dname(dt)} matmul of the rounded weight {e_plat:.1e}"
+                    tol = TOL[dt] + e_plat
+                ok = ok and e_low <= tol
+                e = max(e, e_low)
+            return ok, e, tol, note.strip()
+
+        guarded(run, f"blockfp {kind}", f"{name} {kind} {cfg_str(cfg) if cfg is not None else 'automatic choice'} "
+                f"M={m} K={kk} N={n} {dname(dt)}", check, config=None if cfg is None else cfg._asdict(), M=m,
+                dtype=dname(dt), quant_type=q.quant_type)
+
+    fwd, gx = blockfp.FORWARD_CONFIGS, blockfp.GRAD_X_CONFIGS
+    bf16, dq, big = torch.bfloat16, _common.DEQUANT, 1 << 30
+    dts = (bf16,) if ctx.a.quick else (bf16, torch.float32, torch.float16)
+    todo = [lambda nm=nm, d=d: deq(nm, d) for d in dts for nm in weights]  # (1)
+    for qt in ("nvfp4", "mxfp4"):  # (2)
+        nm = f"{qt} low scale bytes"
+        todo += [lambda a=a, nm=nm: one(*a, nm) for a in (
+            ("forward", fwd[1][0], 1, bf16), ("forward", fwd[4][0], CHECK_M[4], bf16),
+            ("forward", fwd[max(fwd)][0], BIG_CHECK_M, bf16), ("forward", dq, BIG_CHECK_M, bf16),
+            ("grad_x", gx[max(gx)][0], BIG_CHECK_M, bf16), ("grad_x", dq, BIG_CHECK_M, bf16))]
+    todo += [lambda a=a: one(*a, odd) for a in (  # (3)
+        ("forward", None, 1, bf16), ("forward", None, BIG_CHECK_M, bf16), ("forward", dq, CHECK_M[16], bf16),
+        ("grad_x", None, BIG_CHECK_M, bf16), ("grad_x", dq, CHECK_M[16], bf16))]
+    every = [("forward", cfg, CHECK_M.get(b, BIG_CHECK_M)) for b, cfg in table_configs(fwd) + [(big, dq)]]
+    every += [("grad_x", cfg, CHECK_M.get(b, BIG_CHECK_M)) for b, cfg in table_configs(gx) + [(big, dq)]]
+    for dt in (bf16,) if ctx.a.quick else (bf16, torch.float16):  # (4), (5)
+        todo += [lambda kind=kind, cfg=cfg, m=m, dt=dt, qt=qt: one(kind, cfg, m, dt, qt)
+                 for qt in ("nvfp4", "mxfp4") for kind, cfg, m in every]
+    if not ctx.a.quick:  # (5) the defaults at the smallest and largest bucket, fp32 (tf32 dots)
+        firsts = [("forward", fwd[min(fwd)][0], 1), ("forward", fwd[max(fwd)][0], BIG_CHECK_M),
+                  ("grad_x", gx[min(gx)][0], CHECK_M[16]), ("grad_x", gx[max(gx)][0], BIG_CHECK_M)]
+        todo += [lambda kind=kind, cfg=cfg, m=m, qt=qt: one(kind, cfg, m, torch.float32, qt)
+                 for qt in ("nvfp4", "mxfp4") for kind, cfg, m in firsts]
+    for item in todo:
+        if run.left(until) <= 0:
+            run.log("  (time budget: rest of section skipped)")
+            return
+        item()
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Timings
 # ----------------------------------------------------------------------------------------------
@@ -541,6 +758,7 @@ def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
                     run.log(f"  bitsandbytes failed at M={m}: {type(e).__name__}: {e}")
             r["x_bf16"] = r["bf16_ms"] / r["lowbit_ms"]
             r["x_bnb"] = r["bnb_ms"] / r["lowbit_ms"] if r["bnb_ms"] else None
+            ctx.nf4_cache[(k, n, m)] = r["launcher_ms"]
             add_bandwidth(r, q.nbytes + x.numel() * 2 + m * n * 2, r["lowbit_ms"], bw)
             if m == ctx.big_m:
                 g = torch.randn(m, n, device=ctx.dev, dtype=torch.bfloat16)
@@ -553,6 +771,89 @@ def time_nf4(run: Run, ctx: Ctx, until: float) -> list:
             run.log(f"  K={k} N={n} M={m}: bf16 {r['bf16_ms']:.4f} ms, lowbit {r['lowbit_ms']:.4f} ms "
                     f"(launcher {r['launcher_ms']:.4f}), bnb {r['bnb_ms'] or float('nan'):.4f} ms, x{r['x_bf16']:.2f} "
                     f"of bf16, {r['GBps']:.0f} GB/s, config {tuple(cfg) if cfg else None}")
+    return rows
+
+
+def time_blockfp(run: Run, ctx: Ctx, until: float) -> list:
+    """nvfp4 and mxfp4 (BlockFPLinear.from_linear of a bf16 N(0, 0.02) weight), M = 1 on every shape first,
+    then M = 4, 16, 64 and the big M (one M per config bucket; --quick: nf4's quick M) shape by shape,
+    side by side with lowbit nf4 + double quant (its bare launcher: the nf4 sweep's time in this run,
+    else timed here) and bf16 (cuBLAS; shared with the nf4 sweep) at the same K, N, M. Timed: the bare
+    launcher (config None: the shipped table's config or the bucket's first that fits, recorded) and the
+    layer's forward (what users get; for nvfp4 it also divides its 256-entry scale table by the global
+    scale per call). x_bf16 and x_nf4 = other time / launcher time (> 1: block FP4 faster); GB/s and the
+    fraction of copy bandwidth from the launcher's time; rel err on the first output rows vs float64;
+    grad_x (the op) vs bf16 at the big M."""
+    import lowbit
+    from lowbit import _blockfp
+    from lowbit.formats import blockfp as bfp
+    from lowbit.kernels import _common
+
+    bw = copy_bandwidth(run, ctx)
+    rows = run.res.setdefault("blockfp", [])
+    built: dict = {}  # (K, N) -> {"w": bf16 W, qt: (layer, q, scale table, float64 head rows of W), "nf4": q}
+
+    def build(k, n):
+        if (k, n) not in built:
+            w = torch.randn(n, k, device=ctx.dev, dtype=torch.bfloat16) * 0.02
+            lin = torch.nn.Linear(k, n, bias=False, device=ctx.dev, dtype=torch.bfloat16)
+            with torch.no_grad():
+                lin.weight.copy_(w)
+            d = {"w": w}
+            h = min(n, BFP_ERR_ROWS)
+            for qt in ("nvfp4", "mxfp4"):
+                layer = lowbit.BlockFPLinear.from_linear(lin, quant_type=qt)
+                q = layer.quantized_weight
+                head = bfp.QuantBlockFP(qt, (h, k), q.packed[:h], q.scales[:h], q.global_scale)
+                d[qt] = (layer, q, bfp.scale_table(q), bfp.dequantize_blockfp(head, torch.float32).double())
+            built[(k, n)] = d
+        return built[(k, n)]
+
+    first, rest = ctx.bfp_ms[0], ctx.bfp_ms[1:]
+    order = [(k, n, first) for k, n in ctx.shapes] + [(k, n, m) for k, n in ctx.shapes for m in rest]
+    with torch.no_grad():
+        for k, n, m in order:
+            if out_of_time(run, until):
+                return rows
+            d = build(k, n)
+            x = torch.randn(m, k, device=ctx.dev, dtype=torch.bfloat16)
+            nf4_ms, nf4_src = ctx.nf4_cache.get((k, n, m)), "nf4 sweep"
+            if nf4_ms is None:  # the nf4 sweep did not time this K, N, M (cut short, or not its M)
+                if "nf4" not in d:
+                    d["nf4"] = lowbit.quantize_4bit(d["w"], 64, "nf4", True)
+                q4 = d["nf4"]
+                first_call(ctx, lambda: ctx.impl.fwd(x, q4, None, None))
+                nf4_ms, nf4_src = ctx.bench(lambda: ctx.impl.fwd(x, q4, None, None)), "timed here"
+            bf16_ms = bf16_time(ctx, x, d["w"])
+            for qt in ("nvfp4", "mxfp4"):
+                if out_of_time(run, until):
+                    return rows
+                layer, q, table, head = d[qt]
+                y, first_s = first_call(ctx, lambda: ctx.impl.bfp_fwd(x, q, table, None, None))
+                cfg = _common._tuned.get(("bfp_fwd", _common.tune_m(m), n, k, x.dtype, q.block))
+                r = {"quant_type": qt, "K": k, "N": n, "M": m, "config": cfg._asdict() if cfg else None,
+                     "first_call_s": first_s, "err": rel_err(y[:, :head.shape[0]], x.double() @ head.t()),
+                     "bits_per_param": q.bits_per_param(), "bf16_ms": bf16_ms, "nf4_ms": nf4_ms,
+                     "nf4_source": nf4_src,
+                     "launcher_ms": ctx.bench(lambda: ctx.impl.bfp_fwd(x, q, table, None, None)),
+                     "layer_ms": ctx.bench(lambda: layer(x))}
+                r["x_bf16"] = r["bf16_ms"] / r["launcher_ms"]
+                r["x_nf4"] = r["nf4_ms"] / r["launcher_ms"]
+                r["layer_x_bf16"] = r["bf16_ms"] / r["layer_ms"]
+                add_bandwidth(r, q.nbytes + x.numel() * 2 + m * n * 2, r["launcher_ms"], bw)
+                if m == ctx.big_m:
+                    g = torch.randn(m, n, device=ctx.dev, dtype=torch.bfloat16)
+
+                    def gx():
+                        return _blockfp.matmul_blockfp_grad_x(g, q.packed, q.scales, table, q.block, k)
+
+                    gx()
+                    r["grad_x_ms"], r["grad_x_bf16_ms"] = ctx.bench(gx), ctx.bench(lambda: g @ d["w"])
+                rows.append(r)
+                run.log(f"  {qt} K={k} N={n} M={m}: launcher {r['launcher_ms'] * 1e3:.1f} us (layer "
+                        f"{r['layer_ms'] * 1e3:.1f}) vs bf16 {bf16_ms * 1e3:.1f} us (x{r['x_bf16']:.2f}) vs nf4 "
+                        f"{nf4_ms * 1e3:.1f} us (x{r['x_nf4']:.2f}, {nf4_src}), {r['GBps']:.0f} GB/s, rel err "
+                        f"{r['err']:.1e}, config {tuple(cfg) if cfg else None}")
     return rows
 
 
@@ -822,17 +1123,21 @@ def time_decode(run: Run, ctx: Ctx, until: float) -> list:
 
 
 def time_configs(run: Run, ctx: Ctx, until: float) -> list:
-    """Every shipped config on one shape (bf16), against bf16: the table the config lists come from.
-    With --sweep, each nf4 config also with the other table-lookup decodes (0 global gather, 1
-    select tree; 2 = tl.gather is shipped)."""
+    """Every shipped config on one shape (bf16), against bf16: the table the config lists come from
+    (nf4, int3 g128, then nvfp4 last: the first cut when time runs short). With --sweep, each nf4
+    config also with the other table-lookup decodes (0 global gather, 1 select tree; 2 = tl.gather
+    is shipped)."""
     import lowbit
-    from lowbit.kernels import _common, intq, nf4
+    from lowbit.formats import blockfp as bfp
+    from lowbit.kernels import _common, blockfp, intq, nf4
 
     k, n = ctx.sweep_kn
     w = torch.randn(n, k, device=ctx.dev, dtype=torch.bfloat16) * 0.02
     q4 = lowbit.quantize_4bit(w, 64, "nf4", True)
     qi = lowbit.quantize_int(w, 3, 128)
     wd4, wdi = lowbit.dequantize_4bit(q4, torch.float32).double(), lowbit.dequantize_int(qi, torch.float32).double()
+    qb = bfp.quantize_blockfp(w, "nvfp4")
+    tb, wdb = bfp.scale_table(qb), bfp.dequantize_blockfp(qb, torch.float32).double()
     rows = run.res.setdefault("configs", [])
     small = ctx.a.dry_run
 
@@ -841,18 +1146,21 @@ def time_configs(run: Run, ctx: Ctx, until: float) -> list:
         return min(m, 64) if small else m
 
     decodes = (0, 1, 2) if ctx.a.sweep else (None,)
-    plan = [  # (case, table, fn(x, config), float64 W, x is g [M, N], nf4)
-        ("nf4 forward", nf4.FORWARD_CONFIGS, lambda x, c: ctx.impl.fwd(x, q4, None, c), wd4, False, True),
-        ("nf4 grad_x", nf4.GRAD_X_CONFIGS, lambda g, c: ctx.impl.grad_x(g, q4, c), wd4, True, True),
-        ("int3 g128 forward", intq.FORWARD_CONFIGS, lambda x, c: ctx.impl.int_fwd(x, qi, None, c), wdi, False, False),
-        ("int3 g128 grad_x", intq.GRAD_X_CONFIGS, lambda g, c: ctx.impl.int_grad_x(g, qi, c), wdi, True, False),
+    plan = [  # (case, table, fn(x, config), float64 W, x is g [M, N], extras: "nf4" decodes + DEQUANT, "dequant")
+        ("nf4 forward", nf4.FORWARD_CONFIGS, lambda x, c: ctx.impl.fwd(x, q4, None, c), wd4, False, "nf4"),
+        ("nf4 grad_x", nf4.GRAD_X_CONFIGS, lambda g, c: ctx.impl.grad_x(g, q4, c), wd4, True, "nf4"),
+        ("int3 g128 forward", intq.FORWARD_CONFIGS, lambda x, c: ctx.impl.int_fwd(x, qi, None, c), wdi, False, None),
+        ("int3 g128 grad_x", intq.GRAD_X_CONFIGS, lambda g, c: ctx.impl.int_grad_x(g, qi, c), wdi, True, None),
+        ("nvfp4 forward", blockfp.FORWARD_CONFIGS, lambda x, c: ctx.impl.bfp_fwd(x, qb, tb, None, c), wdb, False,
+         "dequant"),
+        ("nvfp4 grad_x", blockfp.GRAD_X_CONFIGS, lambda g, c: ctx.impl.bfp_grad_x(g, qb, tb, c), wdb, True, "dequant"),
     ]
     cases = []  # (case, M, config, fn, float64 W, x is g)
-    for case, table, fn, wd, is_g, is_nf4 in plan:
+    for case, table, fn, wd, is_g, extras in plan:
         for b, c in table_configs(table):
-            for d in decodes if is_nf4 else (None,):
+            for d in decodes if extras == "nf4" else (None,):
                 cases.append((case, bench_m(b), c if d is None else c._replace(decode=d), fn, wd, is_g))
-        if is_nf4:  # dequantize + cuBLAS at each bucket's M
+        if extras:  # dequantize + cuBLAS at each bucket's M
             cases += [(case, m, _common.DEQUANT, fn, wd, is_g) for m in sorted({bench_m(b) for b in table})]
     bf16_ms = {}
     for case, m, cfg, fn, wd, is_g in cases:
@@ -897,6 +1205,7 @@ def import_lowbit() -> None:
 
     # python/lowbit/kernels is a symlink to kernels/ (a namespace package, no __init__.py): import
     # every family's module so that lowbit.kernels.<family> is an attribute
+    import lowbit.kernels.blockfp  # noqa: F401
     import lowbit.kernels.intq  # noqa: F401
     import lowbit.kernels.nf4  # noqa: F401
     import lowbit.kernels.sz  # noqa: F401
@@ -927,6 +1236,27 @@ def summary(run: Run) -> None:
                 f"{r['GBps']:>6.0f} {bw:>5} {gx:>7}")
         key[f"nf4 {r['K']}x{r['N']} M={r['M']} x_bf16"] = r["x_bf16"]
         key[f"nf4 {r['K']}x{r['N']} M={r['M']} x_bnb"] = r["x_bnb"]
+
+    rows = run.res.get("blockfp") or []
+    if rows:  # one line per (format, shape), M across
+        ms = sorted({r["M"] for r in rows})
+        run.log("")
+        run.log("block FP4 (bare launcher): x bf16 / x nf4 by M (other time / block FP4 time: >1 block FP4 faster); "
+                "at M=1: % of copy bandwidth, kernel kind")
+        run.log(f"{'format':>6} {'K x N':>13} " + " ".join(f"{'M=' + str(m):>11}" for m in ms)
+                + f" {'%bw@1':>6} {'kind@1':>7}")
+        groups = {}
+        for r in rows:
+            groups.setdefault((r["quant_type"], r["K"], r["N"]), {})[r["M"]] = r
+        for (qt, k, n), by_m in groups.items():
+            one = by_m.get(1)
+            bw = f"{100 * one['frac_copy_bw']:5.0f}%" if one and one["frac_copy_bw"] else "-"
+            kind = (one["config"] or {}).get("kind", "-") if one else "-"
+            cells = [f"{by_m[m]['x_bf16']:.2f}/{by_m[m]['x_nf4']:.2f}" if m in by_m else "-" for m in ms]
+            run.log(f"{qt:>6} {k:>6}x{n:<6} " + " ".join(f"{c:>11}" for c in cells) + f" {bw:>6} {kind:>7}")
+            for m, r in by_m.items():
+                key[f"{qt} {k}x{n} M={m} x_bf16"] = r["x_bf16"]
+                key[f"{qt} {k}x{n} M={m} x_nf4"] = r["x_nf4"]
 
     rows = run.res.get("int") or []
     if rows:  # one line per (format, shape), M across: compact enough for 4 shapes x 3 formats x 7 M
@@ -1103,17 +1433,19 @@ def main(argv=None) -> int:
 
     if not a.skip_correctness:
         os.environ["LOWBIT_POISON"] = "1"
-        run.section("correctness: 4-bit quantize/dequantize", check_quant, ctx, until=0.12)
-        run.section("correctness: nf4 and int matmul configs", check_matmul, ctx, until=0.4)
-        run.section("correctness: sz decode", check_sz, ctx, until=0.43)
+        run.section("correctness: 4-bit quantize/dequantize", check_quant, ctx, until=0.11)
+        run.section("correctness: nf4 and int matmul configs", check_matmul, ctx, until=0.36)
+        run.section("correctness: sz decode", check_sz, ctx, until=0.39)
+        run.section("correctness: block FP4 (nvfp4, mxfp4) configs", check_blockfp, ctx, until=0.47)
         os.environ.pop("LOWBIT_POISON")
     # Deadlines as fractions of the budget: a section that finishes early leaves its time to the next.
-    run.section("timing: nf4 matmul sweep", time_nf4, ctx, until=0.56)
-    run.section("timing: int matmul sweep", time_int, ctx, until=0.68)
+    run.section("timing: nf4 matmul sweep", time_nf4, ctx, until=0.58)
+    run.section("timing: block FP4 (nvfp4, mxfp4) vs nf4 and bf16", time_blockfp, ctx, until=0.64)
+    run.section("timing: int matmul sweep", time_int, ctx, until=0.74)
     run.section("timing: sz decode and fused GEMV", lambda r, c, until: time_sz(r, c, until, streams), ctx,
-                until=0.73)
-    run.section("timing: decode loop (Llama-shaped stack)", time_decode, ctx, until=0.85)
-    run.section("timing: vLLM serving (SmolLM2)", time_vllm, ctx, until=0.9)
+                until=0.78)
+    run.section("timing: decode loop (Llama-shaped stack)", time_decode, ctx, until=0.89)
+    run.section("timing: vLLM serving (SmolLM2)", time_vllm, ctx, until=0.92)
     if not a.quick:
         run.section("timing: every shipped config", time_configs, ctx, until=1.0)
     if a.tune and not a.dry_run:
