@@ -612,3 +612,59 @@ def test_scale_fp8_view_and_to():
     assert torch.equal(moved.global_scale, qn.global_scale) and moved.quant_type == "nvfp4"
     with pytest.raises(ValueError, match="E4M3 view of nvfp4"):
         quantize_blockfp(torch.randn(2, 32), "mxfp4").scale_fp8
+
+
+# ----------------------------------------------------------------------------------------------
+# scale_search: each block's scale byte by least squared error among the standard one and neighbours
+# ----------------------------------------------------------------------------------------------
+
+SEARCH_NEIGHBOURS = {"mxfp4": (0, 1), "nvfp4": (-1, 0, 1, 2)}  # written out here, not read from the module
+
+
+def _block_error64(wblock: np.ndarray, factor: np.float32) -> float:
+    """Squared error of one block quantized with `factor`: the fp32 quotient, E2M1 nearest-even (the
+    oracle above), decoded in float64."""
+    codes = [e2m1_nearest_even(float(np.float32(v) / factor)) for v in wblock]
+    deq = np.array([E2M1_TABLE[c] for c in codes], dtype=np.float64) * np.float64(factor)
+    return float(np.square(deq - wblock.astype(np.float64)).sum())
+
+
+@pytest.mark.parametrize("quant_type", ["mxfp4", "nvfp4"])
+def test_scale_search_takes_the_least_error_neighbour(quant_type):
+    # Catches: a search that keeps the standard byte, picks the worst candidate, looks beyond the documented
+    # neighbours, moves the nvfp4 global scale, or breaks ties away from the standard byte.
+    b = BLOCK[quant_type]
+    g = torch.Generator().manual_seed(11)
+    w = torch.randn(12, b * 4, generator=g) * (torch.rand(12, 1, generator=g) * 4 + 0.01)
+    w[0, :b] = 0.0  # all-zero block: every candidate is exact, the standard byte stays
+    w[1, 5] = 40.0  # an outlier block
+    std = quantize_blockfp(w, quant_type)
+    got = quantize_blockfp(w, quant_type, scale_search=True)
+    if quant_type == "nvfp4":
+        assert torch.equal(got.global_scale, std.global_scale)
+    lo, hi = (0, 254) if quant_type == "mxfp4" else (1, 0x7E)
+    wn = w.numpy().reshape(12, 4, b)
+    s0, s1 = std.scales.numpy().astype(int), got.scales.numpy().astype(int)
+    moved = 0
+    for r in range(12):
+        for j in range(4):
+            cands = sorted({min(max(s0[r, j] + o, lo), hi) for o in SEARCH_NEIGHBOURS[quant_type]})
+            assert s1[r, j] in cands, (r, j, s0[r, j], s1[r, j])
+            if quant_type == "mxfp4":
+                fac = {c: np.float32(e8m0_oracle(c)) for c in cands}
+            else:
+                fac = {c: np.float32(np.float32(e4m3_oracle(c)) / np.float32(float(got.global_scale)))
+                       for c in cands}
+            err = {c: _block_error64(wn[r, j], fac[c]) for c in cands}
+            assert err[s1[r, j]] <= min(err.values()) * (1 + 1e-6), (r, j, err, s1[r, j])
+            moved += s1[r, j] != s0[r, j]
+    assert s1[0, 0] == s0[0, 0]  # the all-zero block
+    assert moved > 0, "the search never moved a byte: it is not searching"
+    # and the bytes decode as any decoder reads them: the layout oracle
+    w_std, w_got = oracle_weight(std), oracle_weight(got)
+    assert np.square(w_got - w.numpy()).sum() < np.square(w_std - w.numpy()).sum()
+
+
+def test_scale_search_is_a_bool():
+    with pytest.raises(TypeError, match="scale_search must be a bool"):
+        quantize_blockfp(torch.randn(4, 32), "mxfp4", scale_search=1)

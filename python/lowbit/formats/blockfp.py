@@ -340,10 +340,41 @@ def _nvfp4_scales(wb: Tensor) -> tuple[Tensor, Tensor]:
     return s.to(torch.float8_e4m3fn).view(torch.uint8).contiguous(), g.reshape(()).contiguous()
 
 
-def quantize_blockfp(w: Tensor, quant_type: str) -> QuantBlockFP:
+# scale_search: the scale bytes tried around the standard rule's byte b0 (each block keeps the one whose
+# decoded block has the least squared error). mxfp4: b0 (OCP's floor, amax / scale in [4, 8): the top of a
+# block above 6 saturates) and b0 + 1 (amax / scale in [2, 4): nothing saturates, half the grid unused).
+# nvfp4: the E4M3 neighbours of compressed-tensors' rounded scale.
+SCALE_SEARCH_OFFSETS = {"mxfp4": (0, 1), "nvfp4": (0, -1, 1, 2)}  # 0 first: ties keep the standard byte
+_SEARCH_CHUNK = 1 << 24  # candidate elements decoded at once (rows are processed in chunks of this size)
+
+
+def _search_scales(wb: Tensor, scales: Tensor, quant_type: str, g: Optional[Tensor]) -> Tensor:
+    """Per block, the scale byte among b0 + SCALE_SEARCH_OFFSETS whose E2M1 round trip has the least
+    squared error (ties: the first offset, i.e. the standard rule's byte). Bytes stay in the format's
+    valid range (E8M0 0..254; E4M3 1..0x7E, non-negative and never 0, whose factor would be 0)."""
+    lo, hi = (0, 254) if quant_type == "mxfp4" else (1, 0x7E)
+    offsets = torch.tensor(SCALE_SEARCH_OFFSETS[quant_type], dtype=torch.int32, device=wb.device)
+    out = torch.empty_like(scales)
+    rows = max(1, _SEARCH_CHUNK // max(1, wb[0].numel() * len(offsets)))
+    for r0 in range(0, wb.shape[0], rows):
+        w = wb[r0:r0 + rows]
+        cand = (scales[r0:r0 + rows].to(torch.int32)[..., None] + offsets).clamp(lo, hi).to(torch.uint8)  # [r,G,C]
+        factor = e8m0_decode(cand) if quant_type == "mxfp4" else e4m3_decode(cand) / g
+        deq = e2m1_decode(e2m1_encode_rne(w[..., None, :] / factor[..., None])) * factor[..., None]
+        err = (deq - w[..., None, :]).square().sum(-1)  # [r, G, C]
+        out[r0:r0 + rows] = cand.gather(-1, err.argmin(-1, keepdim=True)).squeeze(-1)
+    return out
+
+
+def quantize_blockfp(w: Tensor, quant_type: str, *, scale_search: bool = False) -> QuantBlockFP:
     """Quantize a 2-D float weight [out, in] (in a multiple of BLOCK[quant_type]) to mxfp4 or nvfp4.
     Works in fp32 on w.float(); element codes are round-to-nearest-even of w / block factor (an exact
-    power of two for mxfp4; compressed-tensors' fp32 quotient for nvfp4), saturating at +-6."""
+    power of two for mxfp4; compressed-tensors' fp32 quotient for nvfp4), saturating at +-6.
+
+    scale_search=False: the standard scale rules (OCP MX's floor for mxfp4, compressed-tensors' for nvfp4:
+    the same bytes those libraries write). True: each block's scale byte is chosen among the standard one
+    and its neighbours (SCALE_SEARCH_OFFSETS) by the least squared error of the block; the bytes are the
+    same format, read by every MXFP4 / NVFP4 decoder (docs/blockfp.md: what it gains on SmolLM2)."""
     check_float_tensor("w", w)
     check_has_values("w", w)
     if w.dim() != 2:
@@ -355,12 +386,12 @@ def quantize_blockfp(w: Tensor, quant_type: str) -> QuantBlockFP:
     _check_in_features(k, quant_type)
     check_finite("w", w)
     wb = w.detach().float().reshape(n, k // BLOCK[quant_type], BLOCK[quant_type])
-    if quant_type == "mxfp4":
-        scales, g = _mxfp4_scales(wb), None
-        factor = e8m0_decode(scales)
-    else:
-        scales, g = _nvfp4_scales(wb)
-        factor = e4m3_decode(scales) / g
+    if not isinstance(scale_search, bool):
+        raise TypeError(f"scale_search must be a bool, got {type(scale_search).__name__}")
+    scales, g = (_mxfp4_scales(wb), None) if quant_type == "mxfp4" else _nvfp4_scales(wb)
+    if scale_search:
+        scales = _search_scales(wb, scales, quant_type, g)
+    factor = e8m0_decode(scales) if quant_type == "mxfp4" else e4m3_decode(scales) / g
     codes = e2m1_encode_rne(wb / factor[..., None]).reshape(n, k)
     q = QuantBlockFP(quant_type, (n, k), pack_e2m1(codes), scales, g)
     _check_decodes_finite(q, f"w (as {quant_type})")  # only w's near float32's limit can fail (nvfp4)

@@ -25,7 +25,7 @@ from .. import _blockfp as ops
 from .._validate import check_choice, check_device
 from ..formats import blockfp as bfp
 from ._base import QuantLinear
-from .family import Family, register_family
+from .family import Family, Option, register_family
 
 
 class BlockFPLinear(QuantLinear):
@@ -37,9 +37,14 @@ class BlockFPLinear(QuantLinear):
     MUST_MATCH = QuantLinear.MUST_MATCH + ("quant_type",)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
-                 dtype: Optional[torch.dtype] = None, quant_type: str = "nvfp4") -> None:
+                 dtype: Optional[torch.dtype] = None, quant_type: str = "nvfp4", scale_search: bool = False) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         check_choice("quant_type", quant_type, bfp.QUANT_TYPES)
+        if not isinstance(scale_search, bool):
+            raise TypeError(f"scale_search must be a bool, got {type(scale_search).__name__}")
+        # how from_linear and requantize_ (PEFT merges) pick scale bytes; the bytes' format is the same either way,
+        # so it is not format metadata (a checkpoint loads into a layer built with either)
+        self.scale_search = scale_search
         block = bfp.BLOCK[quant_type]
         if in_features % block:
             raise ValueError(f"in_features={in_features} is not a multiple of {quant_type}'s block of {block} "
@@ -57,13 +62,14 @@ class BlockFPLinear(QuantLinear):
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nvfp4") -> "BlockFPLinear":
-        """Quantize linear.weight with the spec's rounding (formats.blockfp.quantize_blockfp)."""
+    def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nvfp4", scale_search: bool = False) -> "BlockFPLinear":
+        """Quantize linear.weight with the spec's rounding (formats.blockfp.quantize_blockfp; scale_search: each
+        block's scale byte chosen by least squared error among the standard one and its neighbours)."""
         cls._check_linear(linear)
         w = linear.weight.detach()
         self = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=w.device,
-                   quant_type=quant_type)
-        self.load_quantized(bfp.quantize_blockfp(w, quant_type))
+                   quant_type=quant_type, scale_search=scale_search)
+        self.load_quantized(bfp.quantize_blockfp(w, quant_type, scale_search=scale_search))
         self.weight_dtype = w.dtype
         self._copy_bias(linear)
         return self
@@ -169,7 +175,7 @@ class BlockFPLinear(QuantLinear):
 
     # -- merging, tensor parallelism ---------------------------------------------------------------
     def requantize_(self, target: Tensor) -> str:
-        self.load_quantized(bfp.quantize_blockfp(target, self.quant_type))
+        self.load_quantized(bfp.quantize_blockfp(target, self.quant_type, scale_search=self.scale_search))
         return self.quant_type
 
     def _narrow(self, dim: int, start: int, stop: int) -> "BlockFPLinear":
@@ -183,7 +189,8 @@ class BlockFPLinear(QuantLinear):
         else:
             packed, scale = packed[:, start // 2:stop // 2], scale[:, start // block:stop // block]
             out, inn = self.out_features, stop - start
-        m = BlockFPLinear(inn, out, bias=False, device=packed.device, quant_type=self.quant_type)
+        m = BlockFPLinear(inn, out, bias=False, device=packed.device, quant_type=self.quant_type,
+                          scale_search=self.scale_search)
         m.weight_packed, m.weight_scale = packed.contiguous().clone(), scale.contiguous().clone()
         if self.quant_type == "nvfp4":
             m.weight_global_scale = self.weight_global_scale.clone()
@@ -200,7 +207,7 @@ class BlockFPLinear(QuantLinear):
                                                    for m in layers):
             return None
         m = BlockFPLinear(first.in_features, sum(x.out_features for x in layers), bias=False, device="meta",
-                          quant_type=first.quant_type)
+                          quant_type=first.quant_type, scale_search=first.scale_search)
         m.weight_packed = torch.cat([x.weight_packed for x in layers])
         m.weight_scale = torch.cat([x.weight_scale for x in layers])
         if first.quant_type == "nvfp4":
@@ -214,16 +221,23 @@ class BlockFPLinear(QuantLinear):
 # ----------------------------------------------------------------------------------------------
 
 
-def _build(quant_type: str, linear: nn.Linear) -> BlockFPLinear:
-    return BlockFPLinear.from_linear(linear, quant_type=quant_type)
+def _build(quant_type: str, linear: nn.Linear, *, scale_search: bool) -> BlockFPLinear:
+    return BlockFPLinear.from_linear(linear, quant_type=quant_type, scale_search=scale_search)
 
 
-def _empty(quant_type: str, in_features: int, out_features: int, bias: bool, device) -> BlockFPLinear:
-    return BlockFPLinear(in_features, out_features, bias, device=device, quant_type=quant_type)
+def _empty(quant_type: str, in_features: int, out_features: int, bias: bool, device, *,
+           scale_search: bool) -> BlockFPLinear:
+    return BlockFPLinear(in_features, out_features, bias, device=device, quant_type=quant_type,
+                         scale_search=scale_search)
 
 
 BLOCKFP_FAMILY = register_family(Family(
-    name="blockfp", layer=BlockFPLinear, quant_types=bfp.QUANT_TYPES, options=(), build=_build, empty=_empty,
-    label=lambda qt, o: f"{qt} (block {bfp.BLOCK[qt]})", doc="docs/blockfp.md"))
+    name="blockfp", layer=BlockFPLinear, quant_types=bfp.QUANT_TYPES,
+    options=(Option("scale_search", False, "pick each block's scale byte by least squared error among the standard "
+                    "rule's and its neighbours (the same format; default: OCP's / compressed-tensors' rule)",
+                    flag="--scale-search", cli_action="store_true"),),
+    build=_build, empty=_empty,
+    label=lambda qt, o: f"{qt} (block {bfp.BLOCK[qt]}{', scale search' if o.get('scale_search') else ''})",
+    doc="docs/blockfp.md"))
 
 __all__ = ["BLOCKFP_FAMILY", "BlockFPLinear"]
