@@ -28,7 +28,7 @@ $(STAMP): setup.py $(LOCK) $(REALMODEL)
 
 install: $(STAMP)
 
-# CI: the main suite in .venv, then the vLLM tier in .venv-vllm (about 6 + 2-4 (its venv, first time) + 6 min
+# CI: the main suite in .venv, then the vLLM tier in .venv-vllm (about 7.5 + 2-4 (its venv, first time) + 4 min
 # on the 2-core container).
 test: $(STAMP) $(VLLM_STAMP)
 	@echo "== the main suite (.venv, $(LOCK))"
@@ -36,7 +36,7 @@ test: $(STAMP) $(VLLM_STAMP)
 	# On a CUDA machine the run above skips the interpreter tier: run it with the GPU hidden.
 	@if $(PY) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then \
 		CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m interp; fi
-	@echo "== the vLLM tier (.venv-vllm, $(VLLM_LOCK)): tests/test_vllm.py, about 6 min"
+	@echo "== the vLLM tier (.venv-vllm, $(VLLM_LOCK)): tests/test_vllm.py, about 4 min"
 	$(VLLM_PY) -m pytest -q tests/test_vllm.py
 
 # Not in CI: the suite against the newest releases of every dependency but torch (newer torch wheels
