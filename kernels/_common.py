@@ -56,6 +56,16 @@ class GradScaleConfig(NamedTuple):
 
 DEQUANT = MatmulConfig("dequant", 0, 0, 0, 1, 0, 0, 0)
 
+# Above this M a forward launcher without a shipped table tries dequantize + cuBLAS first: the fused
+# kernels lost to it at large M on an H100 (docs/benchmarks.md); a table or the opt-in tuner can still
+# pick a fused config.
+DEQUANT_FIRST_M = 256
+
+
+def with_dequant(cands: list, m: int) -> list:
+    """The forward candidates for M rows with DEQUANT added: first above DEQUANT_FIRST_M, last otherwise."""
+    return [DEQUANT, *cands] if m > DEQUANT_FIRST_M else [*cands, DEQUANT]
+
 # -- launch counter: tests assert that a kernel ran (not that some path returned a tensor) -----
 
 LAUNCHES: collections.Counter[str] = collections.Counter()
@@ -365,6 +375,21 @@ def fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M: tl.constexpr, PAIRS: tl.
     if M > 3:
         p3 = _fma_x_row(p3, v0, v1, x_ptr, kp, 3, K, PAIRS)
     return p0, p1, p2, p3
+
+
+@triton.jit
+def table_value(w, table_base, SHIFT: tl.constexpr):
+    """table[(w >> SHIFT) & 15] for the 16-entry fp32 code table at `table_base` (64-byte aligned): the
+    words GEMVs' decode (nf4's code table, blockfp's E2M1 values).
+
+    The byte offset (w >> (SHIFT - 2)) & 60 is OR-ed into the table's address instead of added:
+    the high address word never changes, so the address costs one shift and one LOP3 (no 64-bit
+    add), and the 64-byte table stays in L1 (one wavefront per warp-wide gather)."""
+    if SHIFT >= 2:
+        off = (w >> (SHIFT - 2)) & 0x3C
+    else:
+        off = (w << (2 - SHIFT)) & 0x3C
+    return tl.load((table_base | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
 
 
 @triton.jit

@@ -61,7 +61,9 @@ from ._common import (
     load_x_halves,
     pick,
     store_output,
+    table_value,
     tune_m,
+    with_dequant,
     words_accumulate,
     words_epilogue,
 )
@@ -115,18 +117,6 @@ def _dequant_halves(codes_ptr, scales_ptr, scale_table_ptr, rows, row_mask, col_
     lo = tl.reshape(_e2m1(byte & 0xF) * s, (R, COLS // 2))
     hi = tl.reshape(_e2m1(byte >> 4) * s, (R, COLS // 2))
     return lo.to(DOT_DTYPE), hi.to(DOT_DTYPE)
-
-
-@triton.jit
-def _e2m1_value(w, table_base, SHIFT: tl.constexpr):
-    """E2M1 value of the code at bits SHIFT .. SHIFT + 3 of w, gathered from the 16-entry table at
-    `table_base` (64-byte aligned): the byte offset code * 4 is OR-ed into the address (one shift,
-    one LOP3, no 64-bit add; nf4's _table_value), and a warp's 32 gathers hit one 64-byte line."""
-    if SHIFT >= 2:
-        off = (w >> (SHIFT - 2)) & 0x3C
-    else:
-        off = (w << (2 - SHIFT)) & 0x3C
-    return tl.load((table_base | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
 
 
 @triton.jit
@@ -197,8 +187,8 @@ def gemv_blockfp_words_kernel(
             p2 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             p3 = tl.zeros((BLOCK_N, WORDS), dtype=tl.float32)
             for pair in tl.static_range(4):  # byte `pair`: element 2 pair (low nibble), then 2 pair + 1
-                v0 = _e2m1_value(w, table_base, 8 * pair)
-                v1 = _e2m1_value(w, table_base, 8 * pair + 4)
+                v0 = table_value(w, table_base, 8 * pair)
+                v1 = table_value(w, table_base, 8 * pair + 4)
                 kp = k0 // 2 + 16 * t + 4 * cols + pair  # pair index, [1, WORDS]: in the tile's layout
                 p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
             if SCALE_BLOCK >= 32:
@@ -409,12 +399,7 @@ def matmul_blockfp(x, packed, scales, scale_table, block, n, bias, config: Matmu
             cands = [c for c in FORWARD_CONFIGS[bucket(FORWARD_CONFIGS, m)] if _fits_forward(c, m, k, block)]
             if not cands and k % 32 == 0:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3)]
-            # large M: dequantize once + cuBLAS first, as nf4 (a table or the opt-in tuner may pick a fused one)
-            if m > 256:
-                cands.insert(0, DEQUANT)
-            else:
-                cands.append(DEQUANT)
-            config = pick(("bfp_fwd", tune_m(m), n, k, x.dtype, block), cands, run)
+            config = pick(("bfp_fwd", tune_m(m), n, k, x.dtype, block), with_dequant(cands, m), run)
     return run(config)
 
 

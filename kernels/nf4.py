@@ -50,7 +50,9 @@ from ._common import (
     load_x_halves,
     pick,
     store_output,
+    table_value,
     tune_m,
+    with_dequant,
     words_accumulate,
     words_epilogue,
 )
@@ -314,20 +316,6 @@ def gemv_4bit_kernel(
 
 
 @triton.jit
-def _table_value(w, table_base, SHIFT: tl.constexpr):
-    """table[(w >> SHIFT) & 15] for the 16-entry fp32 code table at `table_base` (64-byte aligned).
-
-    The byte offset (w >> (SHIFT - 2)) & 60 is OR-ed into the table's address instead of added:
-    the high address word never changes, so the address costs one shift and one LOP3 (no 64-bit
-    add), and the 64-byte table stays in L1 (one wavefront per warp-wide gather)."""
-    if SHIFT >= 2:
-        off = (w >> (SHIFT - 2)) & 0x3C
-    else:
-        off = (w << (2 - SHIFT)) & 0x3C
-    return tl.load((table_base | off.to(tl.int64)).to(tl.pointer_type(tl.float32)))
-
-
-@triton.jit
 def gemv_4bit_words_kernel(
     x_ptr, words_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr, code_ptr, bias_ptr, y_ptr,
     ws_ptr, count_ptr,
@@ -345,7 +333,7 @@ def gemv_4bit_words_kernel(
       sum below stays inside a thread (no shuffles) and every tensor keeps the word tile's layout
       (no conversion through shared memory, no barriers);
     - the 8 codes of a word are decoded one shift at a time by an L1-resident table gather
-      (`_table_value`), multiplied by the matching x element and summed in fp32 registers; the
+      (`_common.table_value`), multiplied by the matching x element and summed in fp32 registers; the
       step's per-row partial is scaled once (BLOCK_K <= BLOCKSIZE: one block per step; BLOCK_K = 64
       halves the scale loads and decodes of BLOCK_K = 32);
     - the rows of x share every decoded weight (M accumulators); bf16 x is read as int32 pairs
@@ -379,8 +367,8 @@ def gemv_4bit_words_kernel(
             w = tl.load(words_ptr + rows64 * stride_wn + (tl.multiple_of((k0 + 32 * t) // 8, WORDS) + cols),
                         mask=n_mask, other=0, eviction_policy="evict_first")
             for pair in tl.static_range(4):  # byte `pair`: element 2 pair (high nibble), then 2 pair + 1
-                v0 = _table_value(w, table_base, 8 * pair + 4)
-                v1 = _table_value(w, table_base, 8 * pair)
+                v0 = table_value(w, table_base, 8 * pair + 4)
+                v1 = table_value(w, table_base, 8 * pair)
                 kp = k0 // 2 + 16 * t + 4 * cols + pair  # pair index, [1, WORDS]: in the tile's layout
                 p0, p1, p2, p3 = fma_x_pair(p0, p1, p2, p3, v0, v1, x_ptr, kp, K, M, PAIRS)
         s = _block_scale(absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset_ptr,
@@ -527,7 +515,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
                                  nested_blocksize, x.dtype)
             return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype)).to(out_dtype)
         if cfg.kind == "words":  # integer work only: x_in (bf16 stays bf16 under the interpreter too)
-            # _table_value ORs offsets into the table's address: it must be 64-byte aligned
+            # table_value ORs offsets into the table's address: it must be 64-byte aligned
             table = code if code.data_ptr() % 64 == 0 else code.clone()
             return words_gemv("nf4", gemv_4bit_words_kernel, x_in.contiguous(), (words_codes(codes), *scales, table),
                               (n, k, k // 8), n, bias, cfg, out_dtype, **fmt, BLOCK_K=cfg.block_k)
@@ -547,13 +535,7 @@ def matmul_4bit(x, codes, absmax, code, blocksize, n, nested_absmax, nested_code
                      if _fits_forward(c, m, k, x.dtype, blocksize)]
             if not cands:
                 cands = [C("dot", 16 if m <= 16 else 64, 64, 32, 1, 4, 3, 1)]
-            # large M without a table: dequantize once + cuBLAS first (the issue's rule: keep it unless a
-            # fused kernel measures faster; a table or the opt-in tuner can pick the fused one)
-            if m > 256:
-                cands.insert(0, DEQUANT)
-            else:
-                cands.append(DEQUANT)
-            config = pick(("fwd", tune_m(m), n, k, x.dtype, dq, blocksize), cands, run)
+            config = pick(("fwd", tune_m(m), n, k, x.dtype, dq, blocksize), with_dequant(cands, m), run)
     return run(config)
 
 

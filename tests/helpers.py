@@ -61,6 +61,19 @@ def expect_launches(*names: str, absent: tuple[str, ...] = ()):
 
 
 @contextlib.contextmanager
+def expect_calls(*names: str):
+    """Fail unless each C fast path in `names` ran inside the block (lowbit._clib.CALLS grew): the CPU-backend
+    twin of expect_launches, for tests/test_cpu.py and the families' own CPU tests."""
+    from lowbit._clib import CALLS
+
+    before = collections.Counter(CALLS)
+    yield
+    ran = CALLS - before
+    missing = [n for n in names if not ran[n]]
+    assert not missing, f"fast CPU path(s) {missing} did not run (ran: {dict(ran) or 'nothing'})"
+
+
+@contextlib.contextmanager
 def triton_on_cpu(*names: str, absent: tuple[str, ...] = ()):
     """Route lowbit ops on CPU tensors through the Triton kernels (interpreter) and check, with
     expect_launches, that the named launchers ran. Only in interpreter-tier tests (marked interp)."""

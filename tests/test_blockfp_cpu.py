@@ -12,8 +12,6 @@ seed). Outputs the C kernels write are NaN-filled first (LOWBIT_POISON=1, set by
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import math
 import os
 
@@ -22,7 +20,7 @@ import torch
 
 from lowbit import _blockfp_cpu, _clib, _cpu
 from lowbit.formats.blockfp import QuantBlockFP, dequantize_blockfp, scale_table
-from tests.helpers import use_cpu_build
+from tests.helpers import expect_calls, use_cpu_build
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = {"mxfp4": 32, "nvfp4": 16}
@@ -44,15 +42,6 @@ def _fast(monkeypatch):
     if not _blockfp_cpu.enabled(torch.empty(0)):
         pytest.skip("the fast CPU backend could not be built here (no C compiler)")
     assert os.environ.get("LOWBIT_POISON") == "1", "tests/conftest.py sets LOWBIT_POISON=1: outputs start as NaN"
-
-
-@contextlib.contextmanager
-def expect_calls(*names: str):
-    before = collections.Counter(_clib.CALLS)
-    yield
-    ran = _clib.CALLS - before
-    missing = [n for n in names if not ran[n]]
-    assert not missing, f"C path(s) {missing} did not run (ran: {dict(ran) or 'nothing'})"
 
 
 # ---------------------------------------------------------------- weights and the oracle

@@ -8,7 +8,6 @@ the same model run unsharded in the same process. The bug each step catches is n
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 
 import pytest
@@ -18,7 +17,7 @@ from torch import nn
 from lowbit import LoRALinear
 from lowbit.distributed import shard
 from lowbit.nn.blockfp import BlockFPLinear
-from tests.test_distributed import _free_port, _full, _lora_params, _step
+from tests.test_distributed import _free_port, _full, _step, check_checkpoints, record_storage_dtypes
 
 WORLD = 2
 
@@ -43,8 +42,6 @@ def _model(seed: int) -> nn.Module:
 
 def _ranks(rank: int, port: int, tmp: str) -> None:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -93,35 +90,14 @@ def _ranks(rank: int, port: int, tmp: str) -> None:
             after = model(x)
             torch.testing.assert_close(after, ref(x), rtol=1e-5, atol=1e-6)
 
-        # 4. a sharded checkpoint (DCP) loads into a differently initialised sharded model
-        ckpt = os.path.join(tmp, "dcp")
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
-        other = shard(_model(1), mesh)
-        sd = {"model": get_model_state_dict(other)}
-        dcp.load(sd, checkpoint_id=ckpt)
-        set_model_state_dict(other, sd["model"])
-        with torch.no_grad():
-            torch.testing.assert_close(other(x), after, rtol=0, atol=0)
-
-        # 5. the full state dict has an unsharded model's keys and loads into one (the byte check of
-        #    BlockFPLinear's load runs on the gathered tensors)
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            plain = _model(2)
-            assert list(full) == list(plain.state_dict())
-            plain.load_state_dict(full)
-            with torch.no_grad():
-                torch.testing.assert_close(plain(x), after, rtol=0, atol=0)
+        # 4-5. a sharded checkpoint (DCP) into a differently initialised sharded model, and the full state dict
+        #      into a plain model (the byte check of BlockFPLinear's load runs on the gathered tensors)
+        check_checkpoints(model, _model, mesh, x, after, tmp, rank)
 
         # 6. a bf16 policy casts neither the uint8 storage nor the fp32 global scale (a cast scale divisor
         #    would change every nvfp4 weight)
         bf = shard(_model(0), mesh, units=[LoRALinear], mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-        seen = {}
-        for n, m in bf.named_modules():
-            if isinstance(m, BlockFPLinear):
-                m.register_forward_pre_hook(lambda mod, args, n=n: seen.update(
-                    {f"{n}.{k}": v.dtype for k, v in list(mod.named_parameters(recurse=False))
-                     + list(mod.named_buffers(recurse=False))}))
+        seen = record_storage_dtypes(bf)
         with torch.no_grad():
             out_bf = bf(x)
             ref_bf = _model(0).bfloat16()(x.bfloat16())

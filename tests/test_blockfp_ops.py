@@ -79,8 +79,8 @@ def test_the_family_declares_exactly_its_ops():
 @pytest.mark.parametrize("g", [1.0, 448 * 6 / 3.7, 0.013, 2.0**40])
 def test_scale_table_every_byte(g):
     # every byte against the bit-field oracles; nvfp4 divides once in fp32 (compressed-tensors' order)
-    t_mx = ops.scale_table("mxfp4", None, torch.device("cpu"))
-    t_nv = ops.scale_table("nvfp4", torch.tensor(g), torch.device("cpu"))
+    t_mx = bfp.scale_table_of("mxfp4", None, torch.device("cpu"))
+    t_nv = bfp.scale_table_of("nvfp4", torch.tensor(g), torch.device("cpu"))
     exp_mx = np.array([e8m0_oracle(b) for b in range(256)], dtype=np.float64).astype(np.float32)
     exp_nv = np.array([e4m3_oracle(b) for b in range(256)], dtype=np.float32) / np.float32(g)
     np.testing.assert_array_equal(t_mx.numpy().view(np.int32)[:255], exp_mx.view(np.int32)[:255])
@@ -88,7 +88,7 @@ def test_scale_table_every_byte(g):
     ok = ~np.isnan(exp_nv)
     np.testing.assert_array_equal(t_nv.numpy().view(np.int32)[ok], exp_nv.view(np.int32)[ok])
     assert torch.isnan(t_nv[[0x7F, 0xFF]]).all()
-    # and the format's own table, which kernels are handed by the layer
+    # and scale_table(q): the same values, as a tensor of its own
     q = _q("nvfp4", 4, 32)
     q = bfp.QuantBlockFP("nvfp4", q.shape, q.packed, q.scales, torch.tensor(g))
     assert torch.equal(bfp.scale_table(q).view(torch.int32)[ok], t_nv.view(torch.int32)[ok])
@@ -96,8 +96,8 @@ def test_scale_table_every_byte(g):
 
 def test_scale_table_follows_the_global_scale():
     # not cached across global scales: a bug returning the first call's table fails here
-    a = ops.scale_table("nvfp4", torch.tensor(2.0), torch.device("cpu"))
-    b = ops.scale_table("nvfp4", torch.tensor(4.0), torch.device("cpu"))
+    a = bfp.scale_table_of("nvfp4", torch.tensor(2.0), torch.device("cpu"))
+    b = bfp.scale_table_of("nvfp4", torch.tensor(4.0), torch.device("cpu"))
     assert torch.equal(a[1:0x7F], 2 * b[1:0x7F])
 
 

@@ -9,7 +9,6 @@ K not a multiple of the block size (4-bit), M in 1, 3, 64, 300 (both sides of th
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 import warnings
 
@@ -18,7 +17,7 @@ import torch
 
 import lowbit
 from lowbit import _clib, _cpu, _ops
-from tests.helpers import TOL, rel_err, use_cpu_build
+from tests.helpers import TOL, expect_calls, rel_err, use_cpu_build
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 MS = [1, 3, 64, 300]
@@ -29,16 +28,6 @@ def _fast(monkeypatch):
     monkeypatch.setenv("LOWBIT_CPU_BACKEND", "fast")
     if _cpu.library() is None:
         pytest.skip("the fast CPU backend could not be built here (no C compiler); the reference runs instead")
-
-
-@contextlib.contextmanager
-def expect_calls(*names: str):
-    """Fail unless each fast path in `names` ran inside the block (lowbit._cpu.CALLS grew)."""
-    before = collections.Counter(_cpu.CALLS)
-    yield
-    ran = _cpu.CALLS - before
-    missing = [n for n in names if not ran[n]]
-    assert not missing, f"fast CPU path(s) {missing} did not run (ran: {dict(ran) or 'nothing'})"
 
 
 def reference(fn, *args):

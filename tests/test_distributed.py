@@ -79,10 +79,46 @@ def _step(model, x, y, opt=None):
     return loss.detach(), grads
 
 
-def _ranks(rank: int, port: int, tmp: str) -> None:
-    import torch.distributed as dist
+def check_checkpoints(model: nn.Module, build, mesh, x, after, tmp: str, rank: int) -> None:
+    """Inside the ranks, for a sharded `model` whose output on x is `after` (build(seed): the unsharded model):
+    a sharded checkpoint (DCP) loads into a differently initialised sharded model, and the full state dict has an
+    unsharded model's keys and loads into one, both giving `after` exactly. Shared by the families' FSDP2 tests."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
+    ckpt = os.path.join(tmp, "dcp")
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
+    other = shard(build(1), mesh)
+    with torch.no_grad():
+        assert not torch.equal(other(x), after)
+    sd = {"model": get_model_state_dict(other)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    set_model_state_dict(other, sd["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), after, rtol=0, atol=0)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        plain = build(2)
+        assert list(full) == list(plain.state_dict())
+        plain.load_state_dict(full)
+        with torch.no_grad():
+            torch.testing.assert_close(plain(x), after, rtol=0, atol=0)
+
+
+def record_storage_dtypes(model: nn.Module) -> dict:
+    """{"<layer>.<tensor>": dtype} of every lowbit layer's own parameters and buffers as its forward sees them
+    (filled by forward pre-hooks on the next forward): what a MixedPrecisionPolicy cast or left alone."""
+    seen = {}
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            m.register_forward_pre_hook(lambda mod, args, n=n: seen.update(
+                {f"{n}.{k}": v.dtype for k, v in list(mod.named_parameters(recurse=False))
+                 + list(mod.named_buffers(recurse=False))}))
+    return seen
+
+
+def _ranks(rank: int, port: int, tmp: str) -> None:
+    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -134,36 +170,13 @@ def _ranks(rank: int, port: int, tmp: str) -> None:
             after = model(x)
             torch.testing.assert_close(after, ref(x), rtol=1e-5, atol=1e-6)
 
-        # 4. sharded checkpoint (DCP) into a differently initialised sharded model
-        ckpt = os.path.join(tmp, "dcp")
-        dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=ckpt)
-        other = shard(_model(1), mesh)
-        with torch.no_grad():
-            assert not torch.equal(other(x), after)
-        sd = {"model": get_model_state_dict(other)}
-        dcp.load(sd, checkpoint_id=ckpt)
-        set_model_state_dict(other, sd["model"])
-        with torch.no_grad():
-            torch.testing.assert_close(other(x), after, rtol=0, atol=0)
-
-        # 5. the full state dict: same keys as an unsharded model's; it loads into one
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if rank == 0:
-            plain = _model(2)
-            assert list(full) == list(plain.state_dict())
-            plain.load_state_dict(full)
-            with torch.no_grad():
-                torch.testing.assert_close(plain(x), after, rtol=0, atol=0)
+        # 4. sharded checkpoint (DCP) into a differently initialised sharded model; 5. the full state dict
+        check_checkpoints(model, _model, mesh, x, after, tmp, rank)
 
         # 6. a bf16 MixedPrecisionPolicy: code tables stay fp32 buffers, integer storage uint8/int32,
         #    the fp32 scales of the no-double-quant layer stay whole (not cast)
         bf = shard(_model(0), mesh, units=[LoRALinear], mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
-        seen = {}
-        for n, m in bf.named_modules():
-            if isinstance(m, QuantLinear):
-                m.register_forward_pre_hook(lambda mod, args, n=n: seen.update(
-                    {f"{n}.{k}": v.dtype for k, v in list(mod.named_parameters(recurse=False))
-                     + list(mod.named_buffers(recurse=False))}))
+        seen = record_storage_dtypes(bf)
         with torch.no_grad():
             out_bf = bf(x)
             ref_bf = _model(0).bfloat16()(x.bfloat16())

@@ -6,7 +6,7 @@
 
 Arguments as lowbit.formats.blockfp lays them out: `packed` uint8 [n, k/2] (element 2j in the low nibble),
 `scales` uint8 [n, k/block] (one byte per block of `block` = 32 (mxfp4) or 16 (nvfp4) elements of a row) and
-`scale_table` fp32 [256], the factor of every scale byte (`formats.blockfp.scale_table`: 2^(byte-127) for
+`scale_table` fp32 [256], the factor of every scale byte (`formats.blockfp.scale_table_of`: 2^(byte-127) for
 mxfp4, fp32(e4m3(byte) / global_scale) for nvfp4). With the table the kernels need no quant type: W[n, j] =
 E2M1[code] * scale_table[scales[n, j // block]], for both formats.
 
@@ -18,7 +18,6 @@ CPU tensors with the fast backend, and the reference below (the spec's arithmeti
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -28,26 +27,6 @@ from . import _blockfp_cpu
 from ._backend import kernels, use_triton
 from ._ops import Op
 from .formats import blockfp as bfp
-
-# ----------------------------------------------------------------------------------------------
-# Scale tables
-# ----------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _byte_values(quant_type: str, device: torch.device) -> Tensor:
-    # fp32 value of every scale byte before the global scale: E8M0 (mxfp4) or E4M3 (nvfp4); cached per device
-    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
-    table = bfp.e8m0_decode(codes) if quant_type == "mxfp4" else bfp.e4m3_decode(codes)
-    return table.to(device)
-
-
-def scale_table(quant_type: str, global_scale: Optional[Tensor], device: torch.device) -> Tensor:
-    """formats.blockfp.scale_table without building the format object: one 256-element division for nvfp4,
-    nothing for mxfp4 (a cached constant). Bit-identical to it (tests/test_blockfp_ops.py)."""
-    table = _byte_values(quant_type, torch.device(device))
-    return table if quant_type == "mxfp4" else table / global_scale.float()
-
 
 # ----------------------------------------------------------------------------------------------
 # The reference (the spec's arithmetic on the op's arguments)
@@ -151,4 +130,4 @@ def matmul_blockfp_unchecked(x: Tensor, packed: Tensor, scales: Tensor, table: T
 
 
 __all__ = ["MatmulBlockFP", "OPS", "dequantize_blockfp", "matmul_blockfp", "matmul_blockfp_grad_x",
-           "matmul_blockfp_unchecked", "reference_weight", "scale_table"]
+           "matmul_blockfp_unchecked", "reference_weight"]

@@ -211,15 +211,26 @@ def block_scales(q: QuantBlockFP) -> Tensor:
     return e4m3_decode(q.scales) / q.global_scale.float()
 
 
+@functools.lru_cache(maxsize=None)
+def _byte_values(quant_type: str, device: torch.device) -> Tensor:
+    # the fp32 value of every scale byte before any global scale: E8M0 (mxfp4) or E4M3 (nvfp4), once per device
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    return (e8m0_decode(codes) if quant_type == "mxfp4" else e4m3_decode(codes)).to(device)
+
+
+def scale_table_of(quant_type: str, global_scale: Optional[Tensor], device) -> Tensor:
+    """fp32 [256]: the block factor of every scale byte of a `quant_type` weight on `device` (nvfp4: divided by
+    `global_scale`, in fp32, as block_scales divides). The kernels (Triton and C) decode a block's scale with one
+    lookup in it; a layer's forward calls this, so it costs one 256-element division (nvfp4) or nothing (mxfp4:
+    the cached table itself is returned: read it, do not write it). Bytes the format refuses (E8M0 0xFF, E4M3
+    0x7F / 0xFF) hold NaN here and never occur in a validated weight."""
+    table = _byte_values(quant_type, torch.device(device))
+    return table if quant_type == "mxfp4" else table / global_scale.float()
+
+
 def scale_table(q: QuantBlockFP) -> Tensor:
-    """fp32 [256]: the block factor of every scale byte, so that `block_scales(q) == scale_table(q)[q.scales]`
-    bit for bit (the same fp32 decode and, for nvfp4, the same one division by the global scale). The kernels
-    (Triton and C) decode a block's scale with one lookup in this table; bytes the format refuses (E8M0 0xFF,
-    E4M3 0x7F / 0xFF) hold NaN here and never occur in a validated weight."""
-    codes = torch.arange(256, dtype=torch.int32, device=q.packed.device).to(torch.uint8)
-    if q.quant_type == "mxfp4":
-        return e8m0_decode(codes)
-    return e4m3_decode(codes) / q.global_scale.float()
+    """scale_table_of for `q`, a tensor of its own: `block_scales(q) == scale_table(q)[q.scales]` bit for bit."""
+    return scale_table_of(q.quant_type, q.global_scale, q.packed.device).clone()
 
 
 def _check_structure(q: QuantBlockFP, name: str) -> None:

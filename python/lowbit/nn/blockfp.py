@@ -10,7 +10,7 @@ scales as their raw bytes) and a gpt-oss MXFP4 tensor pair converts without re-q
   weight_global_scale  fp32 []                 nvfp4 only: the per-tensor divisor of every block scale
 
 Compute: the family's ops (lowbit._blockfp: Triton kernels on CUDA, C kernels on CPU, the reference
-elsewhere), with the scale bytes decoded through one 256-entry fp32 table (lowbit._blockfp.scale_table).
+elsewhere), with the scale bytes decoded through one 256-entry fp32 table (formats.blockfp.scale_table_of).
 Gradients reach the input and the bias (LoRA / QLoRA on top train); the codes and scales are frozen.
 """
 
@@ -118,7 +118,7 @@ class BlockFPLinear(QuantLinear):
 
     # -- compute -----------------------------------------------------------------------------------
     def _scale_table(self) -> Tensor:
-        return ops.scale_table(self.quant_type, self._buffers.get("weight_global_scale"), self.weight_scale.device)
+        return bfp.scale_table_of(self.quant_type, self._buffers.get("weight_global_scale"), self.weight_scale.device)
 
     def dequantized_weight(self, dtype: Optional[torch.dtype] = None) -> Tensor:
         return ops.dequantize_blockfp(self.weight_packed, self.weight_scale, self._scale_table(),
